@@ -1,0 +1,60 @@
+"""Run every benchmark; write benchmarks/RESULTS.md and benchmarks/results.json."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import bench_decompose, bench_memory
+
+HERE = Path(__file__).resolve().parent
+SUITES = {"decompose": bench_decompose.run, "memory": bench_memory.run}
+
+
+def main(argv: list[str]) -> None:
+    chosen = argv or list(SUITES)
+    rows: list[dict[str, Any]] = []
+    for name in chosen:
+        print(f"running {name} ...", file=sys.stderr)
+        rows.extend(SUITES[name]())
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
+    (HERE / "results.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+    (HERE / "RESULTS.md").write_text(markdown(rows, env))
+    print(markdown(rows, env))
+
+
+def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Measured by `make bench` (python -m benchmarks); env: {env}.",
+        "Ratios compare against a baseline measured in the same run.",
+        "",
+        "| benchmark | threads | measured | baseline | ratio | goal |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        if r.get("seconds") is not None:
+            measured, base = f"{r['seconds']:.3f} s", f"{r['baseline_seconds']:.3f} s"
+        else:
+            measured, base = f"{r['value_mb']:.0f} MB", f"{r['baseline_mb']:.0f} MB"
+        goal = f"<= {r['goal']}x" if r.get("goal") else "-"
+        lines.append(
+            f"| {r['benchmark']} | {r['threads'] or '-'} | {measured} | {base} ({r['baseline']})"
+            f" | {r['ratio']:.2f}x | {goal} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

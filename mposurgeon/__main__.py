@@ -1,0 +1,5 @@
+"""`python -m mposurgeon`: the command-line interface."""
+
+from mposurgeon.cli.app import main
+
+main()

@@ -1,0 +1,212 @@
+"""Turn a MODEL argument (directory, file, hub id, short alias) into a local directory."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from mposurgeon.artifact.manifest import MANIFEST_NAME
+from mposurgeon.artifact.store import MODEL_FILES
+from mposurgeon.errors import ArtifactError, ModelNotFoundError, UsageError
+
+#: Short names for common checkpoints -> hub ids.
+ALIASES: dict[str, str] = {
+    "bert-base": "google-bert/bert-base-uncased",
+    "bert-base-uncased": "google-bert/bert-base-uncased",
+    "bert-base-cased": "google-bert/bert-base-cased",
+    "bert-large": "google-bert/bert-large-uncased",
+    "bert-large-uncased": "google-bert/bert-large-uncased",
+    "roberta-base": "FacebookAI/roberta-base",
+    "roberta-large": "FacebookAI/roberta-large",
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "t5-small": "google-t5/t5-small",
+    "t5-base": "google-t5/t5-base",
+    "distilbert-base": "distilbert/distilbert-base-uncased",
+    "distilbert-base-uncased": "distilbert/distilbert-base-uncased",
+    "albert-base": "albert/albert-base-v2",
+    "albert-base-v2": "albert/albert-base-v2",
+    "bart-base": "facebook/bart-base",
+}
+
+#: Hub files a stage may read; everything else in a repository (other frameworks, ONNX, ...) is
+#: skipped. Legacy `.bin` weights are fetched only when a repository has no safetensors.
+_HUB_FILES = [
+    *MODEL_FILES,
+    MANIFEST_NAME,
+    "README.md",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+]
+_HUB_LEGACY_FILES = [
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "pytorch_model-*-of-*.bin",
+]
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model found on disk: its directory (or file), what it is, and where it came from."""
+
+    path: Path
+    kind: Literal["artifact", "hf", "safetensors"]
+    name: str
+    model_id: str | None
+    revision: str | None
+
+
+def _is_path_like(spec: str) -> bool:
+    return (
+        spec.startswith(("/", "./", "../", "~", ".\\", "..\\"))
+        or spec in (".", "..")
+        or spec.endswith((".safetensors", ".json"))
+        or spec.partition("@")[0].count("/") > 1  # a revision may hold slashes: refs/pr/1
+        or "\\" in spec
+    )
+
+
+def _offline_from_env() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as set now, else huggingface_hub's setting."""
+    from huggingface_hub import constants
+
+    if "HF_HUB_OFFLINE" in os.environ or "TRANSFORMERS_OFFLINE" in os.environ:
+        value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+        return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _local(path: Path, spec: str, allow_file: bool) -> ResolvedModel:
+    # Absolute but not symlink-resolved: a hub-cache file links to a blob with no useful name.
+    path = Path(os.path.abspath(path))
+    if path.is_dir():
+        if (path / MANIFEST_NAME).is_file():
+            return ResolvedModel(path, "artifact", path.name, None, None)
+        if (path / "config.json").is_file():
+            return ResolvedModel(path, "hf", path.name, None, None)
+        raise ArtifactError(
+            f"no config.json or {MANIFEST_NAME} in {spec}",
+            hint="pass a Hugging Face model directory (save_pretrained) or an mposurgeon artifact",
+        )
+    if path.suffix == ".safetensors":
+        if not allow_file:
+            raise UsageError(
+                f"{spec} is a single weights file; this command needs a model directory",
+                hint="pass the directory that holds it with its config.json",
+            )
+        stem = path.stem
+        name = path.parent.name if stem == "model" or stem.startswith("model-") else stem
+        return ResolvedModel(path, "safetensors", name, None, None)
+    raise UsageError(
+        f"{spec} is not a model directory or a .safetensors file",
+        hint="pass a Hugging Face model directory, an artifact, or a hub id like org/name",
+    )
+
+
+def resolve_model(
+    spec: str,
+    *,
+    revision: str | None = None,
+    offline: bool | None = None,
+    cache_dir: Path | None = None,
+    allow_file: bool = False,
+) -> ResolvedModel:
+    """Find MODEL: an existing path as is, else a hub id `org/name[@revision]` or alias.
+
+    Hub models come from the Hugging Face cache (`cache_dir`, else HF_HUB_CACHE), downloaded
+    unless offline; `offline=None` follows HF_HUB_OFFLINE. A path-like string that does not
+    exist is an error, never a hub look-up.
+    """
+    if not spec.strip():
+        raise UsageError("MODEL is empty", hint="pass a model directory or a hub id like org/name")
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _local(path, spec, allow_file)
+    if _is_path_like(spec):
+        raise ModelNotFoundError(
+            f"no such file or directory: {spec}",
+            hint="check the path, or pass a hub id like org/name",
+        )
+    repo_id, _, at_revision = spec.partition("@")
+    if at_revision:
+        if revision is not None and revision != at_revision:
+            raise UsageError(
+                f"{spec} names revision {at_revision} but --revision is {revision}",
+                hint="give the revision once",
+            )
+        revision = at_revision
+    repo_id = ALIASES.get(repo_id, repo_id)
+    if offline is None:
+        offline = _offline_from_env()
+    if cache_dir is None and os.environ.get("HF_HUB_CACHE"):
+        cache_dir = Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    snapshot = _download(spec, repo_id, revision, offline, cache_dir)
+    kind: Literal["artifact", "hf"] = "artifact" if (snapshot / MANIFEST_NAME).is_file() else "hf"
+    if kind == "hf" and not (snapshot / "config.json").is_file():
+        raise ArtifactError(
+            f"{repo_id} has no config.json: it is not a transformers model",
+            hint="pass a Hugging Face model repository or directory",
+        )
+    return ResolvedModel(snapshot, kind, repo_id.rsplit("/", 1)[-1], repo_id, snapshot.name)
+
+
+def _download(
+    spec: str, repo_id: str, revision: str | None, offline: bool, cache_dir: Path | None
+) -> Path:
+    """`snapshot_download` of the files a stage reads, with hub errors made one-line."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    def fetch(patterns: list[str]) -> Path:
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=offline,
+                allow_patterns=patterns,
+            )
+        )
+
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        snapshot = fetch(_HUB_FILES)
+        if not any(
+            (snapshot / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")
+        ):
+            snapshot = fetch(_HUB_FILES + _HUB_LEGACY_FILES)  # no safetensors: legacy weights
+    except HFValidationError:
+        raise ModelNotFoundError(
+            f"no such file or directory, and not a hub id: {spec}",
+            hint="pass a local directory, or a hub id like org/name",
+        ) from None
+    except RevisionNotFoundError:
+        raise ModelNotFoundError(
+            f"revision {revision} of {repo_id} does not exist on the Hugging Face Hub",
+            hint="check the branch, tag or commit hash",
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(
+            f"{repo_id} was not found on the Hugging Face Hub (nor as a local path)",
+            hint="check the spelling; for private or gated models log in with `hf auth login`",
+        ) from None
+    except LocalEntryNotFoundError:
+        if offline:
+            raise ModelNotFoundError(
+                f"{where} is not in the local Hugging Face cache and offline mode is on",
+                hint=f"fetch it first with `hf download {repo_id}` (online), "
+                "or pass a local directory",
+            ) from None
+        raise ModelNotFoundError(
+            f"{where} could not be downloaded and is not in the local Hugging Face cache",
+            hint="check your network connection, or pass a local directory",
+        ) from None
+    return snapshot

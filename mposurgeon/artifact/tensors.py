@@ -1,0 +1,427 @@
+"""Lazy reading and sharded writing of checkpoint tensors (safetensors, legacy `pytorch_model.bin`).
+
+`TensorReader` opens a checkpoint without loading its tensors: shapes and dtypes come from the
+safetensors headers, and each `get` reads one tensor from a memory map. `ShardedWriter` writes
+tensors one by one into shards of bounded size, named and indexed as `save_pretrained` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from mposurgeon.errors import ArtifactError, UsageError
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+TORCH_WEIGHTS_NAME = "pytorch_model.bin"
+TORCH_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+#: What `open_tensors` looks for in a directory, in order of preference.
+WEIGHTS_NAMES = (
+    SAFE_WEIGHTS_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    TORCH_WEIGHTS_NAME,
+    TORCH_WEIGHTS_INDEX_NAME,
+)
+
+_CORRUPT_HINT = "re-create it or re-download the model"
+
+# safetensors header dtype names -> torch dtypes (newer torch dtypes only where torch has them).
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    name: dtype
+    for name, dtype in {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "C64": torch.complex64,
+        "U16": getattr(torch, "uint16", None),
+        "U32": getattr(torch, "uint32", None),
+        "U64": getattr(torch, "uint64", None),
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+        "F8_E5M2": getattr(torch, "float8_e5m2", None),
+    }.items()
+    if dtype is not None
+}
+
+
+def _corrupted(path: Path, reason: object) -> ArtifactError:
+    return ArtifactError(
+        f"{path.name} is truncated or corrupted ({reason})",
+        hint=f"{_CORRUPT_HINT} (the file is {path})",
+    )
+
+
+class TensorReader:
+    """Lazy, read-only view of the tensors of one checkpoint (one or several files).
+
+    Safetensors files stay memory-mapped until `close()`; a legacy `pytorch_model.bin` is loaded
+    with `torch.load(weights_only=True, mmap=True)` where its format allows memory mapping.
+    """
+
+    def __init__(self, files: list[Path], key_to_file: dict[str, Path] | None = None) -> None:
+        """Open `files` (safetensors or torch pickles); `key_to_file` comes from an index."""
+        self._files = list(files)
+        self._handles: dict[Path, Any] = {}
+        self._torch: dict[str, torch.Tensor] = {}
+        self._key_to_file: dict[str, Path] = {}
+        self._metadata: dict[str, str] = {}
+        for i, path in enumerate(self._files):
+            if path.suffix != ".safetensors":
+                for key, tensor in self._load_torch(path).items():
+                    self._torch[key] = tensor
+                    self._key_to_file[key] = path
+                continue
+            handle = self._open_safetensors(path)
+            self._handles[path] = handle
+            if i == 0:
+                self._metadata = dict(handle.metadata() or {})
+            if key_to_file is None:
+                self._key_to_file.update(dict.fromkeys(handle.keys(), path))
+        if key_to_file is not None:
+            # The index decides which file holds a key; it must not point into the void.
+            held = {path: set(handle.keys()) for path, handle in self._handles.items()}
+            for key, path in key_to_file.items():
+                if key not in held.get(path, self._torch):
+                    raise ArtifactError(
+                        f"{path.name} lacks tensor {key!r} that its index lists",
+                        hint=_CORRUPT_HINT,
+                    )
+            self._key_to_file = dict(key_to_file)
+        self._key_to_file = dict(sorted(self._key_to_file.items()))
+
+    @staticmethod
+    def _open_safetensors(path: Path) -> Any:
+        # safe_open parses the header and checks that the data section covers exactly what the
+        # header describes (file size == 8 + header length + last data offset), so a truncated
+        # or padded file is reported here, at open time, not halfway through a stage.
+        try:
+            return safe_open(str(path), framework="pt", device="cpu")
+        except SafetensorError as err:
+            raise _corrupted(path, err) from err
+        except OSError as err:
+            raise ArtifactError(f"cannot read {path}: {err.strerror or err}") from err
+
+    @staticmethod
+    def _load_torch(path: Path) -> dict[str, torch.Tensor]:
+        def load(mmap: bool) -> Any:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+        try:
+            try:
+                state = load(mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):  # legacy (non-zip) format cannot be memory-mapped
+                    raise
+                state = load(mmap=False)
+        except Exception as err:  # torch raises many kinds: UnpicklingError, RuntimeError, EOFError
+            if "Unsupported global" in str(err):
+                raise ArtifactError(
+                    f"{path.name} contains Python objects besides tensors and is not loaded "
+                    "(only torch.load(weights_only=True) is allowed)",
+                    hint="convert it to safetensors with a trusted tool, then pass that directory",
+                ) from err
+            inner = err.__context__ or err  # weights_only wraps the unpickler's own error
+            text = (str(inner).strip().splitlines() or [type(inner).__name__])[0].split(". ")[0]
+            raise _corrupted(path, text) from err
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        ):
+            raise ArtifactError(
+                f"{path.name} is not a flat state dict of tensors",
+                hint="save the model with save_pretrained(safe_serialization=True) and pass that",
+            )
+        return state
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def keys(self) -> list[str]:
+        """Tensor names, sorted (independent of how the checkpoint is sharded)."""
+        return list(self._key_to_file)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._key_to_file
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._key_to_file)
+
+    def _file_of(self, key: str) -> Path:
+        try:
+            return self._key_to_file[key]
+        except KeyError:
+            raise KeyError(f"no tensor {key!r} in {self._files[0].parent}") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of tensor `key`, read from the header without loading the data."""
+        path = self._file_of(key)
+        if path in self._handles:
+            return tuple(self._handles[path].get_slice(key).get_shape())
+        return tuple(self._torch[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        """Dtype of tensor `key`, read from the header without loading the data."""
+        path = self._file_of(key)
+        if path not in self._handles:
+            return self._torch[key].dtype
+        name = self._handles[path].get_slice(key).get_dtype()
+        try:
+            return _SAFETENSORS_DTYPES[name]
+        except KeyError:
+            raise ArtifactError(
+                f"{path.name}: tensor {key!r} has dtype {name}, which mposurgeon does not handle",
+                hint="convert the checkpoint to float32, float16 or bfloat16 first",
+            ) from None
+
+    def nbytes(self, key: str) -> int:
+        """Size of tensor `key` in bytes (numel * element size)."""
+        numel = 1
+        for dim in self.shape(key):
+            numel *= dim
+        return numel * self.dtype(key).itemsize
+
+    def get(self, key: str) -> torch.Tensor:
+        """Load tensor `key` (a CPU tensor backed by the file's memory map where possible)."""
+        path = self._file_of(key)
+        if path not in self._handles:
+            return self._torch[key]
+        try:
+            return self._handles[path].get_tensor(key)
+        except SafetensorError as err:
+            raise _corrupted(path, err) from err
+
+    @property
+    def files(self) -> list[Path]:
+        """The tensor files this reader reads (shards in index order)."""
+        return list(self._files)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """Header metadata of the first file (`{"format": "pt"}` from transformers)."""
+        return dict(self._metadata)
+
+    def close(self) -> None:
+        """Drop the memory maps; tensors returned by `get` stay valid."""
+        self._handles.clear()
+        self._torch.clear()
+        self._key_to_file.clear()
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _read_index(index_path: Path) -> dict[str, Path]:
+    """Map tensor name -> shard path from a `*.index.json` file."""
+    try:
+        data = json.loads(index_path.read_text(encoding="utf-8"))
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+        mapping = {str(k): index_path.parent / str(v) for k, v in weight_map.items()}
+    except (ValueError, KeyError, TypeError) as err:
+        raise _corrupted(index_path, f"bad index: {err}") from err
+    for shard in dict.fromkeys(mapping.values()):
+        if shard.parent != index_path.parent:
+            raise _corrupted(index_path, f"shard {shard.name!r} outside the directory")
+        if not shard.is_file():
+            raise ArtifactError(
+                f"{shard.name} listed in {index_path.name} is missing from {index_path.parent}",
+                hint=_CORRUPT_HINT,
+            )
+    return mapping
+
+
+def _open_index(index_path: Path) -> TensorReader:
+    mapping = _read_index(index_path)
+    return TensorReader(sorted(set(mapping.values())), key_to_file=mapping)
+
+
+def open_tensors(path: Path) -> TensorReader:
+    """Open the tensors of a checkpoint lazily.
+
+    `path` is a directory holding `model.safetensors`, a sharded `model.safetensors.index.json`,
+    or a legacy `pytorch_model.bin` (or its index), or a path to one `.safetensors`, `.bin` or
+    `.index.json` file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in WEIGHTS_NAMES:
+            candidate = path / name
+            if candidate.is_file():
+                return open_tensors(candidate)
+        raise ArtifactError(
+            f"no weights in {path}: looked for {', '.join(WEIGHTS_NAMES)}",
+            hint="pass a Hugging Face model directory saved with save_pretrained, or an artifact",
+        )
+    if not path.is_file():
+        raise ArtifactError(
+            f"no such weights file: {path}", hint="check the path, or pass the model directory"
+        )
+    if path.name.endswith(".index.json"):
+        return _open_index(path)
+    if path.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+        return TensorReader([path])
+    raise ArtifactError(
+        f"{path.name} is not a weights file (expected .safetensors, .bin or .index.json)",
+        hint="pass the model directory instead",
+    )
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+class ShardedWriter:
+    """Write tensors into `model.safetensors`, or shards plus an index once they exceed a size.
+
+    Tensors are buffered until the next one would push the shard past `max_shard_size` bytes;
+    the buffer is then written to a temporary file, so memory holds at most one shard. A tensor
+    larger than the limit gets a shard of its own. `close()` gives the shards their final names
+    (`model-00001-of-00003.safetensors`, ...) and writes `model.safetensors.index.json`.
+    """
+
+    def __init__(self, directory: Path, max_shard_size: int, prefix: str = "model") -> None:
+        """Write into existing `directory`; `max_shard_size` is in bytes."""
+        if max_shard_size <= 0:
+            raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
+        self.directory = Path(directory)
+        self.max_shard_size = max_shard_size
+        self.prefix = prefix
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []  # temp file, keys it holds
+        self._seen: set[str] = set()
+        self._buffer_storages: set[int] = set()  # data pointers of the buffered tensors
+        self._total_size = 0
+        self._closed = False
+        self._written: list[Path] = []
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        """Queue `tensor` under `key`; may write a full shard to disk first."""
+        if self._closed:
+            raise ValueError("ShardedWriter is closed")
+        if key in self._seen:
+            raise ValueError(f"duplicate tensor name {key!r}")
+        tensor = tensor.detach().to("cpu")
+        if not tensor.is_contiguous():
+            tensor = tensor.contiguous()
+        storage = tensor.untyped_storage()
+        size = tensor.numel() * tensor.element_size()
+        shares = tensor.storage_offset() != 0 or storage.nbytes() != size
+        if self._buffer and self._buffer_bytes + size > self.max_shard_size:
+            self._flush()
+        if shares or storage.data_ptr() in self._buffer_storages:
+            tensor = tensor.clone()  # safetensors refuses tensors that share memory
+        self._buffer_storages.add(tensor.untyped_storage().data_ptr())
+        self._seen.add(key)
+        self._buffer[key] = tensor
+        self._buffer_bytes += size
+        self._total_size += size
+
+    def _flush(self) -> None:
+        index = len(self._shards) + 1
+        tmp = self.directory / f".{self.prefix}-tmp-{index:05d}.safetensors"
+        save_file(self._buffer, str(tmp), metadata={"format": "pt"})
+        self._shards.append((tmp, list(self._buffer)))
+        self._buffer = {}
+        self._buffer_storages = set()
+        self._buffer_bytes = 0
+
+    def close(self) -> list[Path]:
+        """Write the last shard, name the shards and write the index; return the files written."""
+        if self._closed:
+            return list(self._written)
+        if self._buffer or not self._shards:
+            self._flush()
+        self._closed = True
+        count = len(self._shards)
+        if count == 1:
+            final = self.directory / f"{self.prefix}.safetensors"
+            os.replace(self._shards[0][0], final)
+            self._written = [final]
+            return [final]
+        weight_map: dict[str, str] = {}
+        for i, (tmp, keys) in enumerate(self._shards, start=1):
+            final = self.directory / f"{self.prefix}-{i:05d}-of-{count:05d}.safetensors"
+            os.replace(tmp, final)
+            self._written.append(final)
+            weight_map.update(dict.fromkeys(keys, final.name))
+        index = {"metadata": {"total_size": self._total_size}, "weight_map": weight_map}
+        index_path = self.directory / f"{self.prefix}.safetensors.index.json"
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        self._written.append(index_path)
+        return list(self._written)
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the directory's owner (atomic_directory) removes the partial files
+            self._buffer = {}
+            self._closed = True
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from a size: an int, or text like "5GB" (10**9 units), "2GiB" (2**30), "100KB"."""
+    if isinstance(text, bool):
+        raise UsageError(
+            f"invalid size {text!r}", hint='write a size like "5GB", "500MB" or "2GiB"'
+        )
+    if isinstance(text, int):
+        value = text
+    else:
+        match = _SIZE_RE.match(str(text))
+        if not match:
+            raise UsageError(
+                f"invalid size {text!r}", hint='write a size like "5GB", "500MB" or "2GiB"'
+            )
+        number, unit = match.groups()
+        value = int(float(number) * _SIZE_UNITS[(unit or "").lower()])
+    if value <= 0:
+        raise UsageError(f"size must be positive, got {text!r}", hint='for example "5GB"')
+    return value

@@ -1,0 +1,124 @@
+"""`mposurgeon decompose`: parse flags, call the stage, render the result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mposurgeon.cli import options as opt
+from mposurgeon.cli.render import fmt_int, module_table, print_json, progress_bar, stdout
+
+
+def decompose_command(
+    model: Annotated[str, typer.Argument(help="HF model dir, artifact dir, or hub id.")],
+    output: opt.Output = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            "--layers",
+            "-l",
+            help="Weight groups: FFN_1,FFN_2,attention,embeddings,pooler,lm_head "
+            "(default: FFN_1,FFN_2,attention, or an artifact's selection).",
+        ),
+    ] = None,
+    target_modules: Annotated[
+        str | None, typer.Option("--target-modules", help="Regex, full match on module names.")
+    ] = None,
+    exclude_modules: Annotated[
+        str | None, typer.Option("--exclude-modules", help="Regex of module names to leave dense.")
+    ] = None,
+    num_cores: Annotated[int, typer.Option("--num-cores", "-n", help="Cores per MPO.")] = 5,
+    modes: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--modes",
+            help="'auto' or OUTxIN modes, e.g. 4,4,8,6,4x3,4,4,4,4 (repeatable; a spec "
+            "applies to matrices it holds exactly, or with padding).",
+        ),
+    ] = None,
+    max_bond: Annotated[int | None, typer.Option("--max-bond", help="Cap every bond.")] = None,
+    rel_tol: Annotated[
+        float | None, typer.Option("--rel-tol", help="Relative Frobenius error bound per matrix.")
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Core dtype: keep, float32 or float64.")
+    ] = "keep",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List targets, modes, bonds and sizes; write nothing.")
+    ] = False,
+    workdir: opt.Workdir = None,
+    overwrite: opt.Overwrite = False,
+    revision: opt.Revision = None,
+    offline: opt.Offline = None,
+    cache_dir: opt.CacheDir = None,
+    no_verify: opt.NoVerify = False,
+    max_shard_size: opt.MaxShardSize = "5GB",
+    json_out: opt.Json = False,
+    quiet: opt.Quiet = False,
+) -> None:
+    """Factorize weight matrices into MPO cores (lossless unless --max-bond/--rel-tol).
+
+    Example:
+
+        mposurgeon decompose bert-base --layers FFN_1,attention -o bert-mpo
+    """
+    from mposurgeon.stages.decompose import DecomposeOptions, decompose
+
+    options = DecomposeOptions(
+        layers=layers,
+        target_modules=target_modules,
+        exclude_modules=exclude_modules,
+        num_cores=num_cores,
+        modes=modes or ["auto"],
+        max_bond=max_bond,
+        rel_tol=rel_tol,
+        dtype=dtype,
+        dry_run=dry_run,
+        **opt.stage_kwargs(
+            output, workdir, overwrite, revision, offline, cache_dir, no_verify, max_shard_size
+        ),
+    )
+    with progress_bar(quiet or json_out) as progress:
+        result = decompose(model, options, progress=progress)
+    rows = [_row(m) for m in result.modules]
+    summary: dict[str, Any] = {
+        "output": str(result.output) if result.output else None,
+        "dry_run": dry_run,
+        "modules": rows,
+        "skipped_already_mpo": result.skipped,
+        "params": {"mpo": result.mpo_params, "dense_equivalent": result.dense_params},
+    }
+    if json_out:
+        print_json(summary)
+        return
+    title = "planned decomposition (dry run)" if dry_run else "decomposed modules"
+    stdout.print(module_table(rows, f"{title}: {len(rows)} modules"))
+    stdout.print(
+        f"MPO parameters: {fmt_int(result.mpo_params)} "
+        f"(dense: {fmt_int(result.dense_params)}, ratio "
+        f"{result.mpo_params / max(result.dense_params, 1):.3f})"
+    )
+    if result.skipped:
+        stdout.print(f"already MPO, left as they are: {len(result.skipped)} modules")
+    if result.output:
+        stdout.print(f"wrote {Path(result.output)}")
+
+
+def _row(m: Any) -> dict[str, Any]:
+    rec = m.record
+    return {
+        "name": m.target.name,
+        "group": m.target.group,
+        "layer": m.target.kind,
+        "shape": [m.target.out_dim, m.target.in_dim],
+        "modes": [list(m.shape.out_modes), list(m.shape.in_modes)],
+        "padding": [m.shape.out_padding, m.shape.in_padding],
+        "bonds": list(m.bonds),
+        "params": m.params,
+        "overparam_factor": m.params / (m.target.out_dim * m.target.in_dim),
+        "rel_error": rec.rel_error if rec else None,
+        "predicted_error": rec.predicted_error if rec else None,
+        "entropy": rec.entropy if rec else None,
+    }

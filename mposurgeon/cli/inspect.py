@@ -1,0 +1,67 @@
+"""`mposurgeon inspect`: describe a checkpoint, artifact or safetensors file."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from mposurgeon.cli import options as opt
+from mposurgeon.cli.render import fmt_int, module_table, print_json, stdout
+
+
+def inspect_command(
+    path: Annotated[
+        str, typer.Argument(help="Artifact, HF model dir, .safetensors file or hub id.")
+    ],
+    json_out: opt.Json = False,
+    all_modules: Annotated[
+        bool, typer.Option("--all", help="List dense matrices too, not only MPO modules.")
+    ] = False,
+    no_verify: opt.NoVerify = False,
+    revision: opt.Revision = None,
+    offline: opt.Offline = None,
+    cache_dir: opt.CacheDir = None,
+) -> None:
+    """Show modules, modes, bonds, parameters, errors, entropy and lineage.
+
+    Example:
+
+        mposurgeon inspect mposurgeon-out/all-MiniLM-L6-v2/v1-decompose
+    """
+    from mposurgeon.stages.inspect import inspect
+
+    report = inspect(
+        path, verify=not no_verify, revision=revision, offline=offline, cache_dir=cache_dir
+    )
+    if json_out:
+        print_json(report)
+        return
+    _render(report, all_modules)
+
+
+def _render(report: dict[str, Any], all_modules: bool) -> None:
+    head = f"{report['kind']}: {report['path']}"
+    if report.get("stage"):
+        head += f"  (stage {report['stage']}, format v{report['format_version']})"
+    stdout.print(head)
+    mpo = [m for m in report["modules"] if m["kind"] == "mpo"]
+    dense = [m for m in report["modules"] if m["kind"] != "mpo"]
+    if mpo:
+        stdout.print(module_table(mpo, f"MPO modules: {len(mpo)}"))
+    if dense and (all_modules or not mpo):
+        stdout.print(module_table(dense, f"dense matrices: {len(dense)}"))
+    elif dense:
+        stdout.print(f"dense matrices: {len(dense)} (list them with --all)")
+    p = report["params"]
+    line = (
+        f"parameters: total {fmt_int(p['total'])}, MPO {fmt_int(p['mpo'])}, "
+        f"dense {fmt_int(p['dense'])}"
+    )
+    if p.get("mpo_ratio"):
+        line += f"; MPO / dense-equivalent = {p['mpo_ratio']:.3f}"
+    if p.get("trainable") is not None:
+        line += f"; trainable {fmt_int(p['trainable'])}"
+    stdout.print(line)
+    for i, entry in enumerate(report.get("lineage") or [], 1):
+        stdout.print(f"lineage {i}: {entry['stage']} at {entry['created_at']}")

@@ -1,0 +1,73 @@
+"""`mposurgeon merge`: parse flags, call the stage, render the result."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mposurgeon.cli import options as opt
+from mposurgeon.cli.render import print_json, progress_bar, stdout
+
+
+def merge_command(
+    artifact: Annotated[str, typer.Argument(help="Artifact directory (decompose/train output).")],
+    output: opt.Output = None,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            "--dtype", help="auto (each weight's original dtype), float32, float16, bfloat16."
+        ),
+    ] = "auto",
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Run the factorized and the merged model on sample input; exit 3 if they differ.",
+        ),
+    ] = False,
+    workdir: opt.Workdir = None,
+    overwrite: opt.Overwrite = False,
+    no_verify: opt.NoVerify = False,
+    max_shard_size: opt.MaxShardSize = "5GB",
+    json_out: opt.Json = False,
+    quiet: opt.Quiet = False,
+) -> None:
+    """Contract MPO cores back into dense weights: a plain checkpoint `from_pretrained` loads.
+
+    Example:
+
+        mposurgeon merge mposurgeon-out/bert-base-uncased/v1-decompose -o bert-dense --verify
+    """
+    from mposurgeon.stages.merge import MergeOptions, merge
+
+    options = MergeOptions(
+        dtype=dtype,
+        verify_outputs=verify,
+        **opt.stage_kwargs(output, workdir, overwrite, None, None, None, no_verify, max_shard_size),
+    )
+    with progress_bar(quiet or json_out) as progress:
+        result = merge(artifact, options, progress=progress)
+    cmp = result.comparison
+    summary = {
+        "output": str(result.output),
+        "merged_modules": result.merged_modules,
+        "verify": None
+        if cmp is None
+        else {
+            "ok": cmp.ok,
+            "max_abs_diff": cmp.max_abs_diff,
+            "tolerance": cmp.tolerance,
+            "max_abs_value": cmp.max_abs_value,
+        },
+    }
+    if json_out:
+        print_json(summary)
+        return
+    stdout.print(f"merged {result.merged_modules} MPO modules into dense weights")
+    if cmp is not None:
+        stdout.print(
+            f"verify: OK, max |factorized - merged| = {cmp.max_abs_diff:.2e} "
+            f"(tolerance {cmp.tolerance:.1e}, outputs up to {cmp.max_abs_value:.2f})"
+        )
+    stdout.print(f"wrote {result.output}")

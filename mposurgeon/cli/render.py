@@ -1,0 +1,108 @@
+"""Terminal output: JSON on stdout, progress and errors on stderr, rich tables."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+# Tables are not wrapped at 80 columns when piped into a file or a CI log.
+stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+stderr = Console(stderr=True, highlight=False)
+
+
+def print_json(data: Any) -> None:
+    """One JSON object on stdout, nothing else."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def print_error(message: str, hint: str | None = None) -> None:
+    """One line on stderr: `error: message (hint)`."""
+    line = f"error: {message}" + (f" (hint: {hint})" if hint else "")
+    stderr.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def progress_bar(quiet: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A progress callback drawing a rich bar on stderr; None when quiet or not a terminal."""
+    if quiet or not stderr.is_terminal:
+        yield None
+        return
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=stderr, transient=True) as progress:
+        tasks: dict[str, Any] = {}
+
+        def update(description: str, done: int, total: int) -> None:
+            if description not in tasks:
+                tasks[description] = progress.add_task(description, total=total)
+            progress.update(tasks[description], completed=done, total=total)
+
+        yield update
+
+
+def fmt_int(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+def fmt_err(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2e}"
+
+
+def fmt_modes(modes: list[list[int]] | None) -> str:
+    if not modes:
+        return "-"
+    out, inp = modes
+    return f"{'·'.join(map(str, out))} x {'·'.join(map(str, inp))}"
+
+
+def fmt_bonds(bonds: list[int] | None) -> str:
+    return "-" if not bonds else ",".join(map(str, bonds[1:-1]))
+
+
+def module_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """Per-module table: name, shape, modes, inner bonds, params, error, largest bond entropy."""
+    table = Table(title=title, title_justify="left", show_lines=False)
+    for col, kw in [
+        ("module", {}),
+        ("shape", {}),
+        ("modes (out x in)", {}),
+        ("bonds", {}),
+        ("params", {"justify": "right"}),
+        ("x dense", {"justify": "right"}),
+        ("rel. error", {"justify": "right"}),
+        ("max entropy", {"justify": "right"}),
+    ]:
+        table.add_column(col, **kw)
+    for r in rows:
+        entropy = r.get("entropy") or []
+        table.add_row(
+            r["name"],
+            "x".join(map(str, r["shape"])),
+            fmt_modes(r.get("modes")),
+            fmt_bonds(r.get("bonds")),
+            fmt_int(r.get("params")),
+            f"{r['overparam_factor']:.2f}" if r.get("overparam_factor") else "-",
+            fmt_err(r.get("rel_error")),
+            f"{max(entropy):.2f}" if entropy else "-",
+        )
+    return table

@@ -1,0 +1,147 @@
+"""Factorized layers: ordinary `nn.Module`s whose weight is an MPO.
+
+`MPOLinear` replaces `nn.Linear` (and GPT-2's `Conv1D`, whose stored weight is the transpose);
+`MPOEmbedding` replaces `nn.Embedding`. Both keep their cores in a child module `mpo` whose
+parameters are named `core.0 ... core.{n-1}`, so a layer at `M` has state-dict keys
+`M.mpo.core.k`, exactly the artifact's tensor names.
+
+Forward picks, per call, the cheaper of two exact evaluations by multiply-add count:
+reconstruct the dense weight from the cores, or contract the input through the cores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mposurgeon.mpo.contract import (
+    apply_mpo,
+    contract_flops,
+    mpo_rows,
+    reconstruct_flops,
+    rows_flops,
+)
+from mposurgeon.mpo.decomposition import to_matrix
+from mposurgeon.mpo.shapes import MPOShape
+
+ForwardMode = Literal["auto", "reconstruct", "contract"]
+
+
+class MPOCores(nn.Module):
+    """The cores of one MPO, `core.k` of shape (r_{k-1}, I_k, J_k, r_k), and their shape."""
+
+    def __init__(self, cores: Sequence[Tensor], shape: MPOShape) -> None:
+        super().__init__()
+        self.shape = shape
+        self.core = nn.ParameterList(nn.Parameter(c) for c in cores)
+
+    @property
+    def cores(self) -> list[Tensor]:
+        return list(self.core)
+
+    @property
+    def central_index(self) -> int:
+        return self.shape.central_index
+
+    def matrix(self) -> Tensor:
+        """The dense (out_dim, in_dim) matrix the cores represent."""
+        return to_matrix(self.cores, self.shape)
+
+
+class MPOLinear(nn.Module):
+    """y = x W^T + b with W (out_features, in_features) held as MPO cores."""
+
+    def __init__(
+        self,
+        mpo: MPOCores,
+        bias: Tensor | None = None,
+        forward_mode: ForwardMode = "auto",
+    ) -> None:
+        super().__init__()
+        self.mpo = mpo
+        self.in_features = mpo.shape.in_dim
+        self.out_features = mpo.shape.out_dim
+        self.bias = nn.Parameter(bias) if bias is not None else None
+        self.forward_mode: ForwardMode = forward_mode
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense (out_features, in_features) weight, rebuilt on access.
+
+        For model code that reads `layer.weight` (T5 checks its dtype); forward never uses it.
+        """
+        return self.mpo.matrix()
+
+    def chosen_mode(self, batch: int) -> Literal["reconstruct", "contract"]:
+        """The evaluation this layer uses for `batch` input rows."""
+        if self.forward_mode != "auto":
+            return self.forward_mode
+        cores = self.mpo.cores
+        dense = reconstruct_flops(cores) + batch * self.out_features * self.in_features
+        return "contract" if contract_flops(cores, batch) < dense else "reconstruct"
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch = x.numel() // self.in_features if self.in_features else 0
+        if self.chosen_mode(batch) == "reconstruct":
+            return F.linear(x, self.mpo.matrix(), self.bias)
+        y = apply_mpo(x, self.mpo.cores, self.mpo.shape)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        s = self.mpo.shape
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"modes={list(s.out_modes)}x{list(s.in_modes)}, bias={self.bias is not None}"
+        )
+
+
+class MPOEmbedding(nn.Module):
+    """Row lookup in an MPO-held (num_embeddings, embedding_dim) table, times `embed_scale`.
+
+    `embed_scale` carries the factor of scaled word embeddings (BART's `BartScaledWordEmbedding`).
+    """
+
+    def __init__(
+        self,
+        mpo: MPOCores,
+        padding_idx: int | None = None,
+        forward_mode: ForwardMode = "auto",
+        embed_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.mpo = mpo
+        self.num_embeddings = mpo.shape.out_dim
+        self.embedding_dim = mpo.shape.in_dim
+        self.padding_idx = padding_idx
+        self.embed_scale = embed_scale
+        self.forward_mode: ForwardMode = forward_mode
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense table (rebuilt on access; for code that reads `embedding.weight`)."""
+        return self.mpo.matrix()
+
+    def chosen_mode(self, num_rows: int) -> Literal["reconstruct", "contract"]:
+        if self.forward_mode != "auto":
+            return self.forward_mode
+        cores = self.mpo.cores
+        return (
+            "contract" if rows_flops(cores, num_rows) < reconstruct_flops(cores) else "reconstruct"
+        )
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        if self.chosen_mode(input_ids.numel()) == "reconstruct":
+            rows = F.embedding(input_ids, self.mpo.matrix(), self.padding_idx)
+        else:
+            rows = mpo_rows(input_ids, self.mpo.cores, self.mpo.shape)
+        return rows * self.embed_scale if self.embed_scale != 1.0 else rows
+
+    def extra_repr(self) -> str:
+        s = self.mpo.shape
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, "
+            f"modes={list(s.out_modes)}x{list(s.in_modes)}"
+        )

@@ -1,0 +1,279 @@
+"""TT-SVD of a matrix into MPO cores, canonical forms, bond spectra and optimal truncation.
+
+Cores have layout (r_{k-1}, I_k, J_k, r_k); see `mposurgeon.mpo.shapes` for how W is reshaped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mposurgeon.errors import ShapeError
+from mposurgeon.mpo.metrics import bonds_of, error_bound, modes_of
+from mposurgeon.mpo.shapes import MPOShape
+
+MaxBond = int | Sequence[int] | None
+
+
+@dataclass
+class Decomposition:
+    """cores: n tensors (r_{k-1}, I_k, J_k, r_k) in mixed-canonical form centred on the central
+    core; spectra: n-1 float64 tensors, the full descending singular values at each inner bond
+    before truncation; predicted_error: sqrt(sum discarded^2) / ||W||_F (0.0 when lossless)."""
+
+    cores: list[Tensor]
+    spectra: list[Tensor]
+    predicted_error: float
+
+
+@dataclass
+class Truncation:
+    """cores: truncated MPO (mixed-canonical, centred on (n-1)//2); spectra: singular values of
+    each inner bond just before it was cut (float64); bonds: kept dims (length n+1);
+    predicted_error: sqrt(sum discarded^2) / ||W||_F of the input MPO."""
+
+    cores: list[Tensor]
+    spectra: list[Tensor]
+    bonds: tuple[int, ...]
+    predicted_error: float
+
+
+def _bond_targets(max_bond: MaxBond, num_bonds: int) -> list[int | None]:
+    """Per inner bond maximum (None = unlimited)."""
+    if max_bond is None or isinstance(max_bond, int):
+        targets: list[int | None] = [max_bond] * num_bonds
+    else:
+        targets = [int(b) for b in max_bond]
+        if len(targets) != num_bonds:
+            raise ValueError(f"max_bond needs {num_bonds} per-bond values, got {len(targets)}")
+    if any(t is not None and t < 1 for t in targets):
+        raise ValueError(f"bond dims must be >= 1, got {max_bond}")
+    return targets
+
+
+def _budget(rel_tol: float | None, norm: float, num_bonds: int) -> float | None:
+    """Per-bond allowance of discarded s^2: (rel_tol * ||W||)^2 / (n-1), so the total holds."""
+    if rel_tol is None:
+        return None
+    if rel_tol < 0:
+        raise ValueError(f"rel_tol must be >= 0, got {rel_tol}")
+    return (rel_tol * norm) ** 2 / max(num_bonds, 1)
+
+
+def _rank(s2: Tensor, target: int | None, budget: float | None) -> int:
+    """How many of the descending squared singular values s2 to keep (at least 1)."""
+    rank = s2.numel()
+    if target is not None:
+        rank = min(rank, target)
+    if budget is not None:
+        tail = s2.double().flip(0).cumsum(0)  # tail[i] = sum of the i+1 smallest
+        rank = min(rank, s2.numel() - int((tail <= budget).sum()))
+    return max(rank, 1)
+
+
+_GRAM_CHUNK = 2048  # columns converted to float64 at a time when forming a float64 Gram
+
+
+def _gram(rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """rows (m, N) -> rows @ rows.T (m, m) accumulated in dtype, converting N-chunks on the fly."""
+    if rows.dtype == dtype:
+        return rows @ rows.mT
+    gram = rows.new_zeros(rows.shape[0], rows.shape[0], dtype=dtype)
+    for chunk in rows.split(_GRAM_CHUNK, dim=1):
+        wide = chunk.to(dtype)
+        gram.addmm_(wide, wide.mT)
+    return gram
+
+
+def _split(
+    mat: Tensor, left: bool, target: int | None, budget: float | None, gram_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One TT-SVD step at a bond.
+
+    left:  mat (m, N) = basis @ remainder, basis (m, r) orthonormal columns, remainder (r, N).
+    right: mat (N, m) = remainder @ basis.T, basis (m, r), remainder (N, r).
+    Returns (basis, remainder, spectrum) with the full spectrum in float64 (min(m, N) values).
+    When m <= N, the basis is the eigenbasis (float64 eigh) of the m x m Gram matrix formed in
+    gram_dtype, and the remainder is the exact projection of mat onto it (no division by
+    singular values); otherwise a thin SVD of the tall matrix.
+    """
+    rows = mat if left else mat.mT
+    if rows.shape[0] <= rows.shape[1]:
+        eigvals, eigvecs = torch.linalg.eigh(_gram(rows, gram_dtype).double())
+        s2 = eigvals.flip(0).clamp_min(0)
+        rank = _rank(s2, target, budget)
+        basis = eigvecs.flip(1)[:, :rank].to(mat.dtype)
+        remainder = basis.mT @ mat if left else mat @ basis
+        return basis, remainder, s2.sqrt()
+    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    rank = _rank(s.double().square(), target, budget)
+    if left:
+        return u[:, :rank], s[:rank, None] * vh[:rank], s.double()
+    return vh[:rank].mT, u[:, :rank] * s[:rank], s.double()
+
+
+def _interleaved(matrix: Tensor, shape: MPOShape) -> Tensor:
+    """(out_dim, in_dim) -> zero-padded, permuted to (I1, J1, ..., In, Jn), contiguous."""
+    if shape.out_padding or shape.in_padding:
+        padded = matrix.new_empty(shape.padded_out, shape.padded_in)
+        padded[: shape.out_dim, : shape.in_dim] = matrix
+        padded[shape.out_dim :].zero_()
+        padded[: shape.out_dim, shape.in_dim :].zero_()
+        matrix = padded
+    n = shape.num_cores
+    order = [p for k in range(n) for p in (k, n + k)]
+    return matrix.reshape(*shape.out_modes, *shape.in_modes).permute(order).contiguous()
+
+
+@contextmanager
+def _exact_float32_matmul() -> Iterator[None]:
+    """No TF32 / reduced-precision float32 matmuls inside (decompositions promise round-off)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def decompose(
+    matrix: Tensor,
+    shape: MPOShape,
+    *,
+    max_bond: MaxBond = None,
+    rel_tol: float | None = None,
+) -> Decomposition:
+    """TT-SVD of matrix (out_dim, in_dim) into cores (r_{k-1}, I_k, J_k, r_k); lossless by default.
+
+    Sweeps from both ends toward the central core; each bond takes the eigenbasis of the Gram
+    matrix of the remainder's smaller side. With max_bond / rel_tol the bases are cut (rel_tol
+    spreads (rel_tol * ||W||)^2 evenly over the n-1 bonds). Grams are float64, except for a
+    lossless float32 decomposition, which forms them in float32 for speed (its spectra are then
+    accurate to ~1e-8 * s_max^2 / s relative). Cores come back in matrix's dtype and device.
+    """
+    if matrix.dim() != 2 or tuple(matrix.shape) != (shape.out_dim, shape.in_dim):
+        raise ShapeError(
+            f"matrix of shape {tuple(matrix.shape)} does not match the MPO shape "
+            f"{shape.out_dim}x{shape.in_dim}"
+        )
+    n, centre = shape.num_cores, shape.central_index
+    work_dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32
+    lossless = max_bond is None and rel_tol is None
+    gram_dtype = work_dtype if lossless else torch.float64
+    targets = _bond_targets(max_bond, n - 1)
+    cores: list[Tensor] = [matrix] * n
+    spectra: list[Tensor] = [matrix] * (n - 1)
+    with torch.no_grad(), _exact_float32_matmul():
+        tensor = _interleaved(matrix.to(work_dtype), shape)
+        budget = _budget(rel_tol, float(torch.linalg.vector_norm(tensor)), n - 1)
+        remainder = tensor.reshape(1, -1)  # (r_k, rest): left sweep over bonds 1..centre
+        for k in range(centre):
+            sites = shape.out_modes[k] * shape.in_modes[k]
+            mat = remainder.reshape(-1, remainder.shape[1] // sites)
+            basis, remainder, spectra[k] = _split(mat, True, targets[k], budget, gram_dtype)
+            cores[k] = basis.reshape(-1, shape.out_modes[k], shape.in_modes[k], basis.shape[1])
+        remainder = remainder.reshape(-1, 1)  # (rest, r_k): right sweep over bonds n-1..centre+1
+        for k in range(n - 1, centre, -1):
+            sites = shape.out_modes[k] * shape.in_modes[k]
+            mat = remainder.reshape(-1, sites * remainder.shape[1])
+            basis, remainder, spectra[k - 1] = _split(
+                mat, False, targets[k - 1], budget, gram_dtype
+            )
+            cores[k] = basis.mT.reshape(
+                -1, shape.out_modes[k], shape.in_modes[k], mat.shape[1] // sites
+            )
+        cores[centre] = remainder.reshape(
+            -1, shape.out_modes[centre], shape.in_modes[centre], remainder.shape[1]
+        )
+    cores = [core.to(matrix.dtype).contiguous() for core in cores]
+    return Decomposition(cores, spectra, error_bound(spectra, bonds_of(cores)))
+
+
+def to_padded_matrix(cores: Sequence[Tensor]) -> Tensor:
+    """Contract cores left to right into the padded matrix (padded_out, padded_in)."""
+    out_modes, in_modes = modes_of(cores)
+    result = cores[0].reshape(-1, cores[0].shape[3])  # (I1 J1, r_1)
+    for core in cores[1:]:
+        result = result @ core.reshape(core.shape[0], -1)  # (prod I J, I_k J_k r_k)
+        result = result.reshape(-1, core.shape[3])
+    n = len(cores)
+    order = [2 * k for k in range(n)] + [2 * k + 1 for k in range(n)]
+    interleaved = result.reshape(
+        [d for pair in zip(out_modes, in_modes, strict=True) for d in pair]
+    )
+    return interleaved.permute(order).reshape(math.prod(out_modes), math.prod(in_modes))
+
+
+def to_matrix(cores: Sequence[Tensor], shape: MPOShape) -> Tensor:
+    """The represented matrix cropped to (out_dim, in_dim)."""
+    shape.check_cores(cores)
+    return to_padded_matrix(cores)[: shape.out_dim, : shape.in_dim]
+
+
+def canonicalize(cores: Sequence[Tensor], center: int) -> list[Tensor]:
+    """Mixed-canonical form by QR sweeps: cores before `center` left-orthogonal ((r I J, r')
+    has orthonormal columns), cores after it right-orthogonal ((r, I J r') has orthonormal rows).
+    The represented matrix is unchanged; a bond may shrink where it exceeded its rank bound."""
+    n = len(cores)
+    if not 0 <= center < n:
+        raise ValueError(f"center {center} out of range for {n} cores")
+    result = list(cores)
+    for k in range(center):
+        r, i, j, _ = result[k].shape
+        q, upper = torch.linalg.qr(result[k].reshape(r * i * j, -1))
+        result[k] = q.reshape(r, i, j, -1)
+        result[k + 1] = torch.tensordot(upper, result[k + 1], dims=1)
+    for k in range(n - 1, center, -1):
+        _, i, j, r = result[k].shape
+        q, upper = torch.linalg.qr(result[k].reshape(result[k].shape[0], -1).mT)
+        result[k] = q.mT.reshape(-1, i, j, r)
+        result[k - 1] = torch.tensordot(result[k - 1], upper.mT, dims=1)
+    return result
+
+
+def _svd_sweep(
+    cores: Sequence[Tensor], targets: list[int | None], rel_tol: float | None
+) -> tuple[list[Tensor], list[Tensor], tuple[int, ...]]:
+    """Right-canonicalize (float64), then SVD each bond left to right, cutting as asked.
+
+    Returns (cores in float64, left-orthogonal up to the last; spectra before each cut; kept bonds).
+    With every core right of bond k right-orthogonal and every core left of it left-orthogonal,
+    the singular values at bond k are exactly those of the represented matrix's unfolding.
+    """
+    work = canonicalize([core.double() for core in cores], 0)
+    budget = _budget(rel_tol, float(torch.linalg.vector_norm(work[0])), len(work) - 1)
+    spectra: list[Tensor] = []
+    for k in range(len(work) - 1):
+        r, i, j, _ = work[k].shape
+        u, s, vh = torch.linalg.svd(work[k].reshape(r * i * j, -1), full_matrices=False)
+        rank = _rank(s.square(), targets[k], budget)
+        spectra.append(s)
+        work[k] = u[:, :rank].reshape(r, i, j, rank)
+        work[k + 1] = torch.tensordot(s[:rank, None] * vh[:rank], work[k + 1], dims=1)
+    return work, spectra, bonds_of(work)
+
+
+def bond_spectra(cores: Sequence[Tensor]) -> list[Tensor]:
+    """Exact singular values (float64, descending) of every inner bond's unfolding of the matrix
+    the cores represent, whatever their gauge (e.g. after fine-tuning)."""
+    return _svd_sweep(cores, [None] * (len(cores) - 1), None)[1]
+
+
+def truncate(
+    cores: Sequence[Tensor], *, max_bond: MaxBond = None, rel_tol: float | None = None
+) -> Truncation:
+    """Optimal sequential truncation: canonicalize, then cut each bond by SVD.
+
+    max_bond: one cap for all inner bonds or one per inner bond (n-1 values; a bond keeps
+    min(current, target)); rel_tol: total relative error allowed, spread evenly over the bonds.
+    """
+    n = len(cores)
+    work, spectra, kept = _svd_sweep(cores, _bond_targets(max_bond, n - 1), rel_tol)
+    result = canonicalize(work, (n - 1) // 2)
+    result = [core.to(cores[k].dtype) for k, core in enumerate(result)]
+    return Truncation(result, spectra, bonds_of(result), error_bound(spectra, kept))

@@ -1,0 +1,169 @@
+"""What every stage shares: input/output options, opening the input, writing the artifact.
+
+A stage reads a checkpoint or artifact and writes a new artifact directory atomically; it never
+modifies its input. Nothing here knows about the terminal: progress goes through a callback.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mposurgeon._version import __version__
+from mposurgeon.artifact.manifest import (
+    BaseInfo,
+    Manifest,
+    ModuleRecord,
+    load_artifact,
+    new_manifest,
+    write_manifest,
+)
+from mposurgeon.artifact.resolve import ResolvedModel, resolve_model
+from mposurgeon.artifact.store import check_output_dir, copy_model_files, next_version_dir
+from mposurgeon.artifact.tensors import parse_size
+
+#: progress(description, done, total): called as a stage advances.
+ProgressCallback = Callable[[str, int, int], None]
+
+
+def default_workdir() -> Path:
+    """Where versioned outputs go without `-o`: $MPOSURGEON_WORKDIR or ./mposurgeon-out."""
+    return Path(os.environ.get("MPOSURGEON_WORKDIR", "mposurgeon-out"))
+
+
+class StageOptions(BaseModel):
+    """Options every stage takes: where the input comes from and where the output goes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output: Path | None = Field(None, description="output directory (default: versioned)")
+    workdir: Path = Field(default_factory=default_workdir)
+    overwrite: bool = False
+    revision: str | None = None
+    offline: bool | None = None
+    cache_dir: Path | None = None
+    verify: bool = Field(True, description="check the input artifact's checksums")
+    max_shard_size: int = Field(5 * 10**9, description="bytes per safetensors shard")
+
+    @field_validator("max_shard_size", mode="before")
+    @classmethod
+    def _parse_size(cls, value: Any) -> int:
+        return parse_size(value)
+
+
+@dataclass
+class StageInput:
+    """A resolved input: an HF checkpoint directory or an artifact with its manifest."""
+
+    resolved: ResolvedModel
+    manifest: Manifest | None
+
+    @property
+    def path(self) -> Path:
+        return self.resolved.path
+
+    @property
+    def base(self) -> BaseInfo:
+        """The original checkpoint this input descends from."""
+        if self.manifest is not None:
+            return self.manifest.base
+        r = self.resolved
+        return BaseInfo(name=r.name, model_id=r.model_id, revision=r.revision, path=str(r.path))
+
+    @property
+    def mpo_modules(self) -> dict[str, ModuleRecord]:
+        return dict(self.manifest.modules) if self.manifest is not None else {}
+
+
+def open_input(model: str | Path, options: StageOptions) -> StageInput:
+    """Resolve `model` and, for an artifact, read and verify its manifest."""
+    resolved = resolve_model(
+        str(model), revision=options.revision, offline=options.offline, cache_dir=options.cache_dir
+    )
+    manifest = None
+    if resolved.kind == "artifact":
+        manifest = load_artifact(resolved.path, verify=options.verify)
+    return StageInput(resolved=resolved, manifest=manifest)
+
+
+def plan_output(inp: StageInput, options: StageOptions, stage: str) -> Path:
+    """The directory this stage will write, checked against the input and existing files."""
+    if options.output is None:
+        out = next_version_dir(options.workdir, inp.base.name, stage)
+    else:
+        out = options.output
+    check_output_dir(out, inputs=[inp.path], overwrite=options.overwrite)
+    return out
+
+
+def stage_options_record(options: BaseModel) -> dict[str, Any]:
+    """The stage's options as JSON-able data for the manifest (paths as strings)."""
+    return options.model_dump(mode="json")
+
+
+def finish_artifact(
+    directory: Path,
+    *,
+    inp: StageInput,
+    stage: str,
+    options: BaseModel,
+    modules: dict[str, ModuleRecord],
+    **extra: Any,
+) -> Manifest:
+    """Copy config/tokenizer files, write the card and the manifest (with checksums)."""
+    copy_model_files(inp.path, directory)
+    manifest = new_manifest(
+        stage=stage,
+        options=stage_options_record(options),
+        base=inp.base,
+        parent_manifest=inp.manifest,
+        parent_path=inp.path if inp.manifest is not None else None,
+        modules=modules,
+    )
+    for key, value in extra.items():
+        setattr(manifest, key, value)
+    (directory / "README.md").write_text(model_card(manifest), encoding="utf-8")
+    write_manifest(directory, manifest)
+    return manifest
+
+
+def model_card(manifest: Manifest) -> str:
+    """A short Markdown card: base model, lineage, and how the artifact was made."""
+    base = manifest.base
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [mposurgeon, mpo]",
+        *([f"base_model: {base.model_id}"] if base.model_id else []),
+        "---",
+        "",
+        f"# {base.name} ({manifest.stage})",
+        "",
+        f"Made with mposurgeon {__version__} from `{base.model_id or base.path}`"
+        + (f" at revision `{base.revision}`." if base.revision else "."),
+        "",
+        "## Lineage",
+        "",
+    ]
+    for i, entry in enumerate(manifest.lineage, 1):
+        opts = ", ".join(
+            f"{k}={v}"
+            for k, v in entry.options.items()
+            if v not in (None, False, [], {}) and k not in {"workdir", "output", "overwrite"}
+        )
+        lines.append(f"{i}. `{entry.stage}` ({entry.created_at}): {opts}")
+    if manifest.modules:
+        total = sum(m.params for m in manifest.modules.values())
+        dense = sum(m.dense_params for m in manifest.modules.values())
+        lines += [
+            "",
+            f"{len(manifest.modules)} weight matrices are held as MPO cores: "
+            f"{total:,} parameters in place of {dense:,} dense ones.",
+            "Merge back to a dense checkpoint with `mposurgeon merge`.",
+        ]
+    return "\n".join(lines) + "\n"

