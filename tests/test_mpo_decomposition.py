@@ -99,6 +99,7 @@ def test_lossless_round_trip_float64(name: str) -> None:
     shape = SHAPES[name]
     w = random_matrix(shape)
     dec = decompose(w, shape)
+    assert torch.equal(w, random_matrix(shape))  # the input is left alone
     assert relative_error(w, to_matrix(dec.cores, shape)) <= 1e-12
     assert dec.predicted_error == 0.0
     assert bonds_of(dec.cores) == shape.full_bonds()

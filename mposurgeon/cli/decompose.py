@@ -93,8 +93,11 @@ def decompose_command(
     if json_out:
         print_json(summary)
         return
-    title = "planned decomposition (dry run)" if dry_run else "decomposed modules"
-    stdout.print(module_table(rows, f"{title}: {len(rows)} modules"))
+    if dry_run:
+        stdout.print(module_table(rows, f"planned decomposition (dry run): {len(rows)} modules"))
+    else:
+        worst = max(r["rel_error"] for r in rows)
+        stdout.print(f"decomposed {len(rows)} modules; largest relative error {worst:.2e}")
     stdout.print(
         f"MPO parameters: {fmt_int(result.mpo_params)} "
         f"(dense: {fmt_int(result.dense_params)}, ratio "
@@ -103,7 +106,7 @@ def decompose_command(
     if result.skipped:
         stdout.print(f"already MPO, left as they are: {len(result.skipped)} modules")
     if result.output:
-        stdout.print(f"wrote {Path(result.output)}")
+        stdout.print(f"wrote {Path(result.output)}  (details: mposurgeon inspect {result.output})")
 
 
 def _row(m: Any) -> dict[str, Any]:

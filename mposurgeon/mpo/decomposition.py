@@ -76,49 +76,65 @@ def _rank(s2: Tensor, target: int | None, budget: float | None) -> int:
     return max(rank, 1)
 
 
-_GRAM_CHUNK = 2048  # columns converted to float64 at a time when forming a float64 Gram
+_GRAM_BLOCK = 128  # row block of the Gram: blocks above the diagonal are skipped
+_GRAM_CHUNK = 2048  # columns converted at a time when the Gram's dtype differs from the rows'
 
 
-def _gram(rows: Tensor, dtype: torch.dtype) -> Tensor:
-    """rows (m, N) -> rows @ rows.T (m, m) accumulated in dtype, converting N-chunks on the fly."""
-    if rows.dtype == dtype:
-        return rows @ rows.mT
-    gram = rows.new_zeros(rows.shape[0], rows.shape[0], dtype=dtype)
-    for chunk in rows.split(_GRAM_CHUNK, dim=1):
-        wide = chunk.to(dtype)
-        gram.addmm_(wide, wide.mT)
+def _gram_lower(rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """Lower triangle (all that eigh reads) of rows @ rows.T, rows (m, N), accumulated in dtype.
+
+    Row block b only meets rows up to its own end, which skips most of the upper triangle.
+    """
+    m = rows.shape[0]
+    gram = rows.new_zeros(m, m, dtype=dtype)
+    for chunk in [rows] if rows.dtype == dtype else rows.split(_GRAM_CHUNK, dim=1):
+        chunk = chunk.to(dtype)
+        for start in range(0, m, _GRAM_BLOCK):
+            stop = min(start + _GRAM_BLOCK, m)
+            gram[start:stop, :stop].addmm_(chunk[start:stop], chunk[:stop].mT)
     return gram
 
 
 def _split(
-    mat: Tensor, left: bool, target: int | None, budget: float | None, gram_dtype: torch.dtype
+    mat: Tensor,
+    left: bool,
+    target: int | None,
+    budget: float | None,
+    gram_dtype: torch.dtype,
+    out: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One TT-SVD step at a bond.
 
     left:  mat (m, N) = basis @ remainder, basis (m, r) orthonormal columns, remainder (r, N).
     right: mat (N, m) = remainder @ basis.T, basis (m, r), remainder (N, r).
-    Returns (basis, remainder, spectrum) with the full spectrum in float64 (min(m, N) values).
-    When m <= N, the basis is the eigenbasis (float64 eigh) of the m x m Gram matrix formed in
-    gram_dtype, and the remainder is the exact projection of mat onto it (no division by
-    singular values); otherwise a thin SVD of the tall matrix.
+    Returns (basis, remainder, spectrum), the remainder written into the flat buffer `out` and
+    the full spectrum in float64 (min(m, N) values). When m <= N, the basis is the eigenbasis
+    (float64 eigh) of the m x m Gram matrix formed in gram_dtype, and the remainder is the exact
+    projection of mat onto it (no division by singular values); otherwise a thin SVD.
     """
     rows = mat if left else mat.mT
-    if rows.shape[0] <= rows.shape[1]:
-        eigvals, eigvecs = torch.linalg.eigh(_gram(rows, gram_dtype).double())
+    m, other = rows.shape
+    if m <= other:
+        eigvals, eigvecs = torch.linalg.eigh(_gram_lower(rows, gram_dtype).double(), UPLO="L")
         s2 = eigvals.flip(0).clamp_min(0)
         rank = _rank(s2, target, budget)
         basis = eigvecs.flip(1)[:, :rank].to(mat.dtype)
-        remainder = basis.mT @ mat if left else mat @ basis
+        shape = (rank, other) if left else (other, rank)
+        remainder = out[: rank * other].view(shape)
+        torch.matmul(*((basis.mT, mat) if left else (mat, basis)), out=remainder)
         return basis, remainder, s2.sqrt()
     u, s, vh = torch.linalg.svd(mat, full_matrices=False)
     rank = _rank(s.double().square(), target, budget)
     if left:
-        return u[:, :rank], s[:rank, None] * vh[:rank], s.double()
-    return vh[:rank].mT, u[:, :rank] * s[:rank], s.double()
+        basis, product = u[:, :rank], s[:rank, None] * vh[:rank]
+    else:
+        basis, product = vh[:rank].mT, u[:, :rank] * s[:rank]
+    remainder = out[: product.numel()].view(product.shape).copy_(product)
+    return basis, remainder, s.double()
 
 
 def _interleaved(matrix: Tensor, shape: MPOShape) -> Tensor:
-    """(out_dim, in_dim) -> zero-padded, permuted to (I1, J1, ..., In, Jn), contiguous."""
+    """(out_dim, in_dim) -> zero-padded, permuted to (I1, J1, ..., In, Jn); always a new tensor."""
     if shape.out_padding or shape.in_padding:
         padded = matrix.new_empty(shape.padded_out, shape.padded_in)
         padded[: shape.out_dim, : shape.in_dim] = matrix
@@ -127,7 +143,8 @@ def _interleaved(matrix: Tensor, shape: MPOShape) -> Tensor:
         matrix = padded
     n = shape.num_cores
     order = [p for k in range(n) for p in (k, n + k)]
-    return matrix.reshape(*shape.out_modes, *shape.in_modes).permute(order).contiguous()
+    interleaved = matrix.reshape(*shape.out_modes, *shape.in_modes).permute(order)
+    return interleaved.clone(memory_format=torch.contiguous_format)
 
 
 @contextmanager
@@ -154,7 +171,7 @@ def decompose(
     matrix of the remainder's smaller side. With max_bond / rel_tol the bases are cut (rel_tol
     spreads (rel_tol * ||W||)^2 evenly over the n-1 bonds). Grams are float64, except for a
     lossless float32 decomposition, which forms them in float32 for speed (its spectra are then
-    accurate to ~1e-8 * s_max^2 / s relative). Cores come back in matrix's dtype and device.
+    accurate to ~1e-8 * (s_max / s)^2 relative). Cores come back in matrix's dtype and device.
     """
     if matrix.dim() != 2 or tuple(matrix.shape) != (shape.out_dim, shape.in_dim):
         raise ShapeError(
@@ -166,30 +183,39 @@ def decompose(
     lossless = max_bond is None and rel_tol is None
     gram_dtype = work_dtype if lossless else torch.float64
     targets = _bond_targets(max_bond, n - 1)
-    cores: list[Tensor] = [matrix] * n
-    spectra: list[Tensor] = [matrix] * (n - 1)
+    left: list[Tensor] = []  # cores 0..centre-1, split off at bonds 1..centre
+    right: list[Tensor] = []  # cores n-1..centre+1, split off at bonds n-1..centre+1
+    left_spectra: list[Tensor] = []
+    right_spectra: list[Tensor] = []
     with torch.no_grad(), _exact_float32_matmul():
-        tensor = _interleaved(matrix.to(work_dtype), shape)
-        budget = _budget(rel_tol, float(torch.linalg.vector_norm(tensor)), n - 1)
-        remainder = tensor.reshape(1, -1)  # (r_k, rest): left sweep over bonds 1..centre
+        # the remainder lives in one flat buffer while the next is written into the other
+        holder = _interleaved(matrix.to(work_dtype), shape).reshape(-1)
+        spare = torch.empty_like(holder)
+        budget = _budget(rel_tol, float(torch.linalg.vector_norm(holder)), n - 1)
+        remainder = holder.view(1, -1)  # (r_k, rest)
         for k in range(centre):
-            sites = shape.out_modes[k] * shape.in_modes[k]
-            mat = remainder.reshape(-1, remainder.shape[1] // sites)
-            basis, remainder, spectra[k] = _split(mat, True, targets[k], budget, gram_dtype)
-            cores[k] = basis.reshape(-1, shape.out_modes[k], shape.in_modes[k], basis.shape[1])
-        remainder = remainder.reshape(-1, 1)  # (rest, r_k): right sweep over bonds n-1..centre+1
+            i, j = shape.out_modes[k], shape.in_modes[k]
+            mat = remainder.view(-1, remainder.shape[1] // (i * j))
+            basis, remainder, spectrum = _split(mat, True, targets[k], budget, gram_dtype, spare)
+            holder, spare = spare, holder
+            left.append(basis.reshape(-1, i, j, basis.shape[1]))
+            left_spectra.append(spectrum)
+        remainder = remainder.view(-1, 1)  # (rest, r_k)
         for k in range(n - 1, centre, -1):
-            sites = shape.out_modes[k] * shape.in_modes[k]
-            mat = remainder.reshape(-1, sites * remainder.shape[1])
-            basis, remainder, spectra[k - 1] = _split(
-                mat, False, targets[k - 1], budget, gram_dtype
+            i, j, r = shape.out_modes[k], shape.in_modes[k], remainder.shape[1]
+            mat = remainder.view(-1, i * j * r)
+            basis, remainder, spectrum = _split(
+                mat, False, targets[k - 1], budget, gram_dtype, spare
             )
-            cores[k] = basis.mT.reshape(
-                -1, shape.out_modes[k], shape.in_modes[k], mat.shape[1] // sites
-            )
-        cores[centre] = remainder.reshape(
-            -1, shape.out_modes[centre], shape.in_modes[centre], remainder.shape[1]
-        )
+            holder, spare = spare, holder
+            right.append(basis.mT.reshape(-1, i, j, r))
+            right_spectra.append(spectrum)
+        i, j = shape.out_modes[centre], shape.in_modes[centre]
+        central = remainder.view(-1, i, j, remainder.shape[1])
+        if central.numel() < holder.numel():  # truncated: do not keep the whole buffer alive
+            central = central.clone()
+        cores = [*left, central, *right[::-1]]
+    spectra = left_spectra + right_spectra[::-1]
     cores = [core.to(matrix.dtype).contiguous() for core in cores]
     return Decomposition(cores, spectra, error_bound(spectra, bonds_of(cores)))
 
@@ -258,12 +284,14 @@ def _svd_sweep(
     return work, spectra, bonds_of(work)
 
 
+@torch.no_grad()
 def bond_spectra(cores: Sequence[Tensor]) -> list[Tensor]:
     """Exact singular values (float64, descending) of every inner bond's unfolding of the matrix
     the cores represent, whatever their gauge (e.g. after fine-tuning)."""
     return _svd_sweep(cores, [None] * (len(cores) - 1), None)[1]
 
 
+@torch.no_grad()
 def truncate(
     cores: Sequence[Tensor], *, max_bond: MaxBond = None, rel_tol: float | None = None
 ) -> Truncation:
