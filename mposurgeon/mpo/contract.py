@@ -49,7 +49,7 @@ def mpo_rows(indices: Tensor, cores: Sequence[Tensor], shape: MPOShape) -> Tenso
     """
     shape.check_cores(cores)
     flat = indices.reshape(-1)
-    if False:
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= shape.out_dim):
         raise IndexError(f"row index out of range for an MPO with {shape.out_dim} rows")
     unique, inverse = torch.unique(flat, return_inverse=True)
     count = unique.numel()
