@@ -45,3 +45,7 @@ class ArtifactError(MposurgeonError):
 
 class OutputExistsError(MposurgeonError):
     """An output directory that exists and is not empty, or that is the input."""
+
+
+class DataError(MposurgeonError):
+    """A training or scoring data file that cannot be read: the message names file and line."""

@@ -188,11 +188,12 @@ def checksum_files(
 
 
 def copy_model_files(src: Path, dst: Path) -> list[str]:
-    """Copy the config and tokenizer files that exist in `src` to `dst` (never weights)."""
+    """Copy the config and tokenizer files that exist in `src` to `dst` (never weights),
+    except those a stage already wrote into `dst` (e.g. a config with a new head)."""
     copied: list[str] = []
     for name in MODEL_FILES:
         source = Path(src) / name
-        if source.is_file():  # hub cache entries are symlinks to blobs: copy the content
+        if source.is_file() and not (Path(dst) / name).exists():  # hub cache entries are symlinks to blobs: copy the content
             shutil.copyfile(source, Path(dst) / name)
             copied.append(name)
     return copied

@@ -84,18 +84,21 @@ def load_model(
     *,
     forward_mode: ForwardMode = "auto",
     verify: bool = True,
+    config: Any | None = None,
 ) -> nn.Module:
     """The artifact's model with MPO layers in place, in eval mode.
 
     `task` picks the head ("auto": the base checkpoint's own class). `forward_mode` fixes how
     MPO layers evaluate ("reconstruct" the dense weight or "contract" the input; "auto" picks
-    the cheaper per call).
+    the cheaper per call). `config` overrides the stored config (e.g. labels of a new head).
     """
     path = Path(artifact)
     manifest = load_artifact(path, verify=verify)
-    config = AutoConfig.from_pretrained(path)
+    config = config or AutoConfig.from_pretrained(path)
     with quiet_transformers():
-        model = model_class(config, task).from_pretrained(path, config=config)
+        model = model_class(config, task).from_pretrained(
+            path, config=config, ignore_mismatched_sizes=True
+        )
     with open_tensors(path) as reader:
         install_mpo_layers(model, module_states(manifest, reader), forward_mode)
     return model.eval()

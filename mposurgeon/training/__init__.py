@@ -1,0 +1,1 @@
+"""Training: data, model heads, importance scores, the loop."""

@@ -1,0 +1,76 @@
+"""A sequence-classification model and its tokenizer for `train` and `select --method fisher`.
+
+The head is added when the checkpoint has none (seeded, so runs are reproducible) and its labels
+come from the data. Decoder-only models (GPT-2, Llama, BLOOM) get a pad token: their EOS token,
+recorded in the config as `pad_token_id`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from mposurgeon.errors import UsageError
+from mposurgeon.stages.load import load_model, quiet_transformers
+
+
+@dataclass
+class ClassifierSetup:
+    """The model, its tokenizer, and the pad token set for it (None if it had one)."""
+
+    model: nn.Module
+    tokenizer: Any
+    pad_token_set: str | None
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The checkpoint's tokenizer; a clear error when it ships none."""
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UsageError(
+            f"{path} has no usable tokenizer ({str(exc).splitlines()[0][:120]})",
+            hint="training and fisher scoring need tokenizer files next to the weights",
+        ) from None
+
+
+def ensure_pad_token(tokenizer: Any, config: Any) -> str | None:
+    """Give a tokenizer without pad token its EOS (or UNK) token as pad; record it in config."""
+    if tokenizer.pad_token is None:
+        token = tokenizer.eos_token or tokenizer.unk_token
+        if token is None:
+            raise UsageError("the tokenizer has no pad, eos or unk token to pad batches with")
+        tokenizer.pad_token = token
+        config.pad_token_id = tokenizer.pad_token_id
+        return token
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    return None
+
+
+def classification_model(
+    path: Path, *, is_artifact: bool, labels: list[str], seed: int = 0, verify: bool = True
+) -> ClassifierSetup:
+    """`path`'s model with a sequence-classification head for `labels` (MPO layers in place for
+    an artifact). The head's initialization is seeded."""
+    config = AutoConfig.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
+    pad = ensure_pad_token(tokenizer, config)
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {name: i for i, name in enumerate(labels)}
+    torch.manual_seed(seed)
+    if is_artifact:
+        model = load_model(path, "sequence-classification", config=config, verify=verify)
+    else:
+        with quiet_transformers():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, config=config, ignore_mismatched_sizes=True
+            )
+    return ClassifierSetup(model=model, tokenizer=tokenizer, pad_token_set=pad)
