@@ -4,7 +4,7 @@ The public Python API mirrors the CLI: each stage takes the same options as its 
 
     >>> import mposurgeon
     >>> result = mposurgeon.decompose("path/to/model", layers=["FFN_1", "attention"])
-    >>> merged = mposurgeon.merge(result.output, verify_outputs=True)
+    >>> merged = mposurgeon.merge(result.output, verify=True)
     >>> report = mposurgeon.inspect(merged.output)
 
 Names are imported lazily, so `import mposurgeon` (and `mposurgeon --help`) stays fast and

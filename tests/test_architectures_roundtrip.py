@@ -33,7 +33,7 @@ def test_decompose_merge_round_trip(arch: str, tiny_model_dir, tmp_path: Path) -
     assert {m.target.group for m in result.modules} >= set(LAYERS)
     assert all(r.rel_error is not None and r.rel_error <= 1e-5 for r in manifest.modules.values())
 
-    merged = mposurgeon.merge(tmp_path / "mpo", output=tmp_path / "dense", verify_outputs=True)
+    merged = mposurgeon.merge(tmp_path / "mpo", output=tmp_path / "dense", verify=True)
     assert merged.comparison is not None and merged.comparison.ok
 
     expected, restored = _outputs(source), _outputs(tmp_path / "dense")

@@ -24,7 +24,7 @@ def _save(source: Path, out: Path, **kwargs) -> Path:
 def test_merge_preserves_half_dtypes(dtype, tiny_model_dir, tmp_path: Path) -> None:
     source = _save(tiny_model_dir("bert"), tmp_path / "half", dtype=dtype)
     mposurgeon.decompose(source, output=tmp_path / "mpo", layers=["FFN_1", "attention"])
-    merged = mposurgeon.merge(tmp_path / "mpo", output=tmp_path / "dense", verify_outputs=True)
+    merged = mposurgeon.merge(tmp_path / "mpo", output=tmp_path / "dense", verify=True)
     assert merged.comparison is not None and merged.comparison.ok
     with safe_open(source / "model.safetensors", "pt") as a, safe_open(
         tmp_path / "dense" / "model.safetensors", "pt"
@@ -71,6 +71,6 @@ def test_legacy_pytorch_model_bin_input(tiny_model_dir, tmp_path: Path) -> None:
     model.config.save_pretrained(source)
     torch.save(model.state_dict(), source / "pytorch_model.bin")
     mposurgeon.decompose(source, output=tmp_path / "mpo", layers=["FFN_2"])
-    merged = mposurgeon.merge(tmp_path / "mpo", output=tmp_path / "dense", verify_outputs=True)
+    merged = mposurgeon.merge(tmp_path / "mpo", output=tmp_path / "dense", verify=True)
     assert merged.comparison is not None and merged.comparison.ok
     assert (tmp_path / "dense" / "model.safetensors").exists()

@@ -31,7 +31,7 @@ def decomposed(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.fixture(scope="module")
 def merged(decomposed: Path) -> Path:
     out = decomposed.parent / "merged"
-    result = mposurgeon.merge(decomposed, output=out, verify_outputs=True)
+    result = mposurgeon.merge(decomposed, output=out, verify=True)
     assert result.comparison is not None and result.comparison.ok
     return out
 

