@@ -22,6 +22,7 @@ from mposurgeon.cli.decompose import decompose_command
 from mposurgeon.cli.inspect import inspect_command
 from mposurgeon.cli.merge import merge_command
 from mposurgeon.cli.render import print_error
+from mposurgeon.cli.run import run_command
 from mposurgeon.errors import MposurgeonError
 
 app = typer.Typer(
@@ -37,6 +38,7 @@ app = typer.Typer(
 app.command("decompose")(decompose_command)
 app.command("merge")(merge_command)
 app.command("inspect")(inspect_command)
+app.command("run")(run_command)
 
 
 def _version(value: bool) -> None:

@@ -37,10 +37,11 @@ def inspect_command(
     if json_out:
         print_json(report)
         return
-    _render(report, all_modules)
+    render_report(report, all_modules)
 
 
-def _render(report: dict[str, Any], all_modules: bool) -> None:
+def render_report(report: dict[str, Any], all_modules: bool) -> None:
+    """The inspect report as a header, module tables, totals and lineage."""
     head = f"{report['kind']}: {report['path']}"
     if report.get("stage"):
         head += f"  (stage {report['stage']}, format v{report['format_version']})"

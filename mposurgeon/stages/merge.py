@@ -9,7 +9,7 @@ if they differ, nothing is written and the stage fails with exit code 3.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from mposurgeon.artifact.manifest import ModuleRecord
 from mposurgeon.artifact.naming import CORE_KEY, core_key
-from mposurgeon.artifact.store import atomic_directory
+from mposurgeon.artifact.store import atomic_directory, copy_model_files
 from mposurgeon.artifact.tensors import ShardedWriter, TensorReader, open_tensors
 from mposurgeon.errors import UsageError, VerificationError
 from mposurgeon.models.probe import OutputComparison, compare_outputs, model_output, sample_batch
@@ -79,9 +79,11 @@ def merge(
     with atomic_directory(out, overwrite=opts.overwrite) as tmp:
         with open_tensors(inp.path) as reader, ShardedWriter(tmp, opts.max_shard_size) as writer:
             _write_dense(reader, records, writer, opts, progress)
-        finish_artifact(tmp, inp=inp, stage="merge", options=opts, modules={})
+        copy_model_files(inp.path, tmp)
         if opts.verify:
             comparison = verify_merge(inp.path, tmp, verify_input=opts.verify_checksums)
+        metrics = {"verify": asdict(comparison) | {"ok": comparison.ok}} if comparison else None
+        finish_artifact(tmp, inp=inp, stage="merge", options=opts, modules={}, metrics=metrics)
     return MergeResult(output=out, merged_modules=len(records), comparison=comparison)
 
 

@@ -1,0 +1,100 @@
+"""`mposurgeon run`: run a YAML recipe of stages; exit 3 when an `expect:` gate fails."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from mposurgeon.cli import options as opt
+from mposurgeon.cli.inspect import render_report
+from mposurgeon.cli.render import print_json, progress_bar, stderr, stdout
+
+
+def run_command(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    workdir: opt.Workdir = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan (what would run or be skipped).")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Re-run every stage.")] = False,
+    from_stage: Annotated[
+        str | None, typer.Option("--from", help="Re-run from this stage (by name) on.")
+    ] = None,
+    json_out: opt.Json = False,
+    quiet: opt.Quiet = False,
+) -> None:
+    """Run a recipe: stages chained through versioned artifacts, resumable, with CI gates.
+
+    Example:
+
+        mposurgeon run recipes/quickstart.yaml -w runs
+    """
+    from mposurgeon.stages.recipe import gate_failure, run_recipe
+
+    with progress_bar(quiet or json_out) as progress:
+
+        def events(stage: Any, status: str) -> None:
+            if status != "start" and not json_out:
+                stderr.print(f"{stage.label}: {status}", highlight=False)
+
+        report = run_recipe(
+            recipe,
+            workdir=workdir,
+            dry_run=dry_run,
+            force=force,
+            from_stage=from_stage,
+            events=events,
+            progress=progress,
+        )
+    error = gate_failure(report)
+    if json_out:
+        print_json(_summary(report, error))
+    else:
+        _render(report, dry_run)
+    if error is not None:
+        raise error
+
+
+def _summary(report: Any, error: Any) -> dict[str, Any]:
+    return {
+        "recipe": report.recipe,
+        "workdir": report.workdir,
+        "ok": error is None,
+        "error": None if error is None else str(error),
+        "stages": [
+            {
+                "name": s.name,
+                "kind": s.kind,
+                "status": s.status,
+                "input": s.input,
+                "output": s.output,
+                "seconds": round(s.seconds, 3),
+                "metrics": s.metrics,
+                "gates": [asdict(g) for g in s.gates],
+            }
+            for s in report.stages
+        ],
+    }
+
+
+def _render(report: Any, dry_run: bool) -> None:
+    for s in report.stages:
+        if s.kind == "inspect" and s.result is not None:
+            render_report(s.result, all_modules=False)
+    table = Table(title=f"recipe {report.recipe}", title_justify="left")
+    for col in ("stage", "status", "seconds", "output", "gates"):
+        table.add_column(col, justify="right" if col == "seconds" else "left")
+    for s in report.stages:
+        gates = "; ".join(
+            f"{g.condition} {g.limit:g}: "
+            + ("not measured" if g.measured is None else f"{g.measured:.4g}")
+            + (" ok" if g.ok else " FAILED")
+            for g in s.gates
+        )
+        seconds = "-" if dry_run or s.status == "planned" else f"{s.seconds:.1f}"
+        table.add_row(s.name, s.status, seconds, s.output or "-", gates or "-")
+    stdout.print(table)
