@@ -10,10 +10,14 @@ from typing import Any
 
 import torch
 
-from benchmarks import bench_decompose, bench_memory
+from benchmarks import bench_decompose, bench_memory, bench_truncation
 
 HERE = Path(__file__).resolve().parent
-SUITES = {"decompose": bench_decompose.run, "memory": bench_memory.run}
+SUITES = {
+    "decompose": bench_decompose.run,
+    "memory": bench_memory.run,
+    "truncation": bench_truncation.run,
+}
 
 
 def main(argv: list[str]) -> None:
@@ -44,14 +48,11 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        if r.get("seconds") is not None:
-            measured, base = f"{r['seconds']:.3f} s", f"{r['baseline_seconds']:.3f} s"
-        else:
-            measured, base = f"{r['value_mb']:.0f} MB", f"{r['baseline_mb']:.0f} MB"
         goal = f"<= {r['goal']}x" if r.get("goal") else "-"
+        ratio = f"{r['ratio']:.2f}x" if r.get("ratio") is not None else "-"
         lines.append(
-            f"| {r['benchmark']} | {r['threads'] or '-'} | {measured} | {base} ({r['baseline']})"
-            f" | {r['ratio']:.2f}x | {goal} |"
+            f"| {r['benchmark']} | {r.get('threads') or '-'} | {r['value']} | {r['baseline']}"
+            f" | {ratio} | {goal} |"
         )
     return "\n".join(lines) + "\n"
 

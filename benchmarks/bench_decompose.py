@@ -54,9 +54,8 @@ def _row(what: str, threads: int, seconds: float, baseline: float) -> dict[str, 
     return {
         "benchmark": what,
         "threads": threads,
-        "seconds": seconds,
-        "baseline": "torch.linalg.svd of the same matrices",
-        "baseline_seconds": baseline,
+        "value": f"{seconds:.3f} s",
+        "baseline": f"torch.linalg.svd of the same matrices {baseline:.3f} s",
         "ratio": seconds / baseline,
         "goal": 1.1,
     }

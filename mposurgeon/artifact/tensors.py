@@ -75,35 +75,47 @@ class TensorReader:
     """
 
     def __init__(self, files: list[Path], key_to_file: dict[str, Path] | None = None) -> None:
-        """Open `files` (safetensors or torch pickles); `key_to_file` comes from an index."""
+        """Open `files` (safetensors or torch pickles); `key_to_file` comes from an index.
+
+        Every safetensors header is read (and checked) here; the data of one file at a time is
+        then memory-mapped by `get`, so streaming a sharded checkpoint in `keys()` order keeps
+        one shard's pages resident, not the whole checkpoint's.
+        """
         self._files = list(files)
-        self._handles: dict[Path, Any] = {}
+        self._headers: dict[str, tuple[tuple[int, ...], str]] = {}  # key -> (shape, dtype)
+        self._open: tuple[Path, Any] | None = None
         self._torch: dict[str, torch.Tensor] = {}
         self._key_to_file: dict[str, Path] = {}
         self._metadata: dict[str, str] = {}
+        held: dict[Path, set[str]] = {}
         for i, path in enumerate(self._files):
             if path.suffix != ".safetensors":
                 for key, tensor in self._load_torch(path).items():
                     self._torch[key] = tensor
-                    self._key_to_file[key] = path
+                    held.setdefault(path, set()).add(key)
                 continue
             handle = self._open_safetensors(path)
-            self._handles[path] = handle
             if i == 0:
                 self._metadata = dict(handle.metadata() or {})
-            if key_to_file is None:
-                self._key_to_file.update(dict.fromkeys(handle.keys(), path))
-        if key_to_file is not None:
+            held[path] = set(handle.keys())
+            for key in handle.keys():
+                sl = handle.get_slice(key)
+                self._headers[key] = (tuple(sl.get_shape()), sl.get_dtype())
+            del handle
+        if key_to_file is None:
+            key_to_file = {key: path for path, keys in held.items() for key in keys}
+        else:
             # The index decides which file holds a key; it must not point into the void.
-            held = {path: set(handle.keys()) for path, handle in self._handles.items()}
             for key, path in key_to_file.items():
-                if key not in held.get(path, self._torch):
+                if key not in held.get(path, ()):
                     raise ArtifactError(
                         f"{path.name} lacks tensor {key!r} that its index lists",
                         hint=_CORRUPT_HINT,
                     )
-            self._key_to_file = dict(key_to_file)
-        self._key_to_file = dict(sorted(self._key_to_file.items()))
+        order = {path: i for i, path in enumerate(self._files)}
+        self._key_to_file = dict(
+            sorted(key_to_file.items(), key=lambda kv: (order.get(kv[1], 0), kv[0]))
+        )
 
     @staticmethod
     def _open_safetensors(path: Path) -> Any:
@@ -151,7 +163,7 @@ class TensorReader:
     # -- queries -----------------------------------------------------------------------------
 
     def keys(self) -> list[str]:
-        """Tensor names, sorted (independent of how the checkpoint is sharded)."""
+        """Tensor names in streaming order: file by file, sorted by name within a file."""
         return list(self._key_to_file)
 
     def __contains__(self, key: object) -> bool:
@@ -171,17 +183,17 @@ class TensorReader:
 
     def shape(self, key: str) -> tuple[int, ...]:
         """Shape of tensor `key`, read from the header without loading the data."""
-        path = self._file_of(key)
-        if path in self._handles:
-            return tuple(self._handles[path].get_slice(key).get_shape())
+        self._file_of(key)
+        if key in self._headers:
+            return self._headers[key][0]
         return tuple(self._torch[key].shape)
 
     def dtype(self, key: str) -> torch.dtype:
         """Dtype of tensor `key`, read from the header without loading the data."""
         path = self._file_of(key)
-        if path not in self._handles:
+        if key not in self._headers:
             return self._torch[key].dtype
-        name = self._handles[path].get_slice(key).get_dtype()
+        name = self._headers[key][1]
         try:
             return _SAFETENSORS_DTYPES[name]
         except KeyError:
@@ -200,10 +212,13 @@ class TensorReader:
     def get(self, key: str) -> torch.Tensor:
         """Load tensor `key` (a CPU tensor backed by the file's memory map where possible)."""
         path = self._file_of(key)
-        if path not in self._handles:
+        if key not in self._headers:
             return self._torch[key]
+        if self._open is None or self._open[0] != path:
+            self._open = None  # unmap the previous file before mapping the next
+            self._open = (path, self._open_safetensors(path))
         try:
-            return self._handles[path].get_tensor(key)
+            return self._open[1].get_tensor(key)
         except SafetensorError as err:
             raise _corrupted(path, err) from err
 
@@ -219,7 +234,8 @@ class TensorReader:
 
     def close(self) -> None:
         """Drop the memory maps; tensors returned by `get` stay valid."""
-        self._handles.clear()
+        self._open = None
+        self._headers.clear()
         self._torch.clear()
         self._key_to_file.clear()
 
