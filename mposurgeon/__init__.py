@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from mposurgeon.stages.inspect import inspect
     from mposurgeon.stages.load import load_model
     from mposurgeon.stages.merge import MergeOptions, merge
+    from mposurgeon.stages.select import SelectOptions, select
+    from mposurgeon.stages.train import TrainOptions, train
+    from mposurgeon.stages.truncate import TruncateOptions, truncate
 
 _LAZY = {
     "decompose": "mposurgeon.stages.decompose",
@@ -31,16 +34,28 @@ _LAZY = {
     "MergeOptions": "mposurgeon.stages.merge",
     "inspect": "mposurgeon.stages.inspect",
     "load_model": "mposurgeon.stages.load",
+    "select": "mposurgeon.stages.select",
+    "SelectOptions": "mposurgeon.stages.select",
+    "train": "mposurgeon.stages.train",
+    "TrainOptions": "mposurgeon.stages.train",
+    "truncate": "mposurgeon.stages.truncate",
+    "TruncateOptions": "mposurgeon.stages.truncate",
 }
 
 __all__ = [
     "DecomposeOptions",
     "MergeOptions",
+    "SelectOptions",
+    "TrainOptions",
+    "TruncateOptions",
     "__version__",
     "decompose",
     "inspect",
     "load_model",
     "merge",
+    "select",
+    "train",
+    "truncate",
 ]
 
 

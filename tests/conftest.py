@@ -175,3 +175,83 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], 
         return cache[arch]
 
     return get
+
+
+# Special tokens per tiny architecture, in id order (so ids match the config's pad/bos/eos), the
+# post-processing template, and whether the model takes token_type_ids. Decoder-only models get
+# no pad token: `train` must give them one (their EOS) and record it.
+TINY_TOKENIZERS: dict[str, tuple[list[str], str | None, bool]] = {
+    "bert": (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "[CLS] $A [SEP]", True),
+    "roberta": (["<s>", "<pad>", "</s>", "<unk>", "<mask>"], "<s> $A </s>", False),
+    "albert": (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "[CLS] $A [SEP]", True),
+    "distilbert": (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "[CLS] $A [SEP]", False),
+    "bart": (["<s>", "<pad>", "</s>", "<unk>"], "<s> $A </s>", False),
+    "t5": (["<pad>", "</s>", "<unk>"], "$A </s>", False),
+    "gpt2": (["<|endoftext|>", "<unk>"], None, False),
+    "bloom": (["<unk>", "<s>", "</s>"], None, False),
+    "llama": (["<unk>", "<s>", "</s>"], "<s> $A", False),
+    "llama-tied": (["<unk>", "<s>", "</s>"], "<s> $A", False),
+}
+_ROLES = {
+    "[PAD]": "pad_token", "<pad>": "pad_token", "[UNK]": "unk_token", "<unk>": "unk_token",
+    "[CLS]": "cls_token", "[SEP]": "sep_token", "[MASK]": "mask_token", "<mask>": "mask_token",
+    "<s>": "bos_token", "</s>": "eos_token", "<|endoftext|>": "eos_token",
+}
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+
+def build_tiny_tokenizer(arch: str, out_dir: Path) -> None:
+    """Save a word-level tokenizer over the shipped sentiment data's words into `out_dir`."""
+    import json
+    import re
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials, template, token_types = TINY_TOKENIZERS[arch]
+    words: set[str] = set()
+    for name in ("sentiment-train.jsonl", "sentiment-eval.jsonl"):
+        for line in (DATA_DIR / name).read_text(encoding="utf-8").splitlines():
+            words |= set(re.findall(r"\w+|[^\w\s]", json.loads(line)["text"].lower()))
+    vocab = {tok: i for i, tok in enumerate([*specials, *sorted(words)])}
+    unk = next(t for t in specials if _ROLES.get(t) == "unk_token")
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if template is not None:
+        used = [t for t in specials if t in template.split()]
+        tok.post_processor = processors.TemplateProcessing(
+            single=template, special_tokens=[(t, vocab[t]) for t in used]
+        )
+    roles = {_ROLES[t]: t for t in specials if t in _ROLES}
+    if arch == "gpt2":
+        roles["bos_token"] = roles["eos_token"]
+    names = ["input_ids", "token_type_ids", "attention_mask"] if token_types else None
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        model_input_names=names or ["input_ids", "attention_mask"],
+        **roles,
+    )
+    fast.save_pretrained(out_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(
+    tiny_model_dir: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], Path]:
+    """Factory `tiny_classifier_dir(arch) -> Path`: a tiny model plus a real (word-level)
+    tokenizer over the shipped sentiment data, built once per session."""
+    import shutil
+
+    cache: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in cache:
+            out = tmp_path_factory.mktemp(f"tiny-cls-{arch}")
+            for item in tiny_model_dir(arch).iterdir():
+                shutil.copyfile(item, out / item.name)
+            build_tiny_tokenizer(arch, out)
+            cache[arch] = out
+        return cache[arch]
+
+    return get

@@ -23,6 +23,9 @@ from mposurgeon.cli.inspect import inspect_command
 from mposurgeon.cli.merge import merge_command
 from mposurgeon.cli.render import print_error
 from mposurgeon.cli.run import run_command
+from mposurgeon.cli.select import select_command
+from mposurgeon.cli.train import train_command
+from mposurgeon.cli.truncate import truncate_command
 from mposurgeon.errors import MposurgeonError
 
 app = typer.Typer(
@@ -36,6 +39,9 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command("decompose")(decompose_command)
+app.command("truncate")(truncate_command)
+app.command("select")(select_command)
+app.command("train")(train_command)
 app.command("merge")(merge_command)
 app.command("inspect")(inspect_command)
 app.command("run")(run_command)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -22,6 +23,13 @@ def inspect_command(
     revision: opt.Revision = None,
     offline: opt.Offline = None,
     cache_dir: opt.CacheDir = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Also draw every MPO module's bond spectra into this PNG (needs matplotlib).",
+        ),
+    ] = None,
 ) -> None:
     """Show modules, modes, bonds, parameters, errors, entropy and lineage.
 
@@ -32,12 +40,19 @@ def inspect_command(
     from mposurgeon.stages.inspect import inspect
 
     report = inspect(
-        path, verify=not no_verify, revision=revision, offline=offline, cache_dir=cache_dir
+        path,
+        verify=not no_verify,
+        revision=revision,
+        offline=offline,
+        cache_dir=cache_dir,
+        plot=plot,
     )
     if json_out:
         print_json(report)
         return
     render_report(report, all_modules)
+    if report.get("plot"):
+        stdout.print(f"bond spectra plotted to {report['plot']}")
 
 
 def render_report(report: dict[str, Any], all_modules: bool) -> None:
@@ -64,5 +79,16 @@ def render_report(report: dict[str, Any], all_modules: bool) -> None:
     if p.get("trainable") is not None:
         line += f"; trainable {fmt_int(p['trainable'])}"
     stdout.print(line)
+    if report.get("metrics"):
+        from mposurgeon.cli.train import metrics_lines
+
+        for metrics_line in metrics_lines(report["metrics"]):
+            stdout.print(metrics_line)
+    if report.get("selection"):
+        from mposurgeon.cli.select import schedule_line, selection_table
+
+        stdout.print(selection_table(report["selection"]))
+        if report["selection"].get("schedule"):
+            stdout.print(schedule_line(report["selection"]["schedule"]))
     for i, entry in enumerate(report.get("lineage") or [], 1):
         stdout.print(f"lineage {i}: {entry['stage']} at {entry['created_at']}")

@@ -53,9 +53,11 @@ def progress_bar(quiet: bool) -> Iterator[Callable[[str, int, int], None] | None
         tasks: dict[str, Any] = {}
 
         def update(description: str, done: int, total: int) -> None:
-            if description not in tasks:
-                tasks[description] = progress.add_task(description, total=total)
-            progress.update(tasks[description], completed=done, total=total)
+            # One bar per first word: "train loss 0.41" updates the "train" bar's text.
+            key = description.split(" ", 1)[0]
+            if key not in tasks:
+                tasks[key] = progress.add_task(description, total=total)
+            progress.update(tasks[key], completed=done, total=total, description=description)
 
         yield update
 

@@ -6,14 +6,18 @@ parameters are named `core.0 ... core.{n-1}`, so a layer at `M` has state-dict k
 `M.mpo.core.k`, exactly the artifact's tensor names.
 
 Forward picks, per call, the cheaper of two exact evaluations by multiply-add count:
-reconstruct the dense weight from the cores, or contract the input through the cores.
+reconstruct the dense weight from the cores, or contract the input through the cores. Inside
+`reuse_dense_weights(model)` and without gradients (e.g. evaluating between training steps),
+each dense weight is rebuilt once and reused until a core changes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -37,6 +41,8 @@ class MPOCores(nn.Module):
         super().__init__()
         self.shape = shape
         self.core = nn.ParameterList(nn.Parameter(c) for c in cores)
+        self.reuse_matrix = False  # set by `reuse_dense_weights`
+        self._kept: tuple[tuple[tuple[int, int], ...], Tensor] | None = None
 
     @property
     def cores(self) -> list[Tensor]:
@@ -46,9 +52,39 @@ class MPOCores(nn.Module):
     def central_index(self) -> int:
         return self.shape.central_index
 
+    @property
+    def reuses_matrix(self) -> bool:
+        """Whether `matrix()` now returns a kept copy (reuse on, gradients off)."""
+        return self.reuse_matrix and not torch.is_grad_enabled()
+
     def matrix(self) -> Tensor:
-        """The dense (out_dim, in_dim) matrix the cores represent."""
-        return to_matrix(self.cores, self.shape)
+        """The dense (out_dim, in_dim) matrix the cores represent.
+
+        While `reuses_matrix`, it is rebuilt only when a core changed since the last call (in
+        place, e.g. an optimizer step, or replaced, e.g. moved to another device).
+        """
+        if not self.reuses_matrix:
+            return to_matrix(self.cores, self.shape)
+        key = tuple((c.data_ptr(), c._version) for c in self.core)
+        if self._kept is None or self._kept[0] != key:
+            self._kept = (key, to_matrix(self.cores, self.shape))
+        return self._kept[1]
+
+
+@contextmanager
+def reuse_dense_weights(model: nn.Module) -> Iterator[None]:
+    """Inside, MPO layers run without gradients rebuild each dense weight once and reuse it
+    (over the batches of an evaluation, say); the copies are dropped on exit. Costs the dense
+    weights' memory while active; calls with gradients are not affected."""
+    held = [m for m in model.modules() if isinstance(m, MPOCores)]
+    for cores in held:
+        cores.reuse_matrix = True
+    try:
+        yield
+    finally:
+        for cores in held:
+            cores.reuse_matrix = False
+            cores._kept = None
 
 
 class MPOLinear(nn.Module):
@@ -79,6 +115,8 @@ class MPOLinear(nn.Module):
         """The evaluation this layer uses for `batch` input rows."""
         if self.forward_mode != "auto":
             return self.forward_mode
+        if self.mpo.reuses_matrix:
+            return "reconstruct"  # rebuilt once, reused: the dense product alone
         cores = self.mpo.cores
         dense = reconstruct_flops(cores) + batch * self.out_features * self.in_features
         return "contract" if contract_flops(cores, batch) < dense else "reconstruct"
@@ -127,6 +165,8 @@ class MPOEmbedding(nn.Module):
     def chosen_mode(self, num_rows: int) -> Literal["reconstruct", "contract"]:
         if self.forward_mode != "auto":
             return self.forward_mode
+        if self.mpo.reuses_matrix:
+            return "reconstruct"
         cores = self.mpo.cores
         return (
             "contract" if rows_flops(cores, num_rows) < reconstruct_flops(cores) else "reconstruct"

@@ -125,7 +125,14 @@ def decompose(
                 if progress:
                     progress("decompose", i + 1, len(keys))
         modules = {**inp.mpo_modules, **records}
-        finish_artifact(tmp, inp=inp, stage="decompose", options=opts, modules=modules)
+        finish_artifact(
+            tmp,
+            inp=inp,
+            stage="decompose",
+            options=opts,
+            modules=modules,
+            selection=inp.manifest.selection if inp.manifest is not None else None,
+        )
     return DecomposeResult(output=out, modules=plan, skipped=skipped)
 
 
@@ -141,7 +148,12 @@ def _find_targets(inp: StageInput, opts: DecomposeOptions) -> tuple[list[Target]
     layers, target_modules = opts.layers, opts.target_modules
     if layers is None and target_modules is None:
         selection = inp.manifest.selection if inp.manifest is not None else None
-        if selection and selection.get("chosen"):
+        if selection and "chosen" in selection:
+            if not selection["chosen"]:
+                raise UsageError(
+                    f"the selection recorded in {inp.path} chose no module (top_n 0)",
+                    hint="give --layers or --target-modules to decompose anyway",
+                )
             target_modules = "|".join(re.escape(name) for name in selection["chosen"])
         else:
             layers = DEFAULT_LAYERS

@@ -2,7 +2,8 @@
 
 The report is plain JSON-able data (the `inspect --json` schema of DESIGN.md): `kind`,
 `format_version`, `stage`, `lineage`, `params`, `modules`, and `selection` / `metrics` when a
-stage recorded them. Shapes come from safetensors headers; nothing is computed from weights.
+stage recorded them. Shapes come from safetensors headers; nothing is computed from weights,
+except for `plot`, which reads the MPO cores to draw their bond spectra.
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from mposurgeon.artifact.manifest import Manifest, ModuleRecord, load_artifact
-from mposurgeon.artifact.naming import CORE_KEY
+from mposurgeon.artifact.naming import CORE_KEY, core_key
 from mposurgeon.artifact.resolve import resolve_model
 from mposurgeon.artifact.tensors import TensorReader, open_tensors
+from mposurgeon.errors import UsageError
+from mposurgeon.mpo.decomposition import bond_spectra
+from mposurgeon.mpo.shapes import MPOShape
+from mposurgeon.plot import ModuleSpectra, plot_spectra, require_matplotlib
 
 
 def inspect(
@@ -24,14 +29,29 @@ def inspect(
     revision: str | None = None,
     offline: bool | None = None,
     cache_dir: Path | None = None,
+    plot: str | Path | None = None,
 ) -> dict[str, Any]:
-    """The report of an artifact, a Hugging Face model directory or a `.safetensors` file."""
+    """The report of an artifact, a Hugging Face model directory or a `.safetensors` file.
+
+    plot: also draw every MPO module's bond spectra into this PNG (needs matplotlib; reads the
+    cores, the only case where inspect reads weights); the report then has `plot`: its path.
+    """
+    if plot is not None:
+        require_matplotlib()  # fail before any work
     resolved = resolve_model(
         str(path), revision=revision, offline=offline, cache_dir=cache_dir, allow_file=True
     )
     manifest = load_artifact(resolved.path, verify=verify) if resolved.kind == "artifact" else None
     with open_tensors(resolved.path) as reader:
         report = _report(reader, manifest)
+        if plot is not None:
+            if manifest is None or not manifest.modules:
+                raise UsageError(
+                    f"--plot draws MPO bond spectra, and {resolved.path} has no MPO modules",
+                    hint="run `mposurgeon decompose` first and plot its output",
+                )
+            spectra = module_spectra(reader, manifest)
+            report["plot"] = str(plot_spectra(spectra, plot, title=f"{resolved.name}"))
     report.update(kind=resolved.kind, path=str(resolved.path), name=resolved.name)
     if resolved.model_id:
         report["model_id"] = resolved.model_id
@@ -81,6 +101,7 @@ def _mpo_row(rec: ModuleRecord) -> dict[str, Any]:
         "padding": [rec.out_padding, rec.in_padding],
         "bonds": rec.bonds,
         "central_index": rec.central_index,
+        "trainable": rec.trainable,
         "params": rec.params,
         "dense_params": rec.dense_params,
         "overparam_factor": rec.params / rec.dense_params,
@@ -103,3 +124,21 @@ def _dense_row(key: str, reader: TensorReader) -> dict[str, Any]:
         "params": math.prod(shape),
         "rel_error": None,
     }
+
+
+def module_spectra(reader: TensorReader, manifest: Manifest) -> list[ModuleSpectra]:
+    """Canonical bond spectra (divided by ||W||_F) of every MPO module, read from its cores."""
+    result = []
+    for rec in manifest.modules.values():
+        cores = [reader.get(core_key(rec.name, k)) for k in range(len(rec.out_modes))]
+        spectra = bond_spectra(cores)
+        norm = float(spectra[0].square().sum().sqrt()) if spectra else 0.0
+        shape = MPOShape(rec.out_dim, rec.in_dim, tuple(rec.out_modes), tuple(rec.in_modes))
+        result.append(
+            ModuleSpectra(
+                name=rec.name,
+                spectra=[(s / norm if norm > 0 else s).tolist() for s in spectra],
+                full_bonds=list(shape.full_bonds()[1:-1]),
+            )
+        )
+    return result

@@ -8,6 +8,7 @@ kept for `id2label`. Every problem is reported with the file name and line numbe
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -89,30 +90,45 @@ def read_dataset(path: str | Path) -> TextDataset:
     return TextDataset(path, examples, _label_names([ex.label for ex in examples]))
 
 
+def _read_text(path: Path) -> str:
+    """The file as text: UTF-8 (a leading byte-order mark is dropped); a clear error naming the
+    line of the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path.name} line {line}: not UTF-8 text (byte {data[exc.start]:#04x})",
+            hint="save the data file as UTF-8",
+        ) from None
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path.name} line {line_no}: invalid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path.name} line {line_no}: expected a JSON object")
-            yield line_no, row
+    hint = "JSON Lines: one JSON object per line"
+    for line_no, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path.name} line {line_no}: invalid JSON ({exc.msg})", hint=hint
+            ) from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path.name} line {line_no}: expected a JSON object", hint=hint)
+        yield line_no, row
 
 
 def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        for row in reader:
-            if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
-                continue
-            label = row.get("label")
-            if isinstance(label, str) and _is_int(label):
-                row["label"] = int(label)
-            yield reader.line_num, row
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
+    for row in reader:
+        if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+            continue
+        label = row.get("label")
+        if isinstance(label, str) and _is_int(label):
+            row["label"] = int(label)
+        yield reader.line_num, row
 
 
 def _is_int(text: str) -> bool:
@@ -141,11 +157,12 @@ def _example(path: Path, line: int, row: dict[str, Any]) -> Example:
 
 
 def _label_names(labels: Sequence[int | str]) -> list[str]:
-    """Distinct labels in sorted order (integers numerically), as strings."""
+    """Distinct labels in sorted order (integers numerically), as strings; the integer 1 and
+    the string "1" are one label."""
     distinct = set(labels)
-    ints = sorted(v for v in distinct if isinstance(v, int))
-    strs = sorted(v for v in distinct if isinstance(v, str))
-    return [str(v) for v in ints] + strs
+    ints = [str(v) for v in sorted(v for v in distinct if isinstance(v, int))]
+    strs = sorted(v for v in distinct if isinstance(v, str) and v not in ints)
+    return ints + strs
 
 
 def encode(dataset: TextDataset, tokenizer: Any, max_length: int = 128) -> list[dict[str, Any]]:

@@ -1,0 +1,181 @@
+"""`mposurgeon train`: parse flags, call the stage, render the result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mposurgeon.cli import options as opt
+from mposurgeon.cli.render import fmt_int, print_json, progress_bar, stderr, stdout
+
+
+def train_command(
+    model: Annotated[str, typer.Argument(help="Artifact dir, HF model dir, or hub id.")],
+    data: Annotated[
+        Path, typer.Option("--data", "-d", help="Training data: JSONL/CSV with text and label.")
+    ],
+    mode: Annotated[
+        str,
+        typer.Option(
+            "--mode",
+            "-m",
+            help="lightweight (MPOP: central cores frozen), overparam (OPF: all cores) "
+            "or full (dense fine-tuning of everything).",
+        ),
+    ],
+    eval_data: Annotated[
+        Path | None,
+        typer.Option("--eval-data", help="Labelled eval data: accuracy and macro-F1."),
+    ] = None,
+    output: opt.Output = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the data.")] = 3,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", help="Stop after N optimizer steps.")
+    ] = None,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 2e-5,
+    mpo_lr: Annotated[
+        float | None, typer.Option("--mpo-lr", help="Learning rate of MPO cores (default --lr).")
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", help="Rows per batch (per process).")
+    ] = 16,
+    grad_accum: Annotated[
+        int, typer.Option("--grad-accum", help="Batches per optimizer step.")
+    ] = 1,
+    warmup_ratio: Annotated[
+        float, typer.Option("--warmup-ratio", help="Fraction of steps of linear warmup.")
+    ] = 0.0,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW decay.")] = 0.0,
+    max_grad_norm: Annotated[
+        float, typer.Option("--max-grad-norm", help="Clip the global gradient norm.")
+    ] = 1.0,
+    max_length: Annotated[
+        int, typer.Option("--max-length", help="Tokens per row (truncated).")
+    ] = 128,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds head, data order, dropout.")] = 0,
+    eval_every: Annotated[
+        int | None, typer.Option("--eval-every", help="Evaluate every N steps (and at the end).")
+    ] = None,
+    save_every: Annotated[
+        int | None,
+        typer.Option("--save-every", help="Checkpoint every N steps into OUT.partial/."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint.")
+    ] = False,
+    dynamic: Annotated[
+        bool,
+        typer.Option(
+            "--dynamic", help="overparam: choose matrices by Fisher score during training."
+        ),
+    ] = False,
+    split_num: Annotated[
+        int | None,
+        typer.Option("--split-num", help="--dynamic: K rounds, at epochs 0, ceil(E/K), ..."),
+    ] = None,
+    top_n: Annotated[
+        int | None,
+        typer.Option("--top-n", help="--dynamic: matrices per weight pattern in all rounds."),
+    ] = None,
+    weight_types: Annotated[
+        str | None,
+        typer.Option("--weight-types", help="--dynamic: comma list of FFN_1, FFN_2, attention."),
+    ] = None,
+    num_cores: Annotated[
+        int, typer.Option("--num-cores", help="Cores of matrices decomposed during training.")
+    ] = 5,
+    workdir: opt.Workdir = None,
+    overwrite: opt.Overwrite = False,
+    revision: opt.Revision = None,
+    offline: opt.Offline = None,
+    cache_dir: opt.CacheDir = None,
+    no_verify: opt.NoVerify = False,
+    max_shard_size: opt.MaxShardSize = "5GB",
+    json_out: opt.Json = False,
+    quiet: opt.Quiet = False,
+) -> None:
+    """Fine-tune for sequence classification: lightweight (MPOP), overparam (OPF) or full.
+
+    Example:
+
+        mposurgeon train mposurgeon-out/minilm/v1-decompose --mode lightweight
+        --data data/sentiment-train.jsonl --eval-data data/sentiment-eval.jsonl --lr 1e-3
+    """
+    from mposurgeon.stages.train import TrainingInterrupted, TrainOptions, train
+
+    options = TrainOptions(
+        data=data,
+        eval_data=eval_data,
+        mode=mode,  # type: ignore[arg-type]
+        epochs=epochs,
+        max_steps=max_steps,
+        lr=lr,
+        mpo_lr=mpo_lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        warmup_ratio=warmup_ratio,
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
+        max_length=max_length,
+        seed=seed,
+        eval_every=eval_every,
+        save_every=save_every,
+        resume=resume,
+        dynamic=dynamic,
+        split_num=split_num,
+        top_n=top_n,
+        weight_types=weight_types,  # type: ignore[arg-type]
+        num_cores=num_cores,
+        **opt.stage_kwargs(
+            output, workdir, overwrite, revision, offline, cache_dir, no_verify, max_shard_size
+        ),
+    )
+    try:
+        with progress_bar(quiet or json_out) as progress:
+            result = train(model, options, progress=progress)
+    except TrainingInterrupted as exc:
+        stderr.print(
+            f"train: {exc}; continue with the same command and --resume",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise
+    if not result.is_main_process:
+        return  # under accelerate launch / torchrun the main process reports
+    for warning in result.warnings:
+        stderr.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
+    if json_out:
+        print_json(
+            {"output": str(result.output), "metrics": result.metrics, "warnings": result.warnings}
+        )
+        return
+    _render(result.output, result.metrics)
+
+
+def _render(output: Path, m: dict[str, Any]) -> None:
+    for line in metrics_lines(m):
+        stdout.print(line)
+    stdout.print(f"wrote {output}  (details: mposurgeon inspect {output})")
+
+
+def metrics_lines(m: dict[str, Any]) -> list[str]:
+    """A train stage's metrics as short lines (for `train` and `inspect`)."""
+    resumed = m.get("resumed_from_step")
+    final = "-" if m.get("final_loss") is None else f"{m['final_loss']:.4f}"
+    lines = [
+        f"trained {m['steps']} steps ({m['epochs']:g} epochs, mode {m['mode']}"
+        + (f", resumed at step {resumed}" if resumed is not None else "")
+        + (f", {m['num_processes']} processes" if (m.get("num_processes") or 1) > 1 else "")
+        + f"): final loss {final}",
+        f"trainable parameters: {fmt_int(m['trainable_params'])} of "
+        f"{fmt_int(m['total_params'])} ({100 * m['trainable_fraction']:.2f}%)",
+    ]
+    if m.get("eval_accuracy") is not None:
+        lines.append(
+            f"eval: accuracy {m['eval_accuracy']:.4f}, macro-F1 {m['eval_macro_f1']:.4f}, "
+            f"loss {m['eval_loss']:.4f} ({m['eval_rows']} rows)"
+        )
+    return lines

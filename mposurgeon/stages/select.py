@@ -1,0 +1,404 @@
+"""select: score weight matrices and record which ones matter (OPF's topN selection).
+
+The story: resolve the input; find the candidate matrices of the requested weight types on a
+`meta` model (FFN_1, FFN_2, attention; exact name matching); check that N layers exist in every
+weight pattern; score every candidate; choose the N best per pattern (FFN_1, FFN_2 and each
+attention projection q, k, v, o separately); then stream the tensors, unchanged, into a new
+artifact whose manifest records the `selection`. `decompose` of that artifact (without
+`--layers`) decomposes exactly the chosen modules, and `train` follows the selection.
+
+Scores (higher = more important), keyed by module name as the checkpoint files hold it:
+- `fisher` (needs data): ChildTuning-D Fisher information of the matrix on a task, with a
+  sequence-classification head (seeded, added when the checkpoint has none, never saved):
+  `mean(grad^2)` averaged over batches, gradients clipped globally (training/importance.py).
+- `magnitude` (data-free): `||W||_F / sqrt(numel)`, the root-mean-square weight.
+- `entropy` (data-free): the mean, over the inner bonds of the MPO of W, of the bond
+  entanglement entropy `-sum p log p`, `p = lambda^2 / sum lambda^2` (natural log); the
+  lambdas are the singular values of W's unfoldings (float64). A dense matrix takes the modes
+  `decompose` would give it (`plan_shape` with `num_cores`), an MPO module its stored modes.
+
+Modules that are already MPO (the input is an artifact) are scored like the others, through
+their dense reconstruction (fisher: the gradient of the reconstructed weight), and may be
+chosen: `train --mode overparam` then trains all their cores; `decompose` leaves them as they
+are.
+
+Dynamic selection (`split_num = K`): `top_n / K` matrices per pattern are chosen at each of the
+epochs 0, ceil(E/K), 2 ceil(E/K), ... (E = `epochs`, or given to `train` later). Round 0 is
+chosen here (`chosen`); `train` re-scores the later rounds on the model being trained.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from transformers import AutoConfig
+
+from mposurgeon.artifact.manifest import ModuleRecord
+from mposurgeon.artifact.naming import core_key
+from mposurgeon.artifact.store import atomic_directory, sha256_file
+from mposurgeon.artifact.tensors import ShardedWriter, TensorReader, open_tensors
+from mposurgeon.errors import DataError, ModelNotFoundError, UsageError
+from mposurgeon.models.groups import Target, build_meta_model, select_targets
+from mposurgeon.models.surgery import resolve_module_name
+from mposurgeon.mpo.decomposition import bond_spectra
+from mposurgeon.mpo.decomposition import decompose as decompose_matrix
+from mposurgeon.mpo.metrics import entanglement_entropy
+from mposurgeon.mpo.shapes import plan_shape
+from mposurgeon.stages.common import (
+    ProgressCallback,
+    StageInput,
+    StageOptions,
+    finish_artifact,
+    open_input,
+    plan_output,
+)
+from mposurgeon.stages.merge import dense_weight
+from mposurgeon.training.importance import choose_top_n, fisher_scores, weight_pattern
+
+#: The weight types `select` chooses among (OPF's): groups of models/groups.py.
+WEIGHT_TYPES: tuple[str, ...] = ("FFN_1", "FFN_2", "attention")
+
+Method = Literal["fisher", "magnitude", "entropy"]
+
+
+class SelectOptions(StageOptions):
+    """Options of `select` (the CLI flags, one to one)."""
+
+    top_n: int = Field(..., ge=0, description="matrices (layers) to choose per weight pattern")
+    weight_types: list[str] = Field(default_factory=lambda: list(WEIGHT_TYPES))
+    method: Method = "fisher"
+    data: Path | None = Field(None, description="labelled JSONL/CSV (fisher only)")
+    max_batches: int | None = Field(None, ge=1, description="fisher: batches to score on")
+    batch_size: int = Field(16, ge=1)
+    max_length: int = Field(128, ge=2, description="fisher: tokens per example")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="fisher: global clip norm")
+    split_num: int = Field(1, ge=1, description="rounds of a dynamic selection")
+    epochs: int | None = Field(None, ge=1, description="training epochs of a dynamic schedule")
+    num_cores: int = Field(5, ge=2, le=64, description="entropy: cores of a dense matrix's MPO")
+    seed: int = 0
+
+    @field_validator("weight_types", mode="before")
+    @classmethod
+    def _canonical_types(cls, value: object) -> object:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            return value
+        names = [p.strip() for item in items for p in str(item).split(",") if p.strip()]
+        canonical = {t.lower(): t for t in WEIGHT_TYPES}
+        for name in names:
+            if name.lower() not in canonical:
+                # UsageError (not ValueError) passes through pydantic: a one-line exit-2 error.
+                raise UsageError(
+                    f"unknown weight type {name!r}; weight types are {', '.join(WEIGHT_TYPES)}",
+                    hint="e.g. --weight-types FFN_1,attention",
+                )
+        if not names:
+            raise UsageError("no weight types given", hint="e.g. --weight-types FFN_1,attention")
+        wanted = {canonical[n.lower()] for n in names}
+        return [t for t in WEIGHT_TYPES if t in wanted]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SelectOptions:
+        if self.method == "fisher" and self.data is None:
+            raise UsageError(
+                "--method fisher needs --data (a labelled JSONL or CSV file)",
+                hint="or use a data-free method: --method magnitude or --method entropy",
+            )
+        if self.method != "fisher" and self.data is not None:
+            raise UsageError(
+                f"--data is only read by --method fisher, not {self.method}",
+                hint="drop --data, or use --method fisher",
+            )
+        if self.top_n % self.split_num:
+            raise UsageError(
+                f"--top-n {self.top_n} is not divisible by --split-num {self.split_num}",
+                hint="each of the split_num rounds chooses top_n / split_num matrices",
+            )
+        if self.epochs is not None and self.split_num > 1:
+            last = (self.split_num - 1) * _interval(self.epochs, self.split_num)
+            if last >= self.epochs:
+                raise UsageError(
+                    f"--split-num {self.split_num} rounds do not fit in {self.epochs} epochs "
+                    f"(the last round would start at epoch {last})",
+                    hint="use fewer rounds or more epochs",
+                )
+        return self
+
+
+@dataclass
+class SelectResult:
+    """What `select` chose, and where it wrote the artifact."""
+
+    output: Path
+    selection: dict[str, Any]
+    candidates: int
+    batches: int | None = None
+    examples: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def chosen(self) -> list[str]:
+        return list(self.selection["chosen"])
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return dict(self.selection["scores"])
+
+
+def select(
+    model: str | Path,
+    options: SelectOptions | None = None,
+    progress: ProgressCallback | None = None,
+    **kwargs: object,
+) -> SelectResult:
+    """Score the candidate matrices of `model`, choose the top N per weight pattern, and write
+    a new artifact recording the selection (the tensors pass through unchanged)."""
+    opts = options or SelectOptions(**kwargs)  # type: ignore[arg-type]
+    inp = open_input(model, opts)
+    config = AutoConfig.from_pretrained(inp.path)
+    targets, patterns = _candidates(inp, opts, config)
+    _check_top_n(opts.top_n, patterns)
+    if opts.data is not None and not Path(opts.data).is_file():
+        raise ModelNotFoundError(f"no such data file: {opts.data}")
+    out = plan_output(inp, opts, "select")
+
+    started = time.perf_counter()
+    batches = examples = None
+    if opts.method == "fisher":
+        scores, batches, examples = _fisher(inp, opts, targets, progress)
+    else:
+        scores = _data_free(inp, opts, targets, progress)
+    seconds = time.perf_counter() - started
+
+    per_round = opts.top_n // opts.split_num
+    chosen = choose_top_n(scores, patterns, per_round)
+    selection = _selection_record(opts, scores, patterns, chosen)
+
+    with atomic_directory(out, overwrite=opts.overwrite) as tmp, open_tensors(inp.path) as reader:
+        with ShardedWriter(tmp, opts.max_shard_size) as writer:
+            keys = reader.keys()
+            for i, key in enumerate(keys):
+                writer.add(key, reader.get(key))
+                if progress:
+                    progress("write", i + 1, len(keys))
+        finish_artifact(
+            tmp,
+            inp=inp,
+            stage="select",
+            options=opts,
+            modules=inp.mpo_modules,
+            selection=selection,
+        )
+    return SelectResult(
+        output=out,
+        selection=selection,
+        candidates=len(targets),
+        batches=batches,
+        examples=examples,
+        seconds=seconds,
+    )
+
+
+def _candidates(
+    inp: StageInput, opts: SelectOptions, config: Any
+) -> tuple[list[Target], dict[str, str]]:
+    """The matrices of the requested weight types, and each one's weight pattern."""
+    meta = build_meta_model(config)
+    with open_tensors(inp.path) as reader:
+        file_keys = set(reader.keys())
+    file_keys |= {rec.weight_key for rec in inp.mpo_modules.values()}
+    targets = select_targets(meta, file_keys, layers=opts.weight_types)
+    patterns = {}
+    kept = []
+    for target in targets:
+        pattern = weight_pattern(config.model_type, target.group, target.name)
+        if pattern is not None:
+            patterns[target.name] = pattern
+            kept.append(target)
+    return kept, patterns
+
+
+def _check_top_n(top_n: int, patterns: dict[str, str]) -> None:
+    """top_n may not exceed the number of matrices (layers) of any weight pattern."""
+    counts = Counter(patterns.values())
+    pattern, fewest = min(counts.items(), key=lambda kv: (kv[1], kv[0]))
+    if top_n > fewest:
+        listed = ", ".join(f"{p}: {n}" for p, n in sorted(counts.items()))
+        raise UsageError(
+            f"--top-n {top_n} exceeds the {fewest} layers of weight pattern {pattern} "
+            f"(matrices per pattern: {listed})",
+            hint=f"choose --top-n between 0 and {fewest}",
+        )
+
+
+def _interval(epochs: int, split_num: int) -> int:
+    """Epochs between two rounds of a dynamic selection: ceil(E / K)."""
+    return math.ceil(epochs / split_num)
+
+
+def _selection_record(
+    opts: SelectOptions,
+    scores: dict[str, float],
+    patterns: dict[str, str],
+    chosen: list[str],
+) -> dict[str, Any]:
+    """The manifest's `selection` (see DESIGN.md and the module docstring)."""
+    data = None
+    if opts.data is not None:
+        path = Path(opts.data).resolve()
+        data = {"path": str(path), "sha256": sha256_file(path)}
+    schedule = None
+    if opts.split_num > 1:
+        step = _interval(opts.epochs, opts.split_num) if opts.epochs else None
+        schedule = {
+            "split_num": opts.split_num,
+            "per_round": opts.top_n // opts.split_num,
+            "epochs": opts.epochs,
+            "interval": step,
+            "rounds": [
+                {
+                    "round": k,
+                    "epoch": k * step if step is not None else None,
+                    "chosen": chosen if k == 0 else None,
+                }
+                for k in range(opts.split_num)
+            ],
+        }
+    return {
+        "method": opts.method,
+        "weight_types": list(opts.weight_types),
+        "top_n": opts.top_n,
+        "split_num": opts.split_num,
+        "seed": opts.seed,
+        "data": data,
+        "scores": scores,
+        "patterns": patterns,
+        "chosen": chosen,
+        "schedule": schedule,
+    }
+
+
+# --- scoring ----------------------------------------------------------------------------------
+
+
+def _data_free(
+    inp: StageInput,
+    opts: SelectOptions,
+    targets: list[Target],
+    progress: ProgressCallback | None,
+) -> dict[str, float]:
+    """magnitude or entropy of every target, read from the files one matrix at a time."""
+    records = inp.mpo_modules
+    scores: dict[str, float] = {}
+    with open_tensors(inp.path) as reader:
+        for i, target in enumerate(targets):
+            record = records.get(target.name)
+            if opts.method == "entropy":
+                scores[target.name] = _entropy_score(target, reader, record, opts.num_cores)
+            else:
+                if record is not None:
+                    matrix = dense_weight(record, reader, "float64")
+                else:
+                    matrix = reader.get(target.weight_key)
+                scores[target.name] = magnitude_score(matrix)
+            if progress:
+                progress("score", i + 1, len(targets))
+    return scores
+
+
+def magnitude_score(matrix: torch.Tensor) -> float:
+    """||W||_F / sqrt(numel): the root-mean-square entry (orientation does not matter)."""
+    w = matrix.double()
+    return float(torch.linalg.vector_norm(w)) / math.sqrt(w.numel())
+
+
+def entropy_score(spectra: list[torch.Tensor]) -> float:
+    """Mean bond entanglement entropy (nats) over the inner bonds' singular values."""
+    return sum(entanglement_entropy(s) for s in spectra) / len(spectra)
+
+
+def _entropy_score(
+    target: Target, reader: TensorReader, record: ModuleRecord | None, num_cores: int
+) -> float:
+    """entropy_score of a stored MPO's exact bond spectra, or of a dense matrix's MPO."""
+    if record is not None:
+        cores = [reader.get(core_key(record.name, k)) for k in range(len(record.out_modes))]
+        return entropy_score(bond_spectra(cores))
+    weight = reader.get(target.weight_key)
+    matrix = weight.t() if target.kind == "conv1d" else weight
+    shape = plan_shape(target.out_dim, target.in_dim, num_cores)
+    return entropy_score(decompose_matrix(matrix.double(), shape).spectra)
+
+
+def _fisher(
+    inp: StageInput,
+    opts: SelectOptions,
+    targets: list[Target],
+    progress: ProgressCallback | None,
+) -> tuple[dict[str, float], int, int]:
+    """Fisher scores on the data (a seeded shuffle; at most max_batches batches)."""
+    from transformers import DataCollatorWithPadding
+
+    from mposurgeon.training.data import encode, read_dataset
+    from mposurgeon.training.model import classification_model
+
+    assert opts.data is not None
+    dataset = read_dataset(opts.data)
+    if len(dataset.labels) < 2:
+        raise DataError(
+            f"{dataset.path.name} holds only one label ({dataset.labels[0]!r})",
+            hint="fisher scores come from a classifier: the data needs two labels or more",
+        )
+    setup = classification_model(
+        inp.path,
+        is_artifact=inp.manifest is not None,
+        labels=dataset.labels,
+        seed=opts.seed,
+        verify=opts.verify_checksums,
+    )
+    features = encode(dataset, setup.tokenizer, opts.max_length)
+    total = math.ceil(len(features) / opts.batch_size)
+    if opts.max_batches is not None:
+        total = min(total, opts.max_batches)
+    live = {target.name: resolve_module_name(setup.model, target.name) for target in targets}
+    batches = _shuffled_batches(
+        features, DataCollatorWithPadding(setup.tokenizer), opts.batch_size, opts.seed
+    )
+    scores = fisher_scores(
+        setup.model,
+        _counted(batches, total, progress),
+        list(live.values()),
+        max_batches=total,
+        max_grad_norm=opts.max_grad_norm,
+    )
+    examples = min(len(features), total * opts.batch_size)
+    return {name: scores[live_name] for name, live_name in live.items()}, total, examples
+
+
+def _shuffled_batches(
+    features: list[dict[str, Any]], collate: Any, batch_size: int, seed: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded batches of `features` in an order fixed by `seed`."""
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed)).tolist()
+    for start in range(0, len(order), batch_size):
+        yield collate([features[i] for i in order[start : start + batch_size]])
+
+
+def _counted(
+    batches: Iterator[dict[str, torch.Tensor]], total: int, progress: ProgressCallback | None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """`batches`, reporting progress("score", i, total) as each one is consumed."""
+    for i, batch in enumerate(batches):
+        if i >= total:
+            return
+        yield batch
+        if progress:
+            progress("score", i + 1, total)

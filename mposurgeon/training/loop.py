@@ -1,0 +1,456 @@
+"""The training loop: AdamW with linear warmup and decay, gradient accumulation and clipping,
+evaluation (accuracy, macro-F1, loss), periodic checkpoints and exact resume.
+
+Everything goes through `accelerate.Accelerator`: one process on CPU or GPU, or several under
+`accelerate launch` / `torchrun` (DDP, gloo on CPU). There is no hand-written distribution
+code: the prepared DataLoader shards the rows (`batch_size` is per process), DDP averages the
+gradients, `gather_for_metrics` collects eval predictions.
+
+Steps are optimizer steps: `grad_accum` batches each (fewer at the end of an epoch). The
+learning rate warms up linearly over `ceil(warmup_ratio * total_steps)` steps, then decays
+linearly to 0 at `total_steps` (`max_steps`, or `epochs * steps_per_epoch`).
+
+Determinism and resume. The order of the rows in epoch e depends only on (seed, e)
+(`EpochSampler`); dropout draws from the torch RNG, seeded with `seed`. A checkpoint holds the
+weights (tied tensors once), the MPO structure, optimizer and scheduler states, every process's
+RNG states and the position (epoch, batch in epoch, step), taken at optimizer-step boundaries:
+a resumed run takes exactly the steps of the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Sampler
+from transformers import get_linear_schedule_with_warmup
+
+from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
+from mposurgeon.errors import UsageError
+from mposurgeon.models.layers import reuse_dense_weights
+from mposurgeon.training.params import (
+    Mode,
+    install_cores,
+    mpo_structure,
+    parameter_groups,
+    set_trainable,
+    unique_state_dict,
+)
+
+#: progress(description, done, total), as stages report it.
+Progress = Callable[[str, int, int], None]
+
+CHECKPOINT = "checkpoint"
+_CHECKPOINT_TMP = ".checkpoint-tmp"
+_CHECKPOINT_OLD = ".checkpoint-old"
+_SHARD = 10**12  # checkpoint weights in one file
+
+
+@dataclass
+class LoopConfig:
+    """The loop's knobs (TrainOptions, one to one). Learning rates are per step."""
+
+    mode: Mode
+    epochs: int = 3
+    max_steps: int | None = None
+    lr: float = 2e-5
+    mpo_lr: float | None = None
+    batch_size: int = 16
+    grad_accum: int = 1
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    eval_every: int | None = None
+    save_every: int | None = None
+
+
+@dataclass
+class LoopState:
+    """Where a run is: optimizer steps taken, position in the data, losses, evaluations."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    losses: list[float] = field(default_factory=list)  # mean training loss of each step
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+
+class EpochHook(Protocol):
+    """Called at the start of every epoch (e.g. dynamic selection); True when it changed the
+    model's parameters (the loop then rebuilds optimizer and scheduler). Its state goes into
+    checkpoints."""
+
+    def __call__(self, epoch: int, model: nn.Module) -> bool: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation of range(size) that depends only on (seed, epoch).
+
+    The loop sets `epoch`. (No `set_epoch` method on purpose: accelerate would call it with
+    its own count of iterations, which restarts at 0 in a resumed run.)
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def __iter__(self) -> Any:
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def make_accelerator() -> Accelerator:
+    """An Accelerator for this launch: CPU (gloo) for a multi-process launch without GPUs."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=distributed and not torch.cuda.is_available())
+
+
+def model_inputs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `batch` that `model.forward` accepts (e.g. no token_type_ids for GPT-2)."""
+    accepted = inspect.signature(model.forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return dict(batch)
+    return {k: v for k, v in batch.items() if k in accepted}
+
+
+def classification_metrics(preds: Tensor, labels: Tensor) -> tuple[float, float]:
+    """(accuracy, macro-F1) of predicted vs true class ids (1-D). Macro-F1 averages the F1 of
+    every class that occurs in `labels` or `preds` (as scikit-learn does)."""
+    if labels.numel() == 0:
+        return 0.0, 0.0
+    accuracy = float((preds == labels).double().mean())
+    f1s = []
+    for c in torch.unique(torch.cat([preds, labels])).tolist():
+        tp = int(((preds == c) & (labels == c)).sum())
+        fp = int(((preds == c) & (labels != c)).sum())
+        fn = int(((preds != c) & (labels == c)).sum())
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return accuracy, sum(f1s) / len(f1s)
+
+
+class TrainingRun:
+    """One training run of `model` (a *ForSequenceClassification with MPO layers or not) on
+    encoded rows (dicts with input_ids, attention_mask, labels, ...) batched by `collator`."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model: nn.Module,
+        train_rows: Sequence[dict[str, Any]],
+        eval_rows: Sequence[dict[str, Any]] | None,
+        collator: Callable[[list[dict[str, Any]]], dict[str, Tensor]],
+        config: LoopConfig,
+        *,
+        hook: EpochHook | None = None,
+        progress: Progress | None = None,
+        checkpoint_dir: Path | None = None,
+    ) -> None:
+        self.accelerator = accelerator
+        self.unwrapped = model
+        self.model: nn.Module = model
+        self.train_rows = list(train_rows)
+        self.eval_rows = list(eval_rows) if eval_rows else None
+        self.collator = collator
+        self.config = config
+        self.hook = hook
+        self.progress = progress
+        self.checkpoint_dir = checkpoint_dir
+        self.sampler = EpochSampler(len(self.train_rows), config.seed)
+        self.state = LoopState()
+        self.optimizer: Any = None
+        self.scheduler: Any = None
+        self.train_dl: Any = None
+        self.eval_dl: Any = None
+        self._restored = False
+        # Optimizer steps per epoch for one process's share of the rows.
+        world = accelerator.num_processes
+        batches = math.ceil(math.ceil(len(self.train_rows) / config.batch_size) / world)
+        self.steps_per_epoch = math.ceil(batches / config.grad_accum)
+        if config.max_steps is not None:
+            self.total_steps = config.max_steps
+        else:
+            self.total_steps = config.epochs * self.steps_per_epoch
+        self.num_epochs = math.ceil(self.total_steps / max(self.steps_per_epoch, 1))
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        """(Re)build optimizer, scheduler and data loaders for the model's current parameters;
+        optimizer state of parameters that stay carries over, the schedule continues."""
+        acc, cfg = self.accelerator, self.config
+        old_optimizer, old_schedule = self.optimizer, None
+        if self.scheduler is not None:
+            old_schedule = self.scheduler.state_dict()
+        if old_optimizer is not None:
+            self.model = acc.unwrap_model(self.model)
+            acc.free_memory()
+        set_trainable(self.unwrapped, cfg.mode)
+        groups = parameter_groups(
+            self.unwrapped, lr=cfg.lr, mpo_lr=cfg.mpo_lr, weight_decay=cfg.weight_decay
+        )
+        optimizer = torch.optim.AdamW(groups)
+        if old_optimizer is not None:
+            old_state = old_optimizer.optimizer.state
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p in old_state:
+                        optimizer.state[p] = old_state[p]
+        train_dl = DataLoader(
+            self.train_rows,  # type: ignore[arg-type]
+            batch_size=cfg.batch_size,
+            sampler=self.sampler,
+            collate_fn=self.collator,
+            generator=torch.Generator(),  # iterators draw seeds from it, not from the global RNG
+        )
+        objects: list[Any] = [self.unwrapped, optimizer, train_dl]
+        if self.eval_rows:
+            objects.append(
+                DataLoader(
+                    self.eval_rows,  # type: ignore[arg-type]
+                    batch_size=cfg.batch_size,
+                    shuffle=False,
+                    collate_fn=self.collator,
+                    generator=torch.Generator(),
+                )
+            )
+        prepared = acc.prepare(*objects)
+        self.model, self.optimizer, self.train_dl = prepared[:3]
+        self.eval_dl = prepared[3] if self.eval_rows else None
+        warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
+        if old_schedule is not None:
+            self._load_schedule(old_schedule)
+
+    def _load_schedule(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state)
+        for group, lr in zip(
+            self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True
+        ):
+            group["lr"] = lr
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> LoopState:
+        """Train until `total_steps`; evaluate at the end. Returns the final state."""
+        cfg, state = self.config, self.state
+        if not self._restored:
+            set_seed(cfg.seed)
+        if self.optimizer is None:
+            self._prepare()
+        self.model.train()
+        while state.step < self.total_steps and state.epoch < self.num_epochs:
+            if state.batch_in_epoch == 0 and self.hook is not None:
+                if self.hook(state.epoch, self.unwrapped):
+                    self._prepare()
+                self.model.train()
+            self._epoch()
+        if self.eval_dl is not None and (not state.evals or state.evals[-1]["step"] != state.step):
+            self.evaluate()
+        return state
+
+    def _epoch(self) -> None:
+        """Train through the rest of the current epoch (or until total_steps)."""
+        acc, state, accum = self.accelerator, self.state, self.config.grad_accum
+        self.sampler.epoch = state.epoch
+        n = len(self.train_dl)
+        loader = self.train_dl
+        if state.batch_in_epoch:
+            loader = acc.skip_first_batches(self.train_dl, state.batch_in_epoch)
+        pending: list[Tensor] = []
+        for batch in loader:
+            i = state.batch_in_epoch
+            start = i - i % accum
+            size = min(accum, n - start)  # batches in this step
+            last = i + 1 == start + size
+            with nullcontext() if last else acc.no_sync(self.model):
+                loss = self.model(**model_inputs(self.unwrapped, batch)).loss
+                acc.backward(loss / size)
+            pending.append(loss.detach())
+            state.batch_in_epoch += 1
+            if state.batch_in_epoch == n:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            if last:
+                self._optimizer_step()
+                step_loss = acc.reduce(torch.stack(pending).mean(), reduction="mean")
+                pending = []
+                self._after_step(float(step_loss))
+                if state.step >= self.total_steps:
+                    return
+
+    def _optimizer_step(self) -> None:
+        if self.config.max_grad_norm is not None:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+
+    def _after_step(self, loss: float) -> None:
+        cfg, state = self.config, self.state
+        state.losses.append(loss)
+        if cfg.eval_every and state.step % cfg.eval_every == 0 and self.eval_dl is not None:
+            self.evaluate()
+        if cfg.save_every and state.step % cfg.save_every == 0 and self.checkpoint_dir:
+            self.save_checkpoint()
+        if self.progress is not None:
+            self.progress(f"train loss {loss:.4f}", state.step, self.total_steps)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Accuracy, macro-F1 and mean loss on the eval rows; appended to `state.evals`."""
+        acc = self.accelerator
+        self.model.eval()
+        preds, labels, losses = [], [], []
+        with reuse_dense_weights(self.unwrapped):  # each MPO rebuilt once, not once per batch
+            for batch in self.eval_dl:
+                inputs = model_inputs(self.unwrapped, batch)
+                target = inputs.pop("labels")
+                logits = self.model(**inputs).logits.float()
+                loss = F.cross_entropy(logits, target, reduction="none")
+                p, y, lo = acc.gather_for_metrics((logits.argmax(-1), target, loss))
+                preds.append(p.cpu())
+                labels.append(y.cpu())
+                losses.append(lo.cpu())
+        self.model.train()
+        accuracy, macro_f1 = classification_metrics(torch.cat(preds), torch.cat(labels))
+        result = {
+            "step": self.state.step,
+            "accuracy": accuracy,
+            "macro_f1": macro_f1,
+            "loss": float(torch.cat(losses).double().mean()),
+        }
+        self.state.evals.append(result)
+        return result
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Write `<checkpoint_dir>/checkpoint` (replacing the previous one only once complete)."""
+        assert self.checkpoint_dir is not None
+        acc = self.accelerator
+        final = self.checkpoint_dir / CHECKPOINT
+        tmp = self.checkpoint_dir / _CHECKPOINT_TMP
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        torch.save(_rng_state(), tmp / f"rng-{acc.process_index}.pt")
+        if acc.is_main_process:
+            tensors, _ = unique_state_dict(self.unwrapped)
+            with ShardedWriter(tmp, _SHARD) as writer:
+                for key, tensor in tensors.items():
+                    writer.add(key, tensor)
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                },
+                tmp / "optimizer.pt",
+            )
+            info = {
+                "state": asdict(self.state),
+                "num_processes": acc.num_processes,
+                "total_steps": self.total_steps,
+                "structure": mpo_structure(self.unwrapped),
+                "hook": self.hook.state_dict() if self.hook is not None else None,
+            }
+            (tmp / "state.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            old = self.checkpoint_dir / _CHECKPOINT_OLD
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def restore(self, directory: Path) -> None:
+        """Continue from the checkpoint in `directory` (written by `save_checkpoint`)."""
+        acc = self.accelerator
+        info = json.loads((directory / "state.json").read_text(encoding="utf-8"))
+        if info["num_processes"] != acc.num_processes:
+            raise UsageError(
+                f"the checkpoint in {directory} was written by {info['num_processes']} "
+                f"processes; this run has {acc.num_processes}",
+                hint="resume with the same number of processes",
+            )
+        if info["total_steps"] != self.total_steps:
+            raise UsageError(
+                f"the checkpoint in {directory} is of a run of {info['total_steps']} steps; "
+                f"these options give {self.total_steps}",
+                hint="resume with the options of the interrupted run",
+            )
+        with open_tensors(directory) as reader:
+            tensors = {key: reader.get(key) for key in reader.keys()}
+        install_cores(self.unwrapped, info["structure"], tensors)
+        result = self.unwrapped.load_state_dict(tensors, strict=False)
+        _, aliases = unique_state_dict(self.unwrapped)
+        missing = [k for k in result.missing_keys if k not in aliases]
+        if missing or result.unexpected_keys:
+            raise UsageError(
+                f"the checkpoint in {directory} does not fit the model "
+                f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})",
+                hint="resume with the input and options of the interrupted run",
+            )
+        if self.hook is not None and info["hook"] is not None:
+            self.hook.load_state_dict(info["hook"])
+        self._prepare()
+        saved = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self._load_schedule(saved["scheduler"])
+        rng = torch.load(
+            directory / f"rng-{acc.process_index}.pt", map_location="cpu", weights_only=True
+        )
+        _set_rng_state(rng)
+        self.state = LoopState(**info["state"])
+        self._restored = True
+
+
+def _rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) RNG states, in types `torch.load(weights_only=True)`
+    reads back."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
