@@ -193,7 +193,8 @@ def copy_model_files(src: Path, dst: Path) -> list[str]:
     copied: list[str] = []
     for name in MODEL_FILES:
         source = Path(src) / name
-        if source.is_file() and not (Path(dst) / name).exists():  # hub cache entries are symlinks to blobs: copy the content
+        # hub cache entries are symlinks to blobs: copyfile copies the content
+        if source.is_file() and not (Path(dst) / name).exists():
             shutil.copyfile(source, Path(dst) / name)
             copied.append(name)
     return copied
