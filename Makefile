@@ -6,9 +6,9 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_OUT ?= mposurgeon-out/demo
+WORKDIR ?= mposurgeon-out
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	bash scripts/demo.sh "$(BIN)" "$(DEMO_OUT)"
+	$(BIN)/mposurgeon run recipes/quickstart.yaml -w "$(WORKDIR)" --force
 
 test: $(STAMP)
 	$(BIN)/ruff check mposurgeon tests benchmarks

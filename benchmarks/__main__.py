@@ -10,11 +10,20 @@ from typing import Any
 
 import torch
 
-from benchmarks import bench_decompose, bench_memory, bench_train, bench_truncation
+from benchmarks import (
+    bench_decompose,
+    bench_memory,
+    bench_process,
+    bench_scaling,
+    bench_train,
+    bench_truncation,
+)
 
 HERE = Path(__file__).resolve().parent
 SUITES = {
     "decompose": bench_decompose.run,
+    "process": bench_process.run,
+    "scaling": bench_scaling.run,
     "memory": bench_memory.run,
     "truncation": bench_truncation.run,
     "train": bench_train.run,
