@@ -193,9 +193,17 @@ TINY_TOKENIZERS: dict[str, tuple[list[str], str | None, bool]] = {
     "llama-tied": (["<unk>", "<s>", "</s>"], "<s> $A", False),
 }
 _ROLES = {
-    "[PAD]": "pad_token", "<pad>": "pad_token", "[UNK]": "unk_token", "<unk>": "unk_token",
-    "[CLS]": "cls_token", "[SEP]": "sep_token", "[MASK]": "mask_token", "<mask>": "mask_token",
-    "<s>": "bos_token", "</s>": "eos_token", "<|endoftext|>": "eos_token",
+    "[PAD]": "pad_token",
+    "<pad>": "pad_token",
+    "[UNK]": "unk_token",
+    "<unk>": "unk_token",
+    "[CLS]": "cls_token",
+    "[SEP]": "sep_token",
+    "[MASK]": "mask_token",
+    "<mask>": "mask_token",
+    "<s>": "bos_token",
+    "</s>": "eos_token",
+    "<|endoftext|>": "eos_token",
 }
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 

@@ -77,14 +77,15 @@ def _eval_logits(model: torch.nn.Module, directory: Path) -> torch.Tensor:
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_overparam_trains_and_merges_to_the_original_classifier(
-    arch: str,
-    decomposed: Callable[[str], Path],
-    tiny_classifier_dir: Callable[[str], Path],
-    tmp_path: Path,
+    arch: str, tiny_classifier_dir: Callable[[str], Path], tmp_path: Path
 ) -> None:
+    """FFN, attention and word embeddings as MPO (tied ones stay tied; a classifier has no LM
+    head to tie to) trained, merged, and compared with the factorized model."""
+    source = tmp_path / "dec"
+    mposurgeon.decompose(tiny_classifier_dir(arch), output=source, layers=[*LAYERS, "embeddings"])
     out = tmp_path / "trained"
     result = mposurgeon.train(
-        decomposed(arch),
+        source,
         output=out,
         data=TRAIN,
         eval_data=EVAL,
@@ -104,6 +105,12 @@ def test_overparam_trains_and_merges_to_the_original_classifier(
     for name, rec in manifest.modules.items():
         assert rec.weight_key == f"{name}.weight" and f"{name}.mpo.core.0" in tensors
         assert rec.trainable == list(range(len(rec.out_modes))) and rec.rel_error is None
+        for key in rec.tied_keys:  # encoder/decoder embeddings share the cores, stored once
+            assert key.endswith("embed_tokens.weight") and not any(
+                k.startswith(key.removesuffix("weight")) for k in tensors
+            )
+    if arch in ("bart", "t5"):
+        assert sum(len(r.tied_keys) for r in manifest.modules.values()) == 2
 
     config = AutoConfig.from_pretrained(out)
     assert config.architectures[0].endswith("ForSequenceClassification")
@@ -113,7 +120,9 @@ def test_overparam_trains_and_merges_to_the_original_classifier(
     if arch in DECODERS:  # no pad token of their own: EOS pads, recorded in config
         assert tokenizer.pad_token == tokenizer.eos_token
 
-    merged = mposurgeon.merge(out, output=tmp_path / "merged").output
+    merge = mposurgeon.merge(out, output=tmp_path / "merged", verify=True)
+    assert merge.comparison is not None and merge.comparison.ok
+    merged = merge.output
     dense = AutoModelForSequenceClassification.from_pretrained(merged)
     factorized = mposurgeon.load_model(out)
     expected = _eval_logits(factorized, out)
@@ -236,6 +245,7 @@ def test_interrupted_run_resumes_to_the_same_weights(
     with pytest.raises(TrainingInterrupted) as info:
         mposurgeon.train(source, workdir=workdir, progress=_stop_at(13), **common)
     partial = info.value.partial
+    assert (info.value.step, info.value.checkpoint_step) == (13, 12)
     assert partial.name == "v1-train.partial" and (partial / "checkpoint" / "state.json").is_file()
     assert not (partial.parent / "v1-train").exists()  # no partial artifact
 
@@ -392,3 +402,27 @@ def test_evaluation_rebuilds_each_mpo_weight_once(
         model(**batch)  # with gradients: rebuilt every call, never kept
         assert len(calls) == 2 * len(held) + 1
     assert all(c._kept is None and not c.reuse_matrix for c in held.values())
+
+
+def test_overparam_follows_a_dynamic_select_schedule(
+    tiny_classifier_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """A `select --split-num 2` artifact: its choice is round 0, train scores round 1."""
+    sel = mposurgeon.select(
+        tiny_classifier_dir("bert"),
+        output=tmp_path / "sel",
+        top_n=2,
+        split_num=2,
+        epochs=2,
+        weight_types=["FFN_2"],
+        method="magnitude",
+    )
+    out = tmp_path / "trained"
+    mposurgeon.train(
+        tmp_path / "sel", output=out, data=TRAIN, mode="overparam", epochs=2, batch_size=64
+    )
+    selection = read_manifest(out).selection
+    rounds = selection["schedule"]["rounds"]
+    assert rounds[0]["chosen"] == [f"bert.{n}" for n in sel.chosen]
+    assert len(rounds[1]["chosen"]) == 1 and rounds[1]["chosen"] != rounds[0]["chosen"]
+    assert set(read_manifest(out).modules) == {*rounds[0]["chosen"], *rounds[1]["chosen"]}

@@ -165,8 +165,9 @@ def metrics_lines(m: dict[str, Any]) -> list[str]:
     """A train stage's metrics as short lines (for `train` and `inspect`)."""
     resumed = m.get("resumed_from_step")
     final = "-" if m.get("final_loss") is None else f"{m['final_loss']:.4f}"
+    epochs = f"{m['epochs']:g} epoch" + ("" if m["epochs"] == 1 else "s")
     lines = [
-        f"trained {m['steps']} steps ({m['epochs']:g} epochs, mode {m['mode']}"
+        f"trained {m['steps']} steps ({epochs}, mode {m['mode']}"
         + (f", resumed at step {resumed}" if resumed is not None else "")
         + (f", {m['num_processes']} processes" if (m.get("num_processes") or 1) > 1 else "")
         + f"): final loss {final}",

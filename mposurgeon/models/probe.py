@@ -28,7 +28,10 @@ def sample_batch(
         vocab = int(getattr(config, "vocab_size", 100))
         ids = torch.randint(0, vocab, (2, 16), generator=generator)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if getattr(config, "is_encoder_decoder", False):
+    archs = getattr(config, "architectures", None) or [""]
+    if getattr(config, "is_encoder_decoder", False) and not archs[0].endswith(
+        "ForSequenceClassification"
+    ):  # an encoder-decoder classifier feeds its decoder the shifted input_ids itself
         batch["decoder_input_ids"] = batch["input_ids"][:, :8]
     return batch
 

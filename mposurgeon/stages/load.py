@@ -7,6 +7,7 @@ are then swapped for `MPOLinear` / `MPOEmbedding` layers built from the stored c
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from mposurgeon.artifact.naming import core_key
 from mposurgeon.artifact.tensors import TensorReader, open_tensors
 from mposurgeon.errors import UsageError
 from mposurgeon.models.layers import ForwardMode
-from mposurgeon.models.surgery import MPOModuleState, install_mpo_layers
+from mposurgeon.models.surgery import MPOModuleState, install_mpo_layers, resolve_module_name
 from mposurgeon.mpo.shapes import MPOShape
 
 #: task name -> transformers auto class (None: the class named in config.architectures).
@@ -100,5 +101,23 @@ def load_model(
             path, config=config, ignore_mismatched_sizes=True
         )
     with open_tensors(path) as reader:
-        install_mpo_layers(model, module_states(manifest, reader), forward_mode)
+        states = [_within(model, state) for state in module_states(manifest, reader)]
+    install_mpo_layers(model, [s for s in states if s is not None], forward_mode)
     return model.eval()
+
+
+def _within(model: nn.Module, state: MPOModuleState) -> MPOModuleState | None:
+    """`state` restricted to the modules `model` has: a head of another task drops what the
+    checkpoint's own head held (a classifier has no LM head tied to the embeddings); None if
+    the model lacks the module itself."""
+
+    def has(name: str) -> bool:
+        try:
+            resolve_module_name(model, name)
+        except KeyError:
+            return False
+        return True
+
+    if not has(state.name):
+        return None
+    return dataclasses.replace(state, tied_names=tuple(n for n in state.tied_names if has(n)))

@@ -94,6 +94,9 @@ _RESUME_FREE = {
     "output",
     "workdir",
     "verify_checksums",
+    "offline",
+    "cache_dir",
+    "max_shard_size",
     "save_every",
     "eval_every",
 }
@@ -136,10 +139,12 @@ class TrainOptions(StageOptions):
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C / SIGTERM during training; `partial` holds a checkpoint for `--resume`."""
 
-    def __init__(self, partial: Path, step: int) -> None:
-        super().__init__(f"interrupted at step {step}; checkpoint kept in {partial}")
+    def __init__(self, partial: Path, step: int, checkpoint_step: int | None) -> None:
+        at = f" of step {checkpoint_step}" if checkpoint_step is not None else ""
+        super().__init__(f"interrupted at step {step}; the checkpoint{at} is kept in {partial}")
         self.partial = partial
         self.step = step
+        self.checkpoint_step = checkpoint_step
 
 
 @dataclass
@@ -187,7 +192,7 @@ def train(
         verify=opts.verify_checksums,
     )
     net = setup.model
-    records = {r.name: r for r in (_live_record(net, rec) for rec in inp.mpo_modules.values())}
+    records = _live_records(net, inp, warnings)
     dynamic = _is_dynamic(inp, opts)
     if opts.mode == "overparam" and not dynamic:
         records.update(_decompose_selection(net, inp, records, opts.num_cores))
@@ -223,7 +228,7 @@ def train(
         if accelerator.is_main_process and not kept:
             shutil.rmtree(partial, ignore_errors=True)  # nothing to resume from: leave nothing
         if kept and isinstance(exc, KeyboardInterrupt):
-            raise TrainingInterrupted(partial, run.state.step) from exc
+            raise TrainingInterrupted(partial, run.state.step, run.checkpoint_step) from exc
         raise
     if hook is not None:
         records.update(hook.records())
@@ -361,7 +366,8 @@ def _plan_output(inp: StageInput, opts: TrainOptions) -> tuple[Path, Path]:
     if changed:
         raise UsageError(
             f"options differ from the interrupted run in {partial}: {', '.join(changed)}",
-            hint="resume with the same options (only --save-every/--eval-every may change)",
+            hint="resume with the same training options (--save-every, --eval-every, output "
+            "and cache options may change)",
         )
     return out, partial
 
@@ -429,10 +435,21 @@ def _write_artifact(
 # -- module records --------------------------------------------------------------------------
 
 
-def _live_record(net: nn.Module, rec: ModuleRecord) -> ModuleRecord:
-    """An input module record under the live model's name."""
-    live = resolve_module_name(net, rec.name)
-    return rec.model_copy(update={"name": live, "weight_key": f"{live}.weight"})
+def _live_records(net: nn.Module, inp: StageInput, warnings: list[str]) -> dict[str, ModuleRecord]:
+    """The input's module records under the live model's names; a module the classifier
+    lacks (an untied LM head) is dropped, with a warning."""
+    present = set(mpo_cores(net))
+    records: dict[str, ModuleRecord] = {}
+    for rec in inp.mpo_modules.values():
+        try:
+            live = resolve_module_name(net, rec.name)
+        except KeyError:
+            live = None
+        if live not in present:
+            warnings.append(f"{rec.name} is not part of {type(net).__name__}: left out")
+            continue
+        records[live] = rec.model_copy(update={"name": live, "weight_key": f"{live}.weight"})
+    return records
 
 
 def _record(dec: LiveDecomposition) -> ModuleRecord:

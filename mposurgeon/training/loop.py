@@ -181,6 +181,7 @@ class TrainingRun:
         self.checkpoint_dir = checkpoint_dir
         self.sampler = EpochSampler(len(self.train_rows), config.seed)
         self.state = LoopState()
+        self.checkpoint_step: int | None = None  # step of the last checkpoint written or read
         self.optimizer: Any = None
         self.scheduler: Any = None
         self.train_dl: Any = None
@@ -389,6 +390,7 @@ class TrainingRun:
             os.rename(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
+        self.checkpoint_step = self.state.step
         return final
 
     def restore(self, directory: Path) -> None:
@@ -430,6 +432,7 @@ class TrainingRun:
         )
         _set_rng_state(rng)
         self.state = LoopState(**info["state"])
+        self.checkpoint_step = self.state.step
         self._restored = True
 
 
