@@ -9,6 +9,7 @@ cores `M.mpo.core.k` and recording the measured error. The write is atomic.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -242,15 +243,46 @@ def _decompose_one(
     for k, core in enumerate(cores):
         writer.add(core_key(target.name, k), core)
     rel_error = relative_error(reference, to_matrix([c.to(work_dtype) for c in cores], shape))
-    bonds = bonds_of(cores)
-    planned.bonds = bonds
-    planned.params = num_params(cores)
-    planned.record = ModuleRecord(
+    planned.record = mpo_record(
         name=target.name,
         kind=target.kind,
         weight_key=target.weight_key,
-        shape=list(target.shape),
-        dtype=str(weight.dtype).removeprefix("torch."),
+        weight_shape=target.shape,
+        dtype=weight.dtype,
+        shape=shape,
+        cores=cores,
+        spectra=result.spectra,
+        rel_error=rel_error,
+        predicted_error=result.predicted_error,
+        tied_keys=target.tied_keys,
+    )
+    planned.bonds = tuple(planned.record.bonds)
+    planned.params = planned.record.params
+
+
+def mpo_record(
+    *,
+    name: str,
+    kind: Literal["linear", "conv1d", "embedding"],
+    weight_key: str,
+    weight_shape: Sequence[int],
+    dtype: torch.dtype,
+    shape: MPOShape,
+    cores: Sequence[torch.Tensor],
+    spectra: Sequence[torch.Tensor],
+    rel_error: float | None,
+    predicted_error: float | None,
+    tied_keys: Sequence[str] = (),
+) -> ModuleRecord:
+    """The manifest record of a freshly decomposed matrix. `weight_shape` and `dtype` are the
+    original weight's (as stored), `spectra` the full bond spectra before truncation."""
+    bonds = bonds_of(cores)
+    return ModuleRecord(
+        name=name,
+        kind=kind,
+        weight_key=weight_key,
+        shape=list(weight_shape),
+        dtype=str(dtype).removeprefix("torch."),
         out_dim=shape.out_dim,
         in_dim=shape.in_dim,
         out_modes=list(shape.out_modes),
@@ -260,9 +292,9 @@ def _decompose_one(
         bonds=list(bonds),
         central_index=shape.central_index,
         rel_error=rel_error,
-        predicted_error=result.predicted_error,
-        params=planned.params,
-        dense_params=target.out_dim * target.in_dim,
-        entropy=[entanglement_entropy(s[: bonds[k + 1]]) for k, s in enumerate(result.spectra)],
-        tied_keys=list(target.tied_keys),
+        predicted_error=predicted_error,
+        params=num_params(cores),
+        dense_params=shape.out_dim * shape.in_dim,
+        entropy=[entanglement_entropy(s[: bonds[k + 1]]) for k, s in enumerate(spectra)],
+        tied_keys=list(tied_keys),
     )

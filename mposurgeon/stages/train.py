@@ -50,7 +50,7 @@ from mposurgeon.artifact.tensors import ShardedWriter
 from mposurgeon.errors import UsageError
 from mposurgeon.models.groups import MODEL_TYPE_ALIASES, group_of
 from mposurgeon.models.surgery import resolve_module_name
-from mposurgeon.mpo.metrics import bonds_of, entanglement_entropy, num_params
+from mposurgeon.mpo.metrics import bonds_of, num_params
 from mposurgeon.stages.common import (
     ProgressCallback,
     StageInput,
@@ -60,6 +60,7 @@ from mposurgeon.stages.common import (
     plan_output,
     stage_options_record,
 )
+from mposurgeon.stages.decompose import mpo_record
 from mposurgeon.training.data import TextDataset, encode, read_dataset
 from mposurgeon.training.loop import (
     CHECKPOINT,
@@ -454,26 +455,17 @@ def _live_records(net: nn.Module, inp: StageInput, warnings: list[str]) -> dict[
 
 def _record(dec: LiveDecomposition) -> ModuleRecord:
     """The record of a matrix decomposed here (measured error of the decomposition)."""
-    s = dec.shape
-    return ModuleRecord(
+    return mpo_record(
         name=dec.name,
         kind=dec.kind,
         weight_key=f"{dec.name}.weight",
-        shape=list(dec.weight_shape),
-        dtype=str(dec.dtype).removeprefix("torch."),
-        out_dim=s.out_dim,
-        in_dim=s.in_dim,
-        out_modes=list(s.out_modes),
-        in_modes=list(s.in_modes),
-        out_padding=s.out_padding,
-        in_padding=s.in_padding,
-        bonds=list(bonds_of(dec.cores)),
-        central_index=s.central_index,
+        weight_shape=dec.weight_shape,
+        dtype=dec.dtype,
+        shape=dec.shape,
+        cores=dec.cores,
+        spectra=dec.spectra,
         rel_error=dec.rel_error,
         predicted_error=dec.predicted_error,
-        params=num_params(dec.cores),
-        dense_params=s.out_dim * s.in_dim,
-        entropy=[entanglement_entropy(x) for x in dec.spectra],
         tied_keys=[f"{t}.weight" for t in dec.tied_names],
     )
 
