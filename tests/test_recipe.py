@@ -123,3 +123,13 @@ def test_shipped_recipes_validate_and_plan(name: str, tmp_path: Path) -> None:
     report = run_recipe(recipe.path, workdir=tmp_path, dry_run=True)
     assert all(s.status == "planned" for s in report.stages)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "recipes").glob("*.yaml")))
+def test_shipped_recipes_run_fully_and_pass_their_gates(name: str, tmp_path: Path) -> None:
+    report = run_recipe(REPO / "recipes" / f"{name}.yaml", workdir=tmp_path)
+    assert report.failed_gate is None
+    assert all(s.status == "ran" for s in report.stages)
+    assert any(s.gates for s in report.stages)  # every shipped recipe gates something
+    final = read_manifest(Path(report.stages[-1].output))
+    assert final.stage == "merge" and final.metrics["verify"]["ok"]
