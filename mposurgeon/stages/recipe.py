@@ -296,6 +296,8 @@ def run_recipe(
         entry.gates = _gates(stage.expect, entry.metrics)
         if events:
             events(stage, entry.status)
+        if progress:
+            progress("recipe", stage.index, len(recipe.stages))
         failed = next((g for g in entry.gates if not g.ok), None)
         if failed is not None:
             report.failed_gate = (stage.name, failed)
