@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from mposurgeon.stages.inspect import inspect
     from mposurgeon.stages.load import load_model
     from mposurgeon.stages.merge import MergeOptions, merge
+    from mposurgeon.stages.recipe import run_recipe
     from mposurgeon.stages.select import SelectOptions, select
     from mposurgeon.stages.train import TrainOptions, train
     from mposurgeon.stages.truncate import TruncateOptions, truncate
@@ -40,6 +41,7 @@ _LAZY = {
     "TrainOptions": "mposurgeon.stages.train",
     "truncate": "mposurgeon.stages.truncate",
     "TruncateOptions": "mposurgeon.stages.truncate",
+    "run_recipe": "mposurgeon.stages.recipe",
 }
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "inspect",
     "load_model",
     "merge",
+    "run_recipe",
     "select",
     "train",
     "truncate",
