@@ -76,6 +76,11 @@ class StageInput:
         return BaseInfo(name=r.name, model_id=r.model_id, revision=r.revision, path=str(r.path))
 
     @property
+    def selection(self) -> dict[str, Any] | None:
+        """The `select` stage's choice recorded in the input's lineage, if any."""
+        return self.manifest.selection if self.manifest is not None else None
+
+    @property
     def mpo_modules(self) -> dict[str, ModuleRecord]:
         return dict(self.manifest.modules) if self.manifest is not None else {}
 

@@ -132,7 +132,7 @@ def decompose(
             stage="decompose",
             options=opts,
             modules=modules,
-            selection=inp.manifest.selection if inp.manifest is not None else None,
+            selection=inp.selection,
         )
     return DecomposeResult(output=out, modules=plan, skipped=skipped)
 
@@ -148,7 +148,7 @@ def _find_targets(inp: StageInput, opts: DecomposeOptions) -> tuple[list[Target]
     file_keys |= {rec.weight_key for rec in done.values()}
     layers, target_modules = opts.layers, opts.target_modules
     if layers is None and target_modules is None:
-        selection = inp.manifest.selection if inp.manifest is not None else None
+        selection = inp.selection
         if selection and "chosen" in selection:
             if not selection["chosen"]:
                 raise UsageError(

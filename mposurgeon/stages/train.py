@@ -254,7 +254,7 @@ def train(
 def _check_mode(inp: StageInput, opts: TrainOptions) -> None:
     """Refuse a mode the input cannot train, before any work."""
     has_mpo = bool(inp.mpo_modules)
-    selection = inp.manifest.selection if inp.manifest is not None else None
+    selection = inp.selection
     if not opts.dynamic and (opts.split_num is not None or opts.top_n is not None):
         raise UsageError(
             "--split-num and --top-n choose matrices during training: they need --dynamic",
@@ -295,7 +295,7 @@ def _data_warnings(data: TextDataset, opts: TrainOptions) -> list[str]:
 
 def _is_dynamic(inp: StageInput, opts: TrainOptions) -> bool:
     """--dynamic, or overparam on a `select` artifact whose selection has several rounds."""
-    selection = (inp.manifest.selection if inp.manifest is not None else None) or {}
+    selection = inp.selection or {}
     return opts.dynamic or (opts.mode == "overparam" and (selection.get("split_num") or 1) > 1)
 
 
@@ -501,7 +501,7 @@ def _decompose_selection(
     net: nn.Module, inp: StageInput, records: dict[str, ModuleRecord], num_cores: int
 ) -> dict[str, ModuleRecord]:
     """Decompose in place the matrices a `select` stage chose that are not MPO yet."""
-    selection = inp.manifest.selection if inp.manifest is not None else None
+    selection = inp.selection
     chosen = [resolve_module_name(net, n) for n in (selection or {}).get("chosen", [])]
     todo = [n for n in chosen if n not in records]
     return {d.name: _record(d) for d in decompose_in_place(net, todo, num_cores)}
@@ -509,7 +509,7 @@ def _decompose_selection(
 
 def _carried_selection(net: nn.Module, inp: StageInput) -> dict[str, Any] | None:
     """The input's selection with module names re-keyed to the live names."""
-    selection = inp.manifest.selection if inp.manifest is not None else None
+    selection = inp.selection
     if not selection:
         return None
 
@@ -695,7 +695,7 @@ class DynamicSelection:
 def _dynamic_plan(inp: StageInput, opts: TrainOptions) -> tuple[int, int, list[str]]:
     """(top_n, split_num, weight_types) of a dynamic run: the flags, else the input's
     selection; top_n must be a multiple of split_num."""
-    selection = (inp.manifest.selection if inp.manifest is not None else None) or {}
+    selection = inp.selection or {}
     top_n = opts.top_n if opts.top_n is not None else selection.get("top_n")
     split_num = opts.split_num if opts.split_num is not None else selection.get("split_num") or 1
     weight_types = opts.weight_types or selection.get("weight_types") or list(DYNAMIC_WEIGHT_TYPES)
@@ -726,7 +726,7 @@ def _dynamic_selection(
 ) -> DynamicSelection:
     """The dynamic-selection hook. Top-n, split-num and weight types default to those of the
     input's selection; when they match it, its choice is round 0 and its scores are kept."""
-    selection = (inp.manifest.selection if inp.manifest is not None else None) or {}
+    selection = inp.selection or {}
     top_n, split_num, weight_types = _dynamic_plan(inp, opts)
     same = selection.get("chosen") is not None and (top_n, split_num, list(weight_types)) == (
         selection.get("top_n"),

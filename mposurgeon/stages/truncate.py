@@ -225,7 +225,7 @@ def truncate(
             stage="truncate",
             options=opts,
             modules=new_records,
-            selection=inp.manifest.selection if inp.manifest is not None else None,
+            selection=inp.selection,
         )
     for module in result.modules:
         if not module.changed:
