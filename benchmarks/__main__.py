@@ -1,4 +1,8 @@
-"""Run every benchmark; write benchmarks/RESULTS.md and benchmarks/results.json."""
+"""Run every benchmark; write benchmarks/RESULTS.md and benchmarks/results.json.
+
+`python -m benchmarks SUITE...` re-runs only those suites and keeps the other suites' rows
+from the previous results.json, in suite order.
+"""
 
 from __future__ import annotations
 
@@ -31,11 +35,15 @@ SUITES = {
 
 
 def main(argv: list[str]) -> None:
+    unknown = [name for name in argv if name not in SUITES]
+    if unknown:
+        sys.exit(f"unknown suite {unknown[0]!r}; suites: {', '.join(SUITES)}")
     chosen = argv or list(SUITES)
-    rows: list[dict[str, Any]] = []
+    by_suite = _previous_rows() if argv else {}
     for name in chosen:
         print(f"running {name} ...", file=sys.stderr)
-        rows.extend(SUITES[name]())
+        by_suite[name] = [row | {"suite": name} for row in SUITES[name]()]
+    rows = [row for name in SUITES for row in by_suite.get(name, [])]
     env = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -45,6 +53,19 @@ def main(argv: list[str]) -> None:
     (HERE / "results.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
     (HERE / "RESULTS.md").write_text(markdown(rows, env))
     print(markdown(rows, env))
+
+
+def _previous_rows() -> dict[str, list[dict[str, Any]]]:
+    """The rows of the last results.json, by suite (rows without a suite are dropped)."""
+    try:
+        rows = json.loads((HERE / "results.json").read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    by_suite: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("suite") in SUITES:
+            by_suite.setdefault(row["suite"], []).append(row)
+    return by_suite
 
 
 def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:

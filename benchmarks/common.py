@@ -33,7 +33,8 @@ def minilm_encoder_matrices() -> dict[str, torch.Tensor]:
     """The 36 FFN_1, FFN_2 and attention weights of MiniLM, as found by mposurgeon's groups."""
     from transformers import AutoConfig
 
-    from mposurgeon.models.groups import build_meta_model, select_targets
+    from mposurgeon.models.groups import select_targets
+    from mposurgeon.models.layout import build_meta_model
 
     path = minilm_dir()
     with safe_open(path / "model.safetensors", "pt") as f:

@@ -6,7 +6,8 @@ saved with `save_pretrained` (safetensors) once per session and cached under a s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,20 @@ def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
     model = getattr(transformers, model_cls_name)(config).eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def layout_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Model layouts are cached in one session directory (inherited by CLI subprocesses),
+    never in the user's ~/.cache; tests of the cache itself point it elsewhere."""
+    root = tmp_path_factory.mktemp("mposurgeon-cache")
+    saved = {k: os.environ.pop(k, None) for k in ("MPOSURGEON_CACHE", "MPOSURGEON_NO_CACHE")}
+    os.environ["MPOSURGEON_CACHE"] = str(root)
+    yield root
+    for key, value in saved.items():
+        os.environ.pop(key, None)
+        if value is not None:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

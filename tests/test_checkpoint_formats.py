@@ -26,9 +26,10 @@ def test_merge_preserves_half_dtypes(dtype, tiny_model_dir, tmp_path: Path) -> N
     mposurgeon.decompose(source, output=tmp_path / "mpo", layers=["FFN_1", "attention"])
     merged = mposurgeon.merge(tmp_path / "mpo", output=tmp_path / "dense", verify=True)
     assert merged.comparison is not None and merged.comparison.ok
-    with safe_open(source / "model.safetensors", "pt") as a, safe_open(
-        tmp_path / "dense" / "model.safetensors", "pt"
-    ) as b:
+    with (
+        safe_open(source / "model.safetensors", "pt") as a,
+        safe_open(tmp_path / "dense" / "model.safetensors", "pt") as b,
+    ):
         for key in a.keys():
             assert b.get_slice(key).get_dtype() == a.get_slice(key).get_dtype(), key
     assert BertModel.from_pretrained(tmp_path / "dense").dtype == dtype

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -19,11 +20,11 @@ from mposurgeon.models.groups import (
     GROUPS,
     Target,
     attention_projection,
-    build_meta_model,
     candidate_modules,
     group_of,
     select_targets,
 )
+from mposurgeon.models.layout import ModelLayout, build_meta_model, describe_model
 
 TinyDir = Callable[[str], Path]
 
@@ -468,3 +469,43 @@ def test_build_meta_model_falls_back_to_automodel() -> None:
     model = build_meta_model(config)
     assert isinstance(model, transformers.BertModel)
     assert next(model.parameters()).device == torch.device("meta")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_layout_round_trip_selects_the_same_targets(arch: str, tiny_model_dir: TinyDir) -> None:
+    """A layout read back from its JSON form selects exactly what the model itself selects."""
+    model, keys = _load(tiny_model_dir(arch))
+    layout = describe_model(model)
+    again = ModelLayout.from_dict(json.loads(json.dumps(layout.to_dict())))
+    assert again == layout
+    assert candidate_modules(again, keys) == candidate_modules(model, keys)
+    groups = [g for g, e in EXPECTED[arch].items() if e is not None]
+    assert select_targets(again, keys, layers=groups) == select_targets(model, keys, layers=groups)
+    for target in candidate_modules(model, keys):
+        assert group_of(again, target.name) == group_of(model, target.name)
+
+
+def test_layout_records_ties_and_kinds(tiny_model_dir: TinyDir) -> None:
+    model, _ = _load(tiny_model_dir("gpt2"))
+    layout = describe_model(model)
+    assert layout.class_name == type(model).__name__ and layout.prefix == "transformer"
+    assert ("transformer.wte.weight", "lm_head.weight") in layout.tie_classes
+    kinds = {m.name: m.kind for m in layout.modules}
+    assert kinds["transformer.h.0.mlp.c_fc"] == "conv1d"
+    assert kinds["transformer.wte"] == "embedding"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: d | {"format": 99},
+        lambda d: {k: v for k, v in d.items() if k != "modules"},
+        lambda d: d | {"modules": [["x", "lstm", [2, 2], False]]},
+        lambda d: d | {"modules": [["x", "linear", [2], False]]},
+        lambda d: [],
+    ],
+)
+def test_layout_from_dict_rejects_malformed(damage: Callable, tiny_model_dir: TinyDir) -> None:
+    layout = describe_model(_load(tiny_model_dir("bert"))[0])
+    with pytest.raises(ValueError):
+        ModelLayout.from_dict(damage(layout.to_dict()))

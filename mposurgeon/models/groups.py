@@ -1,8 +1,9 @@
 """Which weight matrices of a model a user means: groups (`FFN_1`, `attention`, ...) and regexes.
 
 This module knows `transformers` and `torch.nn`, not files: callers pass the set of tensor names
-the checkpoint files hold (`file_keys`). Module types come from a model built on the `meta`
-device from its config, so nothing is loaded or allocated.
+the checkpoint files hold (`file_keys`). Module types come from the `ModelLayout` of a model
+built on the `meta` device from its config (models/layout.py), so nothing is loaded or
+allocated; functions take the layout or the model itself.
 
 Names. A `Target` is named as in the checkpoint files (its weight key minus ".weight"). When the
 files were saved from the base model (no `base_model_prefix.` in the keys) while the model class
@@ -28,19 +29,15 @@ import re
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-import torch
 from torch import nn
 
 from mposurgeon.errors import UsageError
-
-if TYPE_CHECKING:
-    from transformers import PretrainedConfig
+from mposurgeon.models.layout import Kind, ModelLayout, as_layout
 
 GROUPS: tuple[str, ...] = ("FFN_1", "FFN_2", "attention", "embeddings", "pooler", "lm_head")
 
-Kind = Literal["linear", "conv1d", "embedding"]
 Projection = Literal["q", "k", "v", "o", "qkv"]
 
 # --------------------------------------------------------------------------------------------
@@ -226,67 +223,34 @@ class Target:
         return (self.name, *tied)
 
 
-def build_meta_model(config: PretrainedConfig) -> nn.Module:
-    """The model of `config.architectures[0]` (else `AutoModel`), built without allocating."""
-    import transformers
-
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    model_cls = getattr(transformers, arch, None) if arch else None
-    with torch.device("meta"):
-        if isinstance(model_cls, type) and issubclass(model_cls, transformers.PreTrainedModel):
-            model = model_cls(config)
-        else:
-            try:
-                model = transformers.AutoModel.from_config(config)
-            except ValueError as err:
-                raise UsageError(
-                    f"transformers has no model class for architecture {arch!r} "
-                    f"(model type {config.model_type!r})",
-                    hint="upgrade transformers, or check config.json",
-                ) from err
-    return model.eval()
-
-
-def candidate_modules(model: nn.Module, file_keys: Collection[str]) -> list[Target]:
+def candidate_modules(model: nn.Module | ModelLayout, file_keys: Collection[str]) -> list[Target]:
     """Every Linear, Conv1D and Embedding whose 2-D weight the files hold, in module order.
 
     A module whose weight is tied to a weight in the files is not listed; its tensor name is in
     the `tied_keys` of the Target of the weight the files hold.
     """
+    layout = as_layout(model)
     keys = set(file_keys)
-    to_file = _file_key_mapper(model, keys)
-    ties = _TieClasses(model)
-    conv1d = _conv1d_class()
+    to_file = _file_key_mapper(layout, keys)
+    ties = _TieClasses(layout)
     targets: list[Target] = []
     seen: set[str] = set()
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, nn.Embedding):
-            kind: Kind = "embedding"
-        elif isinstance(module, nn.Linear):
-            kind = "linear"
-        elif conv1d is not None and isinstance(module, conv1d):
-            kind = "conv1d"
-        else:
-            continue
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            continue
-        weight_key = to_file(_join(module_name, "weight"))
+    for module in layout.modules:
+        weight_key = to_file(_join(module.name, "weight"))
         if weight_key not in keys or weight_key in seen:
             continue
         seen.add(weight_key)
-        tied = ties.tied_away(_join(module_name, "weight"), keys, to_file)
-        shape = (int(weight.shape[0]), int(weight.shape[1]))
-        out_dim, in_dim = (shape[1], shape[0]) if kind == "conv1d" else shape
+        tied = ties.tied_away(_join(module.name, "weight"), keys, to_file)
+        shape = module.shape
+        out_dim, in_dim = (shape[1], shape[0]) if module.kind == "conv1d" else shape
         bias_key = None
-        bias = getattr(module, "bias", None)
-        if kind != "embedding" and isinstance(bias, torch.Tensor):
-            bias_key = ties.file_key(_join(module_name, "bias"), keys, to_file)
+        if module.has_bias:
+            bias_key = ties.file_key(_join(module.name, "bias"), keys, to_file)
         targets.append(
             Target(
                 name=weight_key.removesuffix(".weight"),
                 group=None,
-                kind=kind,
+                kind=module.kind,
                 weight_key=weight_key,
                 shape=shape,
                 out_dim=out_dim,
@@ -299,7 +263,7 @@ def candidate_modules(model: nn.Module, file_keys: Collection[str]) -> list[Targ
 
 
 def select_targets(
-    model: nn.Module,
+    model: nn.Module | ModelLayout,
     file_keys: Collection[str],
     *,
     layers: Sequence[str] | str | None = None,
@@ -322,13 +286,14 @@ def select_targets(
             "nothing to select: give groups (layers) or a target_modules regex",
             hint=f"groups: {', '.join(GROUPS)}",
         )
-    candidates = candidate_modules(model, file_keys)
-    model_type = _model_type(model)
-    prefix = _prefix(model)
+    layout = as_layout(model)
+    candidates = candidate_modules(layout, file_keys)
+    model_type = _model_type(layout)
+    prefix = layout.prefix
     if requested and model_type is None:
         raise UsageError(
-            f"no weight-group table for model type {_config_model_type(model)!r} "
-            f"({type(model).__name__}); modules with weights: {_compact(candidates)}",
+            f"no weight-group table for model type {layout.model_type!r} "
+            f"({layout.class_name}); modules with weights: {_compact(candidates)}",
             hint="select modules with target_modules (a regex matching whole module names)",
         )
 
@@ -338,7 +303,7 @@ def select_targets(
         matched = [t for t in candidates if _in_group(model_type, group, t, prefix)]
         if not matched:
             raise UsageError(
-                f"group {group!r} matches no module of this {type(model).__name__}; "
+                f"group {group!r} matches no module of this {layout.class_name}; "
                 f"modules with weights: {_compact(candidates)}",
                 hint="choose other groups, or give target_modules (a regex of whole names)",
             )
@@ -362,14 +327,14 @@ def select_targets(
             what.append(f"target_modules {target_modules!r}")
         excluded = f" minus exclude_modules {exclude_modules!r}" if exclude is not None else ""
         raise UsageError(
-            f"{' and '.join(what)}{excluded} select no module of this {type(model).__name__}; "
+            f"{' and '.join(what)}{excluded} select no module of this {layout.class_name}; "
             f"modules with weights: {_compact(candidates)}",
             hint="regexes must match whole module names (re.fullmatch), e.g. '.*\\.dense'",
         )
     return selected
 
 
-def group_of(model: nn.Module, name: str) -> str | None:
+def group_of(model: nn.Module | ModelLayout, name: str) -> str | None:
     """The group (first in `GROUPS` order) whose patterns match module `name`, else None.
 
     `name` may be as the files hold it or as the model names it (with or without the prefix).
@@ -414,29 +379,21 @@ def _regex(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
 
 
-def _conv1d_class() -> type[nn.Module] | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - every supported transformers has it
-        return None
-    return Conv1D
-
-
-def _config_model_type(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "model_type", None)
-
-
-def _model_type(model: nn.Module) -> str | None:
+def _model_type(model: nn.Module | ModelLayout) -> str | None:
     """The key of GROUP_PATTERNS for this model, or None if it has no table."""
-    model_type = _config_model_type(model)
+    if isinstance(model, ModelLayout):
+        model_type = model.model_type
+    else:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type is None:
         return None
     model_type = MODEL_TYPE_ALIASES.get(model_type, model_type)
     return model_type if model_type in GROUP_PATTERNS else None
 
 
-def _prefix(model: nn.Module) -> str:
+def _prefix(model: nn.Module | ModelLayout) -> str:
+    if isinstance(model, ModelLayout):
+        return model.prefix
     return getattr(model, "base_model_prefix", "") or ""
 
 
@@ -445,10 +402,10 @@ def _relative(name: str, prefix: str) -> str:
     return name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else name
 
 
-def _file_key_mapper(model: nn.Module, keys: set[str]) -> Callable[[str], str]:
+def _file_key_mapper(layout: ModelLayout, keys: set[str]) -> Callable[[str], str]:
     """Map model parameter names to file keys: as is, or with `base_model_prefix.` stripped or
     added, whichever finds the most parameters in the files (as is wins ties)."""
-    prefix = _prefix(model)
+    prefix = layout.prefix
     if not prefix:
         return lambda n: n
     dotted = prefix + "."
@@ -462,48 +419,20 @@ def _file_key_mapper(model: nn.Module, keys: set[str]) -> Callable[[str], str]:
     def add(n: str) -> str:
         return n if n.startswith(dotted) else dotted + n
 
-    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    names = layout.parameters
     return max((same, strip, add), key=lambda f: sum(f(n) in keys for n in names))
 
 
 class _TieClasses:
-    """Parameter names that are one tensor: shared objects on the model, or declared ties."""
+    """Parameter names that are one tensor (a layout's tie classes), and which the files hold."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self._order: dict[str, int] = {}
-        parent: dict[str, str] = {}
-
-        def find(n: str) -> str:
-            while parent.setdefault(n, n) != n:
-                parent[n] = parent[parent[n]]
-                n = parent[n]
-            return n
-
-        def union(a: str, b: str) -> None:
-            parent[find(a)] = find(b)
-
-        first_of: dict[int, str] = {}
-        for name, param in model.named_parameters(remove_duplicate=False):
-            self._order.setdefault(name, len(self._order))
-            find(name)
-            if id(param) in first_of:
-                union(name, first_of[id(param)])
-            else:
-                first_of[id(param)] = name
-        self._sources: set[str] = set()
-        for target, source in _declared_ties(model).items():
-            if target in self._order and source in self._order:
-                union(target, source)
-                self._sources.add(source)
-        self._members: dict[str, list[str]] = {}
-        for name in sorted(self._order, key=self._order.__getitem__):
-            self._members.setdefault(find(name), []).append(name)
-        self._root = {name: find(name) for name in self._order}
+    def __init__(self, layout: ModelLayout) -> None:
+        self._sources = set(layout.tie_sources)
+        self._members = {name: list(c) for c in layout.tie_classes for name in c}
 
     def members(self, name: str) -> list[str]:
         """All names of the tensor `name` is (itself included), in model order."""
-        root = self._root.get(name)
-        return self._members[root] if root is not None else [name]
+        return self._members.get(name, [name])
 
     def _holder(self, name: str, keys: set[str], to_file: Callable[[str], str]) -> str | None:
         """The member of `name`'s class whose tensor the files hold (a declared source first)."""
@@ -525,21 +454,6 @@ class _TieClasses:
         if self._holder(name, keys, to_file) != name:
             return ()
         return tuple(to_file(m) for m in self.members(name) if to_file(m) not in keys)
-
-
-def _declared_ties(model: nn.Module) -> dict[str, str]:
-    """The model's `{target: source}` tied parameter names (transformers v5), else empty.
-
-    transformers v4 ties weights in `post_init`, so shared parameter objects already show them.
-    """
-    expand = getattr(model, "get_expanded_tied_weights_keys", None)
-    if expand is None:
-        return {}
-    try:
-        ties = expand(all_submodels=True)
-    except (TypeError, ValueError):
-        return {}
-    return {str(k): str(v) for k, v in (ties or {}).items()}
 
 
 def _parse_groups(layers: Sequence[str] | str | None) -> list[str]:

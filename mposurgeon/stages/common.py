@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mposurgeon._version import __version__
+from mposurgeon.artifact.cache import read_record, record_key, write_record
 from mposurgeon.artifact.manifest import (
     BaseInfo,
     Manifest,
@@ -26,6 +28,7 @@ from mposurgeon.artifact.manifest import (
 from mposurgeon.artifact.resolve import ResolvedModel, resolve_model
 from mposurgeon.artifact.store import check_output_dir, copy_model_files, next_version_dir
 from mposurgeon.artifact.tensors import parse_size
+from mposurgeon.models.layout import LAYOUT_FORMAT, ModelLayout
 
 #: progress(description, done, total): called as a stage advances.
 ProgressCallback = Callable[[str, int, int], None]
@@ -94,6 +97,38 @@ def open_input(model: str | Path, options: StageOptions) -> StageInput:
     if resolved.kind == "artifact":
         manifest = load_artifact(resolved.path, verify=options.verify_checksums)
     return StageInput(resolved=resolved, manifest=manifest)
+
+
+def model_layout(path: Path) -> ModelLayout:
+    """The module layout of the model that `path/config.json` describes.
+
+    Reading it off a meta model means importing the `transformers` modeling stack (seconds),
+    so the layout is cached, keyed by the config file's bytes and the versions of transformers,
+    mposurgeon and the layout format: the same config gives the same model class.
+    """
+    config_file = path / "config.json"
+    try:
+        key = record_key(
+            str(LAYOUT_FORMAT),
+            __version__,
+            metadata.version("transformers"),
+            config_file.read_bytes(),
+        )
+    except OSError:
+        key = None  # no readable config: let transformers report it
+    if key is not None and (record := read_record("layouts", key)) is not None:
+        try:
+            return ModelLayout.from_dict(record)
+        except ValueError:
+            pass  # a record from elsewhere or damaged: rebuild and overwrite it
+    from transformers import AutoConfig
+
+    from mposurgeon.models.layout import build_meta_model, describe_model
+
+    layout = describe_model(build_meta_model(AutoConfig.from_pretrained(path)))
+    if key is not None:
+        write_record("layouts", key, layout.to_dict())
+    return layout
 
 
 def plan_output(inp: StageInput, options: StageOptions, stage: str) -> Path:

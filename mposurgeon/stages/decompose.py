@@ -1,9 +1,10 @@
 """decompose: factorize selected weight matrices of a checkpoint into MPO cores.
 
-The story: resolve the input; find the target modules on a `meta` model built from the config
-(no weights loaded); plan each target's modes (validated before any work); then stream the
-checkpoint tensor by tensor into a new artifact, replacing each target weight `M.weight` by
-cores `M.mpo.core.k` and recording the measured error. The write is atomic.
+The story: resolve the input; find the target modules in the layout of a `meta` model built
+from the config (no weights loaded; the layout is cached per config); plan each target's modes
+(validated before any work); then stream the checkpoint tensor by tensor into a new artifact,
+replacing each target weight `M.weight` by cores `M.mpo.core.k` and recording the measured
+error. The write is atomic.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
-from transformers import AutoConfig
 
 from mposurgeon.artifact.manifest import ModuleRecord
 from mposurgeon.artifact.naming import core_key
 from mposurgeon.artifact.store import atomic_directory
 from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
 from mposurgeon.errors import ShapeError, UsageError
-from mposurgeon.models.groups import Target, build_meta_model, select_targets
+from mposurgeon.models.groups import Target, select_targets
 from mposurgeon.mpo.decomposition import decompose as decompose_matrix
 from mposurgeon.mpo.decomposition import to_matrix
 from mposurgeon.mpo.metrics import bonds_of, entanglement_entropy, num_params, relative_error
@@ -33,6 +33,7 @@ from mposurgeon.stages.common import (
     StageInput,
     StageOptions,
     finish_artifact,
+    model_layout,
     open_input,
     plan_output,
 )
@@ -139,8 +140,7 @@ def decompose(
 
 def _find_targets(inp: StageInput, opts: DecomposeOptions) -> tuple[list[Target], list[str]]:
     """The modules to decompose, and the requested ones that are already MPO (skipped)."""
-    config = AutoConfig.from_pretrained(inp.path)
-    meta = build_meta_model(config)
+    layout = model_layout(inp.path)
     with open_tensors(inp.path) as reader:
         file_keys = set(reader.keys())
     done = inp.mpo_modules
@@ -159,7 +159,7 @@ def _find_targets(inp: StageInput, opts: DecomposeOptions) -> tuple[list[Target]
         else:
             layers = DEFAULT_LAYERS
     targets = select_targets(
-        meta,
+        layout,
         file_keys,
         layers=layers,
         target_modules=target_modules,

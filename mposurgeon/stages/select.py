@@ -39,14 +39,13 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
-from transformers import AutoConfig
 
 from mposurgeon.artifact.manifest import ModuleRecord
 from mposurgeon.artifact.naming import core_key
 from mposurgeon.artifact.store import atomic_directory, sha256_file
 from mposurgeon.artifact.tensors import ShardedWriter, TensorReader, open_tensors
 from mposurgeon.errors import DataError, ModelNotFoundError, UsageError
-from mposurgeon.models.groups import Target, build_meta_model, select_targets
+from mposurgeon.models.groups import Target, select_targets
 from mposurgeon.models.surgery import resolve_module_name
 from mposurgeon.mpo.decomposition import bond_spectra
 from mposurgeon.mpo.decomposition import decompose as decompose_matrix
@@ -57,6 +56,7 @@ from mposurgeon.stages.common import (
     StageInput,
     StageOptions,
     finish_artifact,
+    model_layout,
     open_input,
     plan_output,
 )
@@ -163,8 +163,7 @@ def select(
     a new artifact recording the selection (the tensors pass through unchanged)."""
     opts = options or SelectOptions(**kwargs)  # type: ignore[arg-type]
     inp = open_input(model, opts)
-    config = AutoConfig.from_pretrained(inp.path)
-    targets, patterns = _candidates(inp, opts, config)
+    targets, patterns = _candidates(inp, opts)
     _check_top_n(opts.top_n, patterns)
     if opts.data is not None and not Path(opts.data).is_file():
         raise ModelNotFoundError(f"no such data file: {opts.data}")
@@ -207,19 +206,17 @@ def select(
     )
 
 
-def _candidates(
-    inp: StageInput, opts: SelectOptions, config: Any
-) -> tuple[list[Target], dict[str, str]]:
+def _candidates(inp: StageInput, opts: SelectOptions) -> tuple[list[Target], dict[str, str]]:
     """The matrices of the requested weight types, and each one's weight pattern."""
-    meta = build_meta_model(config)
+    layout = model_layout(inp.path)
     with open_tensors(inp.path) as reader:
         file_keys = set(reader.keys())
     file_keys |= {rec.weight_key for rec in inp.mpo_modules.values()}
-    targets = select_targets(meta, file_keys, layers=opts.weight_types)
+    targets = select_targets(layout, file_keys, layers=opts.weight_types)
     patterns = {}
     kept = []
     for target in targets:
-        pattern = weight_pattern(config.model_type, target.group, target.name)
+        pattern = weight_pattern(layout.model_type or "", target.group, target.name)
         if pattern is not None:
             patterns[target.name] = pattern
             kept.append(target)
