@@ -14,6 +14,7 @@ from mposurgeon.artifact.manifest import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    BackgroundChecksums,
     BaseInfo,
     Manifest,
     ModuleRecord,
@@ -24,6 +25,7 @@ from mposurgeon.artifact.manifest import (
     verify_files,
     write_manifest,
 )
+from mposurgeon.artifact.store import HashCancelled
 from mposurgeon.artifact.tensors import ShardedWriter
 from mposurgeon.errors import ArtifactError
 
@@ -121,6 +123,46 @@ def test_tampered_file_is_named(tmp_path: Path) -> None:
     load_artifact(art, verify=False)  # --no-verify skips hashing
 
 
+def _tampered(art: Path) -> None:
+    path = art / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_background_checksums_report_in_the_waiting_thread(tmp_path: Path) -> None:
+    art = tmp_path / "v1"
+    _artifact(art)
+    check = BackgroundChecksums(art, load_artifact(art, verify=False))
+    check.start()
+    check.start()  # idempotent
+    check.wait()
+    _tampered(art)
+    check = BackgroundChecksums(art, load_artifact(art, verify=False))
+    check.start()
+    with pytest.raises(ArtifactError, match=r"model\.safetensors does not match its checksum"):
+        check.wait()
+
+
+def test_background_checksums_never_started_run_inline(tmp_path: Path) -> None:
+    art = tmp_path / "v1"
+    _artifact(art)
+    _tampered(art)
+    check = BackgroundChecksums(art, load_artifact(art, verify=False))
+    with pytest.raises(ArtifactError, match="does not match its checksum"):
+        check.wait()
+
+
+def test_cancelled_background_checksums_do_not_pass(tmp_path: Path) -> None:
+    art = tmp_path / "v1"
+    _artifact(art)
+    check = BackgroundChecksums(art, load_artifact(art, verify=False))
+    check.cancel()  # before it starts: it stops at its first chunk
+    check.start()
+    with pytest.raises(HashCancelled):
+        check.wait()
+
+
 def test_missing_listed_file(tmp_path: Path) -> None:
     art = tmp_path / "v1"
     _artifact(art)
@@ -210,3 +252,22 @@ def test_unknown_extra_fields_are_kept(tmp_path: Path) -> None:
 def test_module_record_is_validated(change: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         _record(**change)
+
+
+def test_verified_input_abandons_hashing_on_ctrl_c(tmp_path: Path) -> None:
+    from mposurgeon.stages.common import StageOptions, open_input, verified_input
+
+    art = tmp_path / "v1"
+    _artifact(art)
+    inp = open_input(art, StageOptions(), defer_checksums=True)
+    assert inp.checksums is not None
+    with pytest.raises(KeyboardInterrupt), verified_input(inp):
+        raise KeyboardInterrupt
+    assert inp.checksums._cancel.is_set()
+    ok = open_input(art, StageOptions(), defer_checksums=True)
+    with verified_input(ok):
+        pass  # an intact input passes on the way out
+    assert (
+        open_input(art, StageOptions(verify_checksums=False), defer_checksums=True).checksums
+        is None
+    )

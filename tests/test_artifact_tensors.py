@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from mposurgeon.artifact.store import sha256_file
 from mposurgeon.artifact.tensors import ShardedWriter, open_tensors, parse_size
 from mposurgeon.errors import ArtifactError, UsageError
 
@@ -274,3 +275,27 @@ def test_streaming_order_maps_one_shard_at_a_time(tmp_path: Path) -> None:
         assert [p for i, p in enumerate(opened) if i == 0 or opened[i - 1] != p] == sorted(
             set(opened), key=reader.files.index
         )
+
+
+@pytest.mark.parametrize("max_shard_size", [10**6, 3_000])
+def test_writer_checksums_are_the_files_sha256(tmp_path: Path, max_shard_size: int) -> None:
+    """Shards are hashed in a background thread as they are written; the digests must be
+    those of the final files, under their final names."""
+    writer = ShardedWriter(tmp_path, max_shard_size)
+    with pytest.raises(ValueError, match="still open"):
+        writer.checksums()
+    with writer:
+        for i in range(6):
+            writer.add(f"t{i}", torch.full((300,), float(i)))
+    sums = writer.checksums()
+    shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert sorted(sums) == shards and (len(shards) > 1) == (max_shard_size == 3_000)
+    assert sums == {name: sha256_file(tmp_path / name) for name in shards}
+
+
+def test_writer_failure_stops_hashing(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="boom"), ShardedWriter(tmp_path, 1_500) as writer:
+        for i in range(4):
+            writer.add(f"t{i}", torch.zeros(300))
+        raise RuntimeError("boom")
+    assert writer._pool is None and writer._cancel.is_set()

@@ -228,6 +228,27 @@ def test_tampered_artifact_is_refused(artifact: Path, tmp_path: Path, capsys) ->
     assert run_cli(capsys, "merge", artifact, "-o", tmp_path / "m", "--no-verify", "-q").code == 0
 
 
+def test_unreadable_artifact_reports_the_checksum(artifact: Path, tmp_path: Path, capsys) -> None:
+    """Hashing runs alongside the work; when reading fails on a damaged file, the checksum
+    error (which explains it) is what the user sees."""
+    weights = artifact / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    for command in (["merge"], ["truncate", "--max-bond", "2"], ["decompose", "--layers", "FFN_2"]):
+        result = run_cli(capsys, command[0], artifact, *command[1:], "-o", tmp_path / "o")
+        _one_line_error(result, 1, "model.safetensors", "checksum")
+        assert not (tmp_path / "o").exists()
+
+
+def test_dry_runs_verify_the_artifact(artifact: Path, capsys) -> None:
+    weights = artifact / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    for command in (["truncate", "--max-bond", "2"], ["decompose", "--layers", "FFN_2"]):
+        result = run_cli(capsys, command[0], artifact, *command[1:], "--dry-run")
+        _one_line_error(result, 1, "model.safetensors", "checksum")
+
+
 def test_newer_format_version_is_refused(artifact: Path, capsys) -> None:
     path = artifact / "mposurgeon.json"
     data = json.loads(path.read_text())

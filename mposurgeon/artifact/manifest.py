@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -202,12 +203,15 @@ def new_manifest(
     )
 
 
-def write_manifest(directory: Path, manifest: Manifest) -> None:
+def write_manifest(
+    directory: Path, manifest: Manifest, known: Mapping[str, str] | None = None
+) -> None:
     """Checksum every file in `directory` into `manifest.files` (in place), then write the manifest.
 
-    Write the manifest last: files added afterwards are not covered by its checksums.
+    `known` digests by relative path are used as they are. Write the manifest last: files added
+    afterwards are not covered by its checksums.
     """
-    manifest.files = checksum_files(directory, exclude=(MANIFEST_NAME,))
+    manifest.files = checksum_files(directory, exclude=(MANIFEST_NAME,), known=known)
     text = manifest.model_dump_json(indent=2)
     (Path(directory) / MANIFEST_NAME).write_text(text + "\n", encoding="utf-8")
 
@@ -269,18 +273,28 @@ def _is_tensor_file(name: str) -> bool:
     return name.endswith(TENSOR_FILE_SUFFIXES)
 
 
+_DAMAGED_HINT = "re-create the artifact with the stage that made it, or restore it from a copy"
+
+
 def verify_files(directory: Path, manifest: Manifest) -> None:
     """Check that every listed file exists with its sha256 and that no tensor file is unlisted."""
+    check_file_list(directory, manifest)
+    check_checksums(directory, manifest)
+
+
+def check_file_list(directory: Path, manifest: Manifest) -> None:
+    """The cheap half of `verify_files`: every listed file exists, no tensor file is unlisted."""
     directory = Path(directory)
-    hint = "re-create the artifact with the stage that made it, or restore it from a copy"
     for name in manifest.files:
         rel = PurePosixPath(name)
         if rel.is_absolute() or ".." in rel.parts:
             raise ArtifactError(
-                f"{MANIFEST_NAME} lists a file outside the artifact: {name}", hint=hint
+                f"{MANIFEST_NAME} lists a file outside the artifact: {name}", hint=_DAMAGED_HINT
             )
         if not (directory / rel).is_file():
-            raise ArtifactError(f"{name} is listed in {MANIFEST_NAME} but missing", hint=hint)
+            raise ArtifactError(
+                f"{name} is listed in {MANIFEST_NAME} but missing", hint=_DAMAGED_HINT
+            )
     for path in sorted(directory.rglob("*")):
         rel_name = path.relative_to(directory).as_posix()
         if path.is_file() and _is_tensor_file(path.name) and rel_name not in manifest.files:
@@ -288,13 +302,66 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
                 f"{rel_name} is not listed in {MANIFEST_NAME}: the artifact was modified",
                 hint=f"remove {rel_name}, or re-create the artifact",
             )
+
+
+def check_checksums(
+    directory: Path, manifest: Manifest, cancel: threading.Event | None = None
+) -> None:
+    """The costly half of `verify_files`: every listed file has its recorded sha256.
+
+    Raises ArtifactError for a mismatch, HashCancelled once `cancel` is set."""
     for name, expected in manifest.files.items():
-        if sha256_file(directory / name) != expected:
+        if sha256_file(Path(directory) / name, cancel) != expected:
             raise ArtifactError(
                 f"{name} does not match its checksum in {MANIFEST_NAME}: "
                 "the artifact was modified or corrupted",
-                hint=f"{hint}; --no-verify skips this check at your own risk",
+                hint=f"{_DAMAGED_HINT}; --no-verify skips this check at your own risk",
             )
+
+
+class BackgroundChecksums:
+    """`check_checksums` of one artifact in a daemon thread, so hashing overlaps other work.
+
+    `start()` begins it; `wait()` returns when it has passed and raises its ArtifactError if it
+    failed (it runs the check in the caller's thread if it was never started); `cancel()` makes
+    a started check stop at its next chunk, e.g. when the work it overlapped was interrupted.
+    """
+
+    def __init__(self, directory: Path, manifest: Manifest) -> None:
+        self._directory, self._manifest = Path(directory), manifest
+        self._cancel = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._passed = False
+
+    def start(self) -> None:
+        if self._thread is None and not self._passed:
+            self._thread = threading.Thread(
+                target=self._run, name="mposurgeon-checksums", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            check_checksums(self._directory, self._manifest, self._cancel)
+            self._passed = True
+        except BaseException as err:  # handed to the waiting thread
+            self._error = err
+
+    def wait(self) -> None:
+        if self._thread is None:
+            if not self._passed:
+                check_checksums(self._directory, self._manifest)
+                self._passed = True
+            return
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if not self._passed:
+            raise ArtifactError(f"the checksum check of {self._directory} did not finish")
+
+    def cancel(self) -> None:
+        self._cancel.set()
 
 
 def load_artifact(directory: Path, *, verify: bool = True) -> Manifest:

@@ -8,7 +8,8 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Collection, Iterator, Sequence
+import threading
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from mposurgeon.errors import OutputExistsError
@@ -163,27 +164,41 @@ def check_output_dir(out: Path, *, inputs: Sequence[Path], overwrite: bool) -> N
         )
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in streaming chunks."""
-    with open(path, "rb") as f:
-        if hasattr(hashlib, "file_digest"):
-            return hashlib.file_digest(f, "sha256").hexdigest()
-        digest = hashlib.sha256()  # Python 3.10
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-        return digest.hexdigest()
+def sha256_file(path: Path, cancel: threading.Event | None = None) -> str:
+    """Hex sha256 of a file, read in 8 MiB chunks; raises `HashCancelled` once `cancel` is set."""
+    digest = hashlib.sha256()
+    buffer = memoryview(bytearray(_HASH_CHUNK))
+    with open(path, "rb", buffering=0) as f:
+        while size := f.readinto(buffer):
+            if cancel is not None and cancel.is_set():
+                raise HashCancelled(f"hashing {path} was cancelled")
+            digest.update(buffer[:size])
+    return digest.hexdigest()
+
+
+_HASH_CHUNK = 8 << 20
+
+
+class HashCancelled(Exception):
+    """A `sha256_file` stopped early because its `cancel` event was set."""
 
 
 def checksum_files(
-    directory: Path, exclude: Collection[str] = ("mposurgeon.json",)
+    directory: Path,
+    exclude: Collection[str] = ("mposurgeon.json",),
+    known: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """sha256 of every file under `directory`, keyed by relative POSIX path, sorted by path."""
+    """sha256 of every file under `directory`, keyed by relative POSIX path, sorted by path.
+
+    `known` digests (e.g. of shards hashed as they were written) are taken as they are.
+    """
     directory = Path(directory)
+    known = known or {}
     sums: dict[str, str] = {}
     for path in sorted(directory.rglob("*")):
         rel = path.relative_to(directory).as_posix()
         if path.is_file() and rel not in exclude:
-            sums[rel] = sha256_file(path)
+            sums[rel] = known[rel] if rel in known else sha256_file(path)
     return dict(sorted(sums.items()))
 
 

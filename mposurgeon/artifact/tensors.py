@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -19,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from mposurgeon.artifact.store import sha256_file
 from mposurgeon.errors import ArtifactError, UsageError
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -316,8 +319,10 @@ class ShardedWriter:
 
     Tensors are buffered until the next one would push the shard past `max_shard_size` bytes;
     the buffer is then written to a temporary file, so memory holds at most one shard. A tensor
-    larger than the limit gets a shard of its own. `close()` gives the shards their final names
-    (`model-00001-of-00003.safetensors`, ...) and writes `model.safetensors.index.json`.
+    larger than the limit gets a shard of its own. Each written shard is hashed (sha256) and
+    flushed to disk in a background thread while the next one is built. `close()` waits for
+    those, gives the shards their final names (`model-00001-of-00003.safetensors`, ...) and
+    writes `model.safetensors.index.json`; `checksums()` then lists the shards' digests.
     """
 
     def __init__(self, directory: Path, max_shard_size: int, prefix: str = "model") -> None:
@@ -335,6 +340,10 @@ class ShardedWriter:
         self._total_size = 0
         self._closed = False
         self._written: list[Path] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._digests: list[Future[str]] = []  # per shard, in shard order
+        self._checksums: dict[str, str] = {}
+        self._cancel = threading.Event()
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         """Queue `tensor` under `key`; may write a full shard to disk first."""
@@ -362,6 +371,9 @@ class ShardedWriter:
         index = len(self._shards) + 1
         tmp = self.directory / f".{self.prefix}-tmp-{index:05d}.safetensors"
         save_file(self._buffer, str(tmp), metadata={"format": "pt"})
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mposurgeon-hash")
+        self._digests.append(self._pool.submit(_hash_and_sync, tmp, self._cancel))
         self._shards.append((tmp, list(self._buffer)))
         self._buffer = {}
         self._buffer_storages = set()
@@ -374,17 +386,23 @@ class ShardedWriter:
         if self._buffer or not self._shards:
             self._flush()
         self._closed = True
+        try:
+            digests = [d.result() for d in self._digests]
+        finally:
+            self._shutdown()
         count = len(self._shards)
         if count == 1:
             final = self.directory / f"{self.prefix}.safetensors"
             os.replace(self._shards[0][0], final)
             self._written = [final]
+            self._checksums = {final.name: digests[0]}
             return [final]
         weight_map: dict[str, str] = {}
         for i, (tmp, keys) in enumerate(self._shards, start=1):
             final = self.directory / f"{self.prefix}-{i:05d}-of-{count:05d}.safetensors"
             os.replace(tmp, final)
             self._written.append(final)
+            self._checksums[final.name] = digests[i - 1]
             weight_map.update(dict.fromkeys(keys, final.name))
         index = {"metadata": {"total_size": self._total_size}, "weight_map": weight_map}
         index_path = self.directory / f"{self.prefix}.safetensors.index.json"
@@ -406,6 +424,27 @@ class ShardedWriter:
         else:  # the directory's owner (atomic_directory) removes the partial files
             self._buffer = {}
             self._closed = True
+            self._cancel.set()
+            self._shutdown()
+
+    def checksums(self) -> dict[str, str]:
+        """sha256 of each shard file by name (relative to the directory), once closed."""
+        if not self._closed:
+            raise ValueError("ShardedWriter is still open")
+        return dict(self._checksums)
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+def _hash_and_sync(path: Path, cancel: threading.Event) -> str:
+    """sha256 of a written shard, then flush it to stable storage (off the main thread)."""
+    digest = sha256_file(path, cancel)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    return digest
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)

@@ -7,7 +7,8 @@ modifies its input. Nothing here knows about the terminal: progress goes through
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -18,9 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from mposurgeon._version import __version__
 from mposurgeon.artifact.cache import read_record, record_key, write_record
 from mposurgeon.artifact.manifest import (
+    BackgroundChecksums,
     BaseInfo,
     Manifest,
     ModuleRecord,
+    check_file_list,
     load_artifact,
     new_manifest,
     write_manifest,
@@ -65,6 +68,7 @@ class StageInput:
 
     resolved: ResolvedModel
     manifest: Manifest | None
+    checksums: BackgroundChecksums | None = None  # a deferred check of the input's files
 
     @property
     def path(self) -> Path:
@@ -87,16 +91,51 @@ class StageInput:
     def mpo_modules(self) -> dict[str, ModuleRecord]:
         return dict(self.manifest.modules) if self.manifest is not None else {}
 
+    def wait_verified(self) -> None:
+        """Return once the input's deferred checksum check has passed; raise if it failed."""
+        if self.checksums is not None:
+            self.checksums.wait()
 
-def open_input(model: str | Path, options: StageOptions) -> StageInput:
-    """Resolve `model` and, for an artifact, read and verify its manifest."""
+
+def open_input(
+    model: str | Path, options: StageOptions, *, defer_checksums: bool = False
+) -> StageInput:
+    """Resolve `model` and, for an artifact, read and verify its manifest.
+
+    With `defer_checksums`, only the file list is checked now; hashing the files waits for
+    `verified_input` (which runs it alongside the stage's work) or `finish_artifact`.
+    """
     resolved = resolve_model(
         str(model), revision=options.revision, offline=options.offline, cache_dir=options.cache_dir
     )
-    manifest = None
-    if resolved.kind == "artifact":
+    if resolved.kind != "artifact":
+        return StageInput(resolved=resolved, manifest=None)
+    if not (defer_checksums and options.verify_checksums):
         manifest = load_artifact(resolved.path, verify=options.verify_checksums)
-    return StageInput(resolved=resolved, manifest=manifest)
+        return StageInput(resolved=resolved, manifest=manifest)
+    manifest = load_artifact(resolved.path, verify=False)
+    check_file_list(resolved.path, manifest)
+    checks = BackgroundChecksums(resolved.path, manifest)
+    return StageInput(resolved=resolved, manifest=manifest, checksums=checks)
+
+
+@contextmanager
+def verified_input(inp: StageInput) -> Iterator[None]:
+    """Run the body while the input's deferred checksums are hashed in a background thread,
+    then wait for them. If the body fails and the input turns out damaged, the checksum error
+    is raised instead, since it explains the failure; on Ctrl-C the hashing is abandoned."""
+    if inp.checksums is not None:
+        inp.checksums.start()
+    try:
+        yield
+    except Exception:
+        inp.wait_verified()
+        raise
+    except BaseException:
+        if inp.checksums is not None:
+            inp.checksums.cancel()
+        raise
+    inp.wait_verified()
 
 
 def model_layout(path: Path) -> ModelLayout:
@@ -153,9 +192,15 @@ def finish_artifact(
     stage: str,
     options: BaseModel,
     modules: dict[str, ModuleRecord],
+    known_checksums: dict[str, str] | None = None,
     **extra: Any,
 ) -> Manifest:
-    """Copy config/tokenizer files, write the card and the manifest (with checksums)."""
+    """Copy config/tokenizer files, write the card and the manifest (with checksums).
+
+    First waits for the input's deferred checksum check: nothing is built on a damaged input.
+    `known_checksums` (from `ShardedWriter.checksums()`) spare hashing the shards again.
+    """
+    inp.wait_verified()
     copy_model_files(inp.path, directory)
     manifest = new_manifest(
         stage=stage,
@@ -168,7 +213,7 @@ def finish_artifact(
     for key, value in extra.items():
         setattr(manifest, key, value)
     (directory / "README.md").write_text(model_card(manifest), encoding="utf-8")
-    write_manifest(directory, manifest)
+    write_manifest(directory, manifest, known=known_checksums)
     return manifest
 
 

@@ -36,6 +36,7 @@ from mposurgeon.stages.common import (
     model_layout,
     open_input,
     plan_output,
+    verified_input,
 )
 
 DEFAULT_LAYERS = ["FFN_1", "FFN_2", "attention"]
@@ -104,38 +105,53 @@ def decompose(
     `options` or keyword arguments (the same names as the CLI flags) configure the stage.
     """
     opts = options or DecomposeOptions(**kwargs)
-    inp = open_input(model, opts)
-    targets, skipped = _find_targets(inp, opts)
-    specs = _parse_specs(opts.modes)
-    plan = [_plan(t, _shape_for(t, specs, opts.num_cores), opts.max_bond) for t in targets]
-    if opts.dry_run:
-        return DecomposeResult(output=None, modules=plan, skipped=skipped)
+    inp = open_input(model, opts, defer_checksums=True)
+    with verified_input(inp):  # an artifact input is hashed while the work runs
+        targets, skipped = _find_targets(inp, opts)
+        specs = _parse_specs(opts.modes)
+        plan = [_plan(t, _shape_for(t, specs, opts.num_cores), opts.max_bond) for t in targets]
+        if opts.dry_run:
+            return DecomposeResult(output=None, modules=plan, skipped=skipped)
 
-    out = plan_output(inp, opts, "decompose")
+        out = plan_output(inp, opts, "decompose")
+        with atomic_directory(out, overwrite=opts.overwrite) as tmp:
+            with ShardedWriter(tmp, opts.max_shard_size) as writer:
+                records = _write_decomposed(inp.path, writer, plan, opts, progress)
+            finish_artifact(
+                tmp,
+                inp=inp,
+                stage="decompose",
+                options=opts,
+                modules={**inp.mpo_modules, **records},
+                known_checksums=writer.checksums(),
+                selection=inp.selection,
+            )
+    return DecomposeResult(output=out, modules=plan, skipped=skipped)
+
+
+def _write_decomposed(
+    source: Path,
+    writer: ShardedWriter,
+    plan: list[PlannedModule],
+    opts: DecomposeOptions,
+    progress: ProgressCallback | None,
+) -> dict[str, ModuleRecord]:
+    """Stream `source`'s tensors to `writer`, replacing each planned weight by its cores;
+    return the new modules' records (and fill each `PlannedModule.record`)."""
     by_key = {p.target.weight_key: p for p in plan}
     records: dict[str, ModuleRecord] = {}
-    with atomic_directory(out, overwrite=opts.overwrite) as tmp, open_tensors(inp.path) as reader:
-        with ShardedWriter(tmp, opts.max_shard_size) as writer:
-            keys = reader.keys()
-            for i, key in enumerate(keys):
-                planned = by_key.get(key)
-                if planned is None:
-                    writer.add(key, reader.get(key))
-                else:
-                    _decompose_one(planned, reader.get(key), opts, writer)
-                    records[planned.target.name] = planned.record  # type: ignore[assignment]
-                if progress:
-                    progress("decompose", i + 1, len(keys))
-        modules = {**inp.mpo_modules, **records}
-        finish_artifact(
-            tmp,
-            inp=inp,
-            stage="decompose",
-            options=opts,
-            modules=modules,
-            selection=inp.selection,
-        )
-    return DecomposeResult(output=out, modules=plan, skipped=skipped)
+    with open_tensors(source) as reader:
+        keys = reader.keys()
+        for i, key in enumerate(keys):
+            planned = by_key.get(key)
+            if planned is None:
+                writer.add(key, reader.get(key))
+            else:
+                _decompose_one(planned, reader.get(key), opts, writer)
+                records[planned.target.name] = planned.record  # type: ignore[assignment]
+            if progress:
+                progress("decompose", i + 1, len(keys))
+    return records
 
 
 def _find_targets(inp: StageInput, opts: DecomposeOptions) -> tuple[list[Target], list[str]]:

@@ -31,6 +31,7 @@ from mposurgeon.stages.common import (
     finish_artifact,
     open_input,
     plan_output,
+    verified_input,
 )
 from mposurgeon.stages.load import load_model, model_class, quiet_transformers
 
@@ -67,7 +68,7 @@ def merge(
 ) -> MergeResult:
     """Write a dense checkpoint equal to the artifact's factorized model."""
     opts = options or MergeOptions(**kwargs)
-    inp = open_input(artifact, opts)
+    inp = open_input(artifact, opts, defer_checksums=True)
     if inp.manifest is None:
         raise UsageError(
             f"{inp.path} is not a mposurgeon artifact (no mposurgeon.json)",
@@ -76,14 +77,22 @@ def merge(
     records = inp.mpo_modules
     out = plan_output(inp, opts, "merge")
     comparison = None
-    with atomic_directory(out, overwrite=opts.overwrite) as tmp:
+    with atomic_directory(out, overwrite=opts.overwrite) as tmp, verified_input(inp):
         with open_tensors(inp.path) as reader, ShardedWriter(tmp, opts.max_shard_size) as writer:
             _write_dense(reader, records, writer, opts, progress)
         copy_model_files(inp.path, tmp)
         if opts.verify:
-            comparison = verify_merge(inp.path, tmp, verify_input=opts.verify_checksums)
+            comparison = verify_merge(inp.path, tmp, verify_input=False)
         metrics = {"verify": asdict(comparison) | {"ok": comparison.ok}} if comparison else None
-        finish_artifact(tmp, inp=inp, stage="merge", options=opts, modules={}, metrics=metrics)
+        finish_artifact(
+            tmp,
+            inp=inp,
+            stage="merge",
+            options=opts,
+            modules={},
+            known_checksums=writer.checksums(),
+            metrics=metrics,
+        )
     return MergeResult(output=out, merged_modules=len(records), comparison=comparison)
 
 

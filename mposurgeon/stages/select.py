@@ -194,6 +194,7 @@ def select(
             stage="select",
             options=opts,
             modules=inp.mpo_modules,
+            known_checksums=writer.checksums(),
             selection=selection,
         )
     return SelectResult(

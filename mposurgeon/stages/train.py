@@ -428,6 +428,7 @@ def _write_artifact(
             stage="train",
             options=opts,
             modules=_final_records(net, records),
+            known_checksums=writer.checksums(),
             metrics=metrics,
             selection=selection,
         )

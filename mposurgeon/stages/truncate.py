@@ -45,6 +45,7 @@ from mposurgeon.stages.common import (
     finish_artifact,
     open_input,
     plan_output,
+    verified_input,
 )
 
 TARGETS = ("max_bond", "rel_tol", "param_ratio")
@@ -189,49 +190,65 @@ def truncate(
     `truncate("art", output="small", param_ratio=0.5)`.
     """
     opts = options or TruncateOptions(**kwargs)
-    inp = open_input(artifact, opts)
+    inp = open_input(artifact, opts, defer_checksums=True)
     records = _mpo_records(inp)
-    problems: dict[str, BondProblem] = {}
-    with open_tensors(inp.path) as reader:
-        for i, (name, rec) in enumerate(records.items()):
-            problems[name] = _problem(rec, reader)
-            if progress:
-                progress("spectra", i + 1, len(records))
-    plan = _plan(records, problems, opts)
-    result = TruncateResult(output=None, target=opts.target, modules=list(plan.values()))
-    if opts.dry_run:
-        return result
-
-    out = plan_output(inp, opts, "truncate")
-    new_records = dict(records)
-    with atomic_directory(out, overwrite=opts.overwrite) as tmp, open_tensors(inp.path) as reader:
-        with ShardedWriter(tmp, opts.max_shard_size) as writer:
-            keys = reader.keys()
-            for i, key in enumerate(keys):
-                match = CORE_KEY.fullmatch(key)
-                module = plan.get(match["module"]) if match else None
-                if module is None or not module.changed:
-                    writer.add(key, reader.get(key))
-                elif match is not None and match["index"] == "0":
-                    record, cores = _truncate_one(records[module.name], module, reader)
-                    new_records[module.name] = record
-                    for k, core in enumerate(cores):
-                        writer.add(core_key(module.name, k), core)
+    with verified_input(inp):  # the input is hashed while the spectra are computed
+        problems: dict[str, BondProblem] = {}
+        with open_tensors(inp.path) as reader:
+            for i, (name, rec) in enumerate(records.items()):
+                problems[name] = _problem(rec, reader)
                 if progress:
-                    progress("truncate", i + 1, len(keys))
-        finish_artifact(
-            tmp,
-            inp=inp,
-            stage="truncate",
-            options=opts,
-            modules=new_records,
-            selection=inp.selection,
-        )
+                    progress("spectra", i + 1, len(records))
+        plan = _plan(records, problems, opts)
+        result = TruncateResult(output=None, target=opts.target, modules=list(plan.values()))
+        if opts.dry_run:
+            return result
+
+        out = plan_output(inp, opts, "truncate")
+        with atomic_directory(out, overwrite=opts.overwrite) as tmp:
+            with ShardedWriter(tmp, opts.max_shard_size) as writer:
+                new_records = _write_truncated(inp.path, writer, records, plan, progress)
+            finish_artifact(
+                tmp,
+                inp=inp,
+                stage="truncate",
+                options=opts,
+                modules=new_records,
+                known_checksums=writer.checksums(),
+                selection=inp.selection,
+            )
     for module in result.modules:
         if not module.changed:
             module.rel_error = 0.0  # passed through as it was
     result.output = out
     return result
+
+
+def _write_truncated(
+    source: Path,
+    writer: ShardedWriter,
+    records: dict[str, ModuleRecord],
+    plan: dict[str, TruncatedModule],
+    progress: ProgressCallback | None,
+) -> dict[str, ModuleRecord]:
+    """Stream `source`'s tensors to `writer`, truncating the changed modules' cores at their
+    first core; return every module's record (new ones for the changed modules)."""
+    new_records = dict(records)
+    with open_tensors(source) as reader:
+        keys = reader.keys()
+        for i, key in enumerate(keys):
+            match = CORE_KEY.fullmatch(key)
+            module = plan.get(match["module"]) if match else None
+            if module is None or not module.changed:
+                writer.add(key, reader.get(key))
+            elif match is not None and match["index"] == "0":
+                record, cores = _truncate_one(records[module.name], module, reader)
+                new_records[module.name] = record
+                for k, core in enumerate(cores):
+                    writer.add(core_key(module.name, k), core)
+            if progress:
+                progress("truncate", i + 1, len(keys))
+    return new_records
 
 
 def _mpo_records(inp: StageInput) -> dict[str, ModuleRecord]:
