@@ -320,7 +320,7 @@ class ShardedWriter:
     Tensors are buffered until the next one would push the shard past `max_shard_size` bytes;
     the buffer is then written to a temporary file, so memory holds at most one shard. A tensor
     larger than the limit gets a shard of its own. Each written shard is hashed (sha256) and
-    flushed to disk in a background thread while the next one is built. `close()` waits for
+    flushed to disk in two background threads while the next one is built. `close()` waits for
     those, gives the shards their final names (`model-00001-of-00003.safetensors`, ...) and
     writes `model.safetensors.index.json`; `checksums()` then lists the shards' digests.
     """
@@ -342,6 +342,7 @@ class ShardedWriter:
         self._written: list[Path] = []
         self._pool: ThreadPoolExecutor | None = None
         self._digests: list[Future[str]] = []  # per shard, in shard order
+        self._syncs: list[Future[None]] = []
         self._checksums: dict[str, str] = {}
         self._cancel = threading.Event()
 
@@ -372,8 +373,9 @@ class ShardedWriter:
         tmp = self.directory / f".{self.prefix}-tmp-{index:05d}.safetensors"
         save_file(self._buffer, str(tmp), metadata={"format": "pt"})
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mposurgeon-hash")
-        self._digests.append(self._pool.submit(_hash_and_sync, tmp, self._cancel))
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mposurgeon-shard")
+        self._syncs.append(self._pool.submit(_fsync_file, tmp))
+        self._digests.append(self._pool.submit(sha256_file, tmp, self._cancel))
         self._shards.append((tmp, list(self._buffer)))
         self._buffer = {}
         self._buffer_storages = set()
@@ -388,6 +390,8 @@ class ShardedWriter:
         self._closed = True
         try:
             digests = [d.result() for d in self._digests]
+            for sync in self._syncs:
+                sync.result()
         finally:
             self._shutdown()
         count = len(self._shards)
@@ -439,12 +443,10 @@ class ShardedWriter:
             self._pool = None
 
 
-def _hash_and_sync(path: Path, cancel: threading.Event) -> str:
-    """sha256 of a written shard, then flush it to stable storage (off the main thread)."""
-    digest = sha256_file(path, cancel)
+def _fsync_file(path: Path) -> None:
+    """Flush a written shard to stable storage (in a background thread, beside its hashing)."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-    return digest
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
