@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -223,7 +224,31 @@ def _merge_time(t: Path, art: Path) -> list[dict[str, Any]]:
                 "goal": goal,
             }
         )
+    rows.append(_contraction_rate(art, records, contractions))
     return rows
+
+
+def _contraction_rate(art: Path, records: dict, contractions: Callable[[], None]) -> dict:
+    """How close the contractions run to this CPU's matrix-multiply rate (GFLOP/s)."""
+    from mposurgeon.artifact.tensors import open_tensors
+    from mposurgeon.mpo.contract import reconstruct_flops
+
+    with open_tensors(art) as reader:
+        macs = sum(
+            reconstruct_flops([reader.get(f"{name}.mpo.core.{k}") for k in range(len(r.bonds) - 1)])
+            for name, r in records.items()
+        )
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    gemm = 2 * 2048**3 / best_time(lambda: a @ b, repeats=5) / 1e9
+    rate = 2 * macs / best_time(contractions) / 1e9
+    return {
+        "benchmark": f"merge of MiniLM, contraction rate ({macs / 1e9:.2f} G multiply-adds)",
+        "threads": torch.get_num_threads(),
+        "value": f"{rate:.0f} GFLOP/s",
+        "baseline": f"a 2048x2048 float32 matmul {gemm:.0f} GFLOP/s",
+        "ratio": rate / gemm,
+        "goal": None,
+    }
 
 
 def _merge(art: Path, t: Path, verify: bool = False) -> None:
