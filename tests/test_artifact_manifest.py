@@ -260,14 +260,14 @@ def test_verified_input_abandons_hashing_on_ctrl_c(tmp_path: Path) -> None:
     art = tmp_path / "v1"
     _artifact(art)
     inp = open_input(art, StageOptions(), defer_checksums=True)
-    assert inp.checksums is not None
+    assert inp.checksum_check is not None
     with pytest.raises(KeyboardInterrupt), verified_input(inp):
         raise KeyboardInterrupt
-    assert inp.checksums._cancel.is_set()
+    assert inp.checksum_check._cancel.is_set()
     ok = open_input(art, StageOptions(), defer_checksums=True)
     with verified_input(ok):
         pass  # an intact input passes on the way out
     assert (
-        open_input(art, StageOptions(verify_checksums=False), defer_checksums=True).checksums
+        open_input(art, StageOptions(verify_checksums=False), defer_checksums=True).checksum_check
         is None
     )

@@ -68,7 +68,7 @@ class StageInput:
 
     resolved: ResolvedModel
     manifest: Manifest | None
-    checksums: BackgroundChecksums | None = None  # a deferred check of the input's files
+    checksum_check: BackgroundChecksums | None = None  # a deferred check of the input's files
 
     @property
     def path(self) -> Path:
@@ -93,8 +93,8 @@ class StageInput:
 
     def wait_verified(self) -> None:
         """Return once the input's deferred checksum check has passed; raise if it failed."""
-        if self.checksums is not None:
-            self.checksums.wait()
+        if self.checksum_check is not None:
+            self.checksum_check.wait()
 
 
 def open_input(
@@ -116,7 +116,7 @@ def open_input(
     manifest = load_artifact(resolved.path, verify=False)
     check_file_list(resolved.path, manifest)
     checks = BackgroundChecksums(resolved.path, manifest)
-    return StageInput(resolved=resolved, manifest=manifest, checksums=checks)
+    return StageInput(resolved=resolved, manifest=manifest, checksum_check=checks)
 
 
 @contextmanager
@@ -124,16 +124,16 @@ def verified_input(inp: StageInput) -> Iterator[None]:
     """Run the body while the input's deferred checksums are hashed in a background thread,
     then wait for them. If the body fails and the input turns out damaged, the checksum error
     is raised instead, since it explains the failure; on Ctrl-C the hashing is abandoned."""
-    if inp.checksums is not None:
-        inp.checksums.start()
+    if inp.checksum_check is not None:
+        inp.checksum_check.start()
     try:
         yield
     except Exception:
         inp.wait_verified()
         raise
     except BaseException:
-        if inp.checksums is not None:
-            inp.checksums.cancel()
+        if inp.checksum_check is not None:
+            inp.checksum_check.cancel()
         raise
     inp.wait_verified()
 
