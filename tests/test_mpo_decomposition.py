@@ -19,6 +19,7 @@ from mposurgeon.mpo import (
     error_bound,
     num_params,
     plan_shape,
+    reconstruct_split,
     relative_error,
     to_matrix,
     to_padded_matrix,
@@ -302,3 +303,40 @@ def test_relative_error() -> None:
     assert relative_error(a, a) == 0.0
     assert relative_error(a, torch.zeros(1, 2)) == pytest.approx(1.0)
     assert relative_error(a, a * 1.1) == pytest.approx(0.1)
+
+
+def _naive_matrix(cores: list[torch.Tensor]) -> torch.Tensor:
+    """W from the definition: chain the cores over their bonds, then order the out modes
+    before the in modes."""
+    chain = cores[0]
+    for core in cores[1:]:
+        chain = torch.tensordot(chain, core, dims=([chain.dim() - 1], [0]))
+    chain = chain.squeeze(0).squeeze(-1)
+    n = len(cores)
+    chain = chain.permute([2 * k for k in range(n)] + [2 * k + 1 for k in range(n)])
+    rows = math.prod(c.shape[1] for c in cores)
+    return chain.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_to_padded_matrix_matches_the_definition(seed: int) -> None:
+    """Random chains of 1 to 6 cores, unit modes and bonds of 1 included, whichever bond the
+    reconstruction joins its halves at."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 1 + seed % 6
+    modes = [
+        (
+            int(torch.randint(1, 4, (1,), generator=gen)),
+            int(torch.randint(1, 4, (1,), generator=gen)),
+        )
+        for _ in range(n)
+    ]
+    bonds = [1] + [int(torch.randint(1, 5, (1,), generator=gen)) for _ in range(n - 1)] + [1]
+    cores = [
+        torch.randn(bonds[k], o, i, bonds[k + 1], generator=gen, dtype=torch.float64)
+        for k, (o, i) in enumerate(modes)
+    ]
+    torch.testing.assert_close(
+        to_padded_matrix(cores), _naive_matrix(cores), rtol=1e-12, atol=1e-12
+    )
+    assert 1 <= reconstruct_split(cores) <= max(1, n - 1)

@@ -5,6 +5,7 @@ from mposurgeon.mpo.contract import (
     contract_flops,
     mpo_rows,
     reconstruct_flops,
+    reconstruct_split,
     rows_flops,
 )
 from mposurgeon.mpo.decomposition import (
@@ -52,6 +53,7 @@ __all__ = [
     "parse_mode_spec",
     "plan_shape",
     "reconstruct_flops",
+    "reconstruct_split",
     "relative_error",
     "rows_flops",
     "shape_from_modes",

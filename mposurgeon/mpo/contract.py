@@ -1,7 +1,8 @@
 """Using an MPO without forming W: x @ W.T through the cores, row lookups, and FLOP counts.
 
 All counts are multiply-adds. A layer compares `contract_flops(cores, batch)` with
-`reconstruct_flops(cores)` plus the dense product (batch * out * in) to pick its forward.
+`reconstruct_flops(cores)` plus the dense product (batch * out * in) to pick its forward;
+`reconstruct_split` tells `to_padded_matrix` where to join its two halves.
 """
 
 from __future__ import annotations
@@ -74,13 +75,37 @@ def mpo_rows(indices: Tensor, cores: Sequence[Tensor], shape: MPOShape) -> Tenso
 
 
 def reconstruct_flops(cores: Sequence[Tensor]) -> int:
-    """Multiply-adds of `to_padded_matrix` (left-to-right contraction into W)."""
+    """Multiply-adds of `to_padded_matrix` (halves joined at `reconstruct_split(cores)`)."""
+    return min(_split_costs(cores))
+
+
+def reconstruct_split(cores: Sequence[Tensor]) -> int:
+    """The bond c (1 <= c < n) at which `to_padded_matrix` joins cores[:c] and cores[c:]: the
+    one that needs the fewest multiply-adds, the first of equals (1 for a single core)."""
+    costs = _split_costs(cores)
+    return 1 + costs.index(min(costs))
+
+
+def _split_costs(cores: Sequence[Tensor]) -> list[int]:
+    """Multiply-adds of reconstructing W with the halves joined at bond c, for c = 1 .. n-1.
+
+    The left half grows from core 0 rightwards, the right half from core n-1 leftwards; the
+    last product is (prod of the left halves' I J, r_c) @ (r_c, prod of the right halves' I J).
+    """
     (out_modes, in_modes), bonds = modes_of(cores), bonds_of(cores)
-    total, rows = 0, out_modes[0] * in_modes[0]
-    for k in range(1, len(cores)):
-        total += rows * bonds[k] * out_modes[k] * in_modes[k] * bonds[k + 1]
-        rows *= out_modes[k] * in_modes[k]
-    return total
+    n = len(cores)
+    sizes = [o * i for o, i in zip(out_modes, in_modes, strict=True)]
+    left = [0] * (n + 1)  # left[c]: cost of contracting cores[:c]
+    for k in range(1, n):
+        left[k + 1] = left[k] + math.prod(sizes[:k]) * bonds[k] * sizes[k] * bonds[k + 1]
+    right = [0] * (n + 1)  # right[c]: cost of contracting cores[c:]
+    for k in range(n - 2, -1, -1):
+        right[k] = right[k + 1] + bonds[k] * sizes[k] * bonds[k + 1] * math.prod(sizes[k + 1 :])
+    costs = [
+        left[c] + right[c] + math.prod(sizes[:c]) * bonds[c] * math.prod(sizes[c:])
+        for c in range(1, n)
+    ]
+    return costs or [0]  # one core: nothing to contract
 
 
 def contract_flops(cores: Sequence[Tensor], batch: int) -> int:
