@@ -36,7 +36,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field, field_validator
@@ -67,7 +67,7 @@ from mposurgeon.training.loop import (
     LoopConfig,
     LoopState,
     TrainingRun,
-    make_accelerator,
+    launch_accelerator,
     model_inputs,
 )
 from mposurgeon.training.model import classification_model
@@ -81,6 +81,9 @@ from mposurgeon.training.params import (
     trained_core_indices,
     unique_state_dict,
 )
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 #: Weight types that dynamic selection scores (the OPF paper's).
 DYNAMIC_WEIGHT_TYPES = ("FFN_1", "FFN_2", "attention")
@@ -181,7 +184,20 @@ def train(
     )
     warnings = _data_warnings(train_data, opts)
 
-    accelerator = make_accelerator()
+    with launch_accelerator() as accelerator:
+        return _train_with(accelerator, inp, opts, train_data, eval_data, warnings, progress)
+
+
+def _train_with(
+    accelerator: Accelerator,
+    inp: StageInput,
+    opts: TrainOptions,
+    train_data: TextDataset,
+    eval_data: TextDataset | None,
+    warnings: list[str],
+    progress: ProgressCallback | None,
+) -> TrainResult:
+    """The training run of `train` once its inputs are read, in every process of the launch."""
     out, partial = _plan_output(inp, opts)
     accelerator.wait_for_everyone()  # every process planned before anything is created
 

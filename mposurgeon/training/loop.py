@@ -25,8 +25,8 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -123,10 +123,22 @@ class EpochSampler(Sampler[int]):
         return self.size
 
 
-def make_accelerator() -> Accelerator:
-    """An Accelerator for this launch: CPU (gloo) for a multi-process launch without GPUs."""
+@contextmanager
+def launch_accelerator() -> Iterator[Accelerator]:
+    """An Accelerator for this launch: CPU (gloo) for a multi-process launch without GPUs.
+
+    On the way out it destroys the process group it started, if it started one: gloo's worker
+    threads must not outlive the interpreter, or it aborts at exit (SIGABRT, "terminate called
+    without an active exception"). A group the caller had set up is left alone.
+    """
+    started_here = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(cpu=distributed and not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=distributed and not torch.cuda.is_available())
+    try:
+        yield accelerator
+    finally:
+        if started_here:
+            accelerator.end_training()
 
 
 def model_inputs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
