@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,12 @@ def test_csv_with_bom_and_int_labels(tmp_path: Path) -> None:
         ("binary.jsonl", b'{"text": "a", "label": 1}\n{"text": "\xff"}\n', "line 2: not UTF-8"),
         ("binary.csv", b"text,label\na,1\nb,0\n\xfe,1\n", "line 4: not UTF-8"),
         ("data.txt", "a\n", "unknown data format"),
+        ("open.csv", 'text,label\na,1\n\n"b,0\nc,1\n', "line 4: unterminated quoted field"),
+        ("open.tsv", 'text\tlabel\na\t1\n"b\t0\n', "line 3: unterminated quoted field"),
+        ("stray.csv", 'text,label\na,1\n"b"c,0\n', "line 3: malformed CSV"),
+        ("open-header.csv", 'text,"label\na,1\n', "line 1: unterminated quoted field"),
+        ("twice.csv", "text,label,text\na,1,b\n", "line 1: column 'text' appears twice"),
+        ("twice-label.csv", "label,text,label\n1,a,0\n", "column 'label' appears twice"),
     ],
 )
 def test_bad_files_name_the_file_and_line(
@@ -95,3 +102,13 @@ def test_missing_file_and_unknown_eval_label(tmp_path: Path) -> None:
     evaluation = read_dataset(_write(tmp_path, "e.jsonl", '\n{"text": "b", "label": "y"}\n'))
     with pytest.raises(DataError, match=r"e\.jsonl line 2: label 'y' is not one of"):
         evaluation.with_labels(train.labels)
+
+
+def test_csv_fields_longer_than_the_csv_module_default_are_read(tmp_path: Path) -> None:
+    """csv refuses fields over 131,072 characters by default; a long text is legitimate (it is
+    cut to --max-length tokens later), so the reader allows fields as long as the file."""
+    long = "word " * 60_000
+    path = _write(tmp_path, "long.csv", f'text,label\n"{long}",1\nshort,0\n')
+    data = read_dataset(path)
+    assert [(e.text, e.line) for e in data.examples] == [(long, 2), ("short", 3)]
+    assert csv.field_size_limit() == 131_072  # the process-wide limit is left as it was

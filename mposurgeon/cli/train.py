@@ -54,7 +54,9 @@ def train_command(
     max_length: Annotated[
         int, typer.Option("--max-length", help="Tokens per row (truncated).")
     ] = 128,
-    seed: Annotated[int, typer.Option("--seed", help="Seeds head, data order, dropout.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seeds head, data order, dropout (0 to 2**32-1).")
+    ] = 0,
     eval_every: Annotated[
         int | None, typer.Option("--eval-every", help="Evaluate every N steps (and at the end).")
     ] = None,

@@ -22,7 +22,20 @@ Checkpoints and resume. With `save_every`, checkpoints go to the sibling directo
 the input and options. The directory is removed once the artifact is written; an interrupted
 run keeps it (never a partial artifact) and `resume` continues from it: with `-o` the
 `<out>.partial` of that output, without `-o` the newest `v<N>-train.partial` of this input in
-the workdir, which becomes `v<N>-train`.
+the workdir, which becomes `v<N>-train`. A damaged checkpoint (a file missing, truncated or
+garbled) is an error naming the file, with how to start over (`--overwrite` instead of
+`--resume`, or delete the `.partial` directory); it is left as it was.
+
+Divergence: when the loss or the weights become NaN or infinite, training stops with an error
+(exit 3) and nothing is written: no artifact, and the `.partial` directory of the run is removed
+(its checkpoints would diverge again: a resumed run takes exactly the same steps), unless the
+run was itself resumed from it, which then keeps it as it was found or newer (every checkpoint
+is checked finite before it is written).
+
+Every float option is finite and the seed lies in 0..2**32-1 (NumPy's range), else a usage
+error names the option. The input must ship tokenizer files (training a new empty vocabulary
+would map every word to the unknown token), and the tokenizer must know some of the words of
+the data.
 
 Multi-process (`accelerate launch`, `torchrun`): every process runs this function; only the main
 process writes files.
@@ -34,6 +47,8 @@ import json
 import math
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,11 +79,14 @@ from mposurgeon.stages.decompose import mpo_record
 from mposurgeon.training.data import TextDataset, encode, read_dataset
 from mposurgeon.training.loop import (
     CHECKPOINT,
+    DamagedCheckpoint,
     LoopConfig,
     LoopState,
+    TrainingDiverged,
     TrainingRun,
     launch_accelerator,
     model_inputs,
+    reading_checkpoint,
 )
 from mposurgeon.training.model import classification_model
 from mposurgeon.training.params import (
@@ -89,6 +107,8 @@ if TYPE_CHECKING:
 DYNAMIC_WEIGHT_TYPES = ("FFN_1", "FFN_2", "attention")
 #: Batches of training data that one Fisher scoring round looks at.
 FISHER_MAX_BATCHES = 64
+#: The largest seed: `numpy.random.seed` (which accelerate's `set_seed` calls) takes 0..2**32-1.
+MAX_SEED = 2**32 - 1
 #: Points kept in `metrics.loss_history`.
 LOSS_HISTORY_POINTS = 20
 #: Options that may differ between an interrupted run and its `--resume`.
@@ -107,22 +127,25 @@ _RESUME_FREE = {
 
 
 class TrainOptions(StageOptions):
-    """Options of `train` (the CLI flags, one to one). Steps are optimizer steps."""
+    """Options of `train` (the CLI flags, one to one). Steps are optimizer steps. Every float
+    is finite (an infinite learning rate or decay would train NaN weights)."""
 
     data: Path = Field(description="training data: .jsonl or .csv with text and label")
     eval_data: Path | None = None
     mode: Mode = Field(description="lightweight (MPOP), overparam (OPF) or full")
     epochs: int = Field(3, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after N steps (overrides epochs)")
-    lr: float = Field(2e-5, gt=0)
-    mpo_lr: float | None = Field(None, gt=0, description="learning rate of MPO cores (default lr)")
+    lr: float = Field(2e-5, gt=0, allow_inf_nan=False)
+    mpo_lr: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="learning rate of MPO cores (default lr)"
+    )
     batch_size: int = Field(16, ge=1, description="rows per batch and process")
     grad_accum: int = Field(1, ge=1)
-    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    weight_decay: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False)
     max_length: int = Field(128, ge=2)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="NumPy takes seeds below 2**32")
     eval_every: int | None = Field(None, ge=1)
     save_every: int | None = Field(None, ge=1)
     resume: bool = False
@@ -234,7 +257,8 @@ def _train_with(
     resumed_from = None
     try:
         if opts.resume:
-            run.restore(partial / CHECKPOINT)
+            with _start_over_hint(partial):
+                run.restore(partial / CHECKPOINT)
             resumed_from = run.state.step
         elif opts.save_every and accelerator.is_main_process:
             _start_partial(partial, inp, opts)
@@ -242,10 +266,16 @@ def _train_with(
         state = run.run()
     except BaseException as exc:
         kept = (partial / CHECKPOINT).is_dir()
+        diverged = isinstance(exc, TrainingDiverged)
+        if diverged and not opts.resume:
+            kept = False  # its checkpoints would diverge again: resume takes the same steps
         if accelerator.is_main_process and not kept:
             shutil.rmtree(partial, ignore_errors=True)  # nothing to resume from: leave nothing
         if kept and isinstance(exc, KeyboardInterrupt):
             raise TrainingInterrupted(partial, run.state.step, run.checkpoint_step) from exc
+        if diverged:
+            where = f" (the checkpoint resumed from is kept in {partial})" if kept else ""
+            raise TrainingDiverged(f"{exc}; nothing was written{where}", exc.hint) from None
         raise
     if hook is not None:
         records.update(hook.records())
@@ -363,12 +393,13 @@ def _plan_output(inp: StageInput, opts: TrainOptions) -> tuple[Path, Path]:
     else:
         out = _latest_partial_output(inp, opts)
     partial = _partial_of(out)
-    if not (partial / CHECKPOINT / "state.json").is_file():
+    if not (partial / CHECKPOINT).is_dir():
         raise UsageError(
             f"nothing to resume: no checkpoint in {partial}",
-            hint="run without --resume (checkpoints are written with --save-every N)",
+            hint="run without --resume, with --overwrite if the directory exists (checkpoints "
+            "are written with --save-every N)",
         )
-    saved = json.loads((partial / "run.json").read_text(encoding="utf-8"))
+    saved = _read_run_record(partial)
     expected = _resume_record(inp, opts)
     if saved["input"] != expected["input"]:
         raise UsageError(
@@ -397,8 +428,8 @@ def _latest_partial_output(inp: StageInput, opts: TrainOptions) -> Path:
     for child in parent.iterdir() if parent.is_dir() else []:
         match = pattern.match(child.name)
         if match and (child / "run.json").is_file():
-            saved = json.loads((child / "run.json").read_text(encoding="utf-8"))
-            if saved.get("input") == str(Path(inp.path).resolve()):
+            saved = _read_run_record(child)
+            if saved["input"] == str(Path(inp.path).resolve()):
                 found.append((int(match.group(1)), child))
     if not found:
         raise UsageError(
@@ -409,6 +440,36 @@ def _latest_partial_output(inp: StageInput, opts: TrainOptions) -> Path:
     out = partial.parent / partial.name.removesuffix(".partial")
     check_output_dir(out, inputs=[inp.path], overwrite=opts.overwrite)
     return out
+
+
+def _read_run_record(partial: Path) -> dict[str, Any]:
+    """`<partial>/run.json` (see `_resume_record`); a `DamagedCheckpoint` when it is missing or
+    not such a record."""
+    file = partial / "run.json"
+    with _start_over_hint(partial), reading_checkpoint(file):
+        saved = json.loads(file.read_text(encoding="utf-8"))
+    if not (
+        isinstance(saved, dict)
+        and isinstance(saved.get("input"), str)
+        and isinstance(saved.get("options"), dict)
+    ):
+        raise DamagedCheckpoint(
+            file, 'is not a run record {"input": ..., "options": ...}', _START_OVER.format(partial)
+        )
+    return saved
+
+
+_START_OVER = "start over: run the same command with --overwrite instead of --resume, or delete {}"
+
+
+@contextmanager
+def _start_over_hint(partial: Path) -> Iterator[None]:
+    """Give a `DamagedCheckpoint` raised in the body the hint of how to start over."""
+    try:
+        yield
+    except DamagedCheckpoint as exc:
+        exc.hint = _START_OVER.format(partial)
+        raise
 
 
 def _start_partial(partial: Path, inp: StageInput, opts: TrainOptions) -> None:

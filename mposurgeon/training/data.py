@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mposurgeon.errors import DataError, ModelNotFoundError
+from mposurgeon.errors import DataError, ModelNotFoundError, UsageError
 
 TEXT_COLUMNS = (("text", None), ("text_a", "text_b"))
 
@@ -120,15 +120,65 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield line_no, row
 
 
-def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
-    for row in reader:
-        if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
-            continue
-        label = row.get("label")
-        if isinstance(label, str) and _is_int(label):
-            row["label"] = int(label)
-        yield reader.line_num, row
+def _csv_rows(path: Path, delimiter: str) -> list[tuple[int, dict[str, Any]]]:
+    """The non-blank rows of a CSV/TSV file with their line numbers.
+
+    Strict CSV: an unterminated quoted field or text after a closing quote is an error naming
+    the line where the record starts, and so is a header that names a column twice. Fields may
+    be as long as the file (the csv module's default limit is 131,072 characters; a long text
+    is legitimate, it is cut to `--max-length` tokens later); the process-wide limit is
+    restored afterwards.
+    """
+    text = _read_text(path)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    rows: list[tuple[int, dict[str, Any]]] = []
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text) + 1))
+    end = 0  # the last line of the records read so far
+    try:
+        _check_header(path, reader.fieldnames or [])
+        end = reader.line_num
+        for row in reader:
+            end = reader.line_num
+            if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+                continue
+            label = row.get("label")
+            if isinstance(label, str) and _is_int(label):
+                row["label"] = int(label)
+            rows.append((end, row))
+    except csv.Error as exc:
+        line = _record_start(text, end)
+        if "unexpected end of data" in str(exc):
+            problem = "unterminated quoted field (its closing quote is missing)"
+        else:
+            problem = f"malformed CSV ({exc})"
+        raise DataError(
+            f"{path.name} line {line}: {problem}",
+            hint='quote fields that hold the delimiter, quotes or newlines: "a ""b"", c"',
+        ) from None
+    finally:
+        csv.field_size_limit(limit)
+    return rows
+
+
+def _check_header(path: Path, columns: Sequence[str]) -> None:
+    seen: set[str] = set()
+    for column in columns:
+        if column in seen:
+            raise DataError(
+                f"{path.name} line 1: column {column!r} appears twice in the header",
+                hint="give every column its own name",
+            )
+        seen.add(column)
+
+
+def _record_start(text: str, end: int) -> int:
+    """The line where the record after line `end` starts (the reader skips blank lines)."""
+    lines = text.split("\n")
+    line = end
+    while line < len(lines) and not lines[line].strip():
+        line += 1
+    return line + 1
 
 
 def _is_int(text: str) -> bool:
@@ -167,11 +217,20 @@ def _label_names(labels: Sequence[int | str]) -> list[str]:
 
 def encode(dataset: TextDataset, tokenizer: Any, max_length: int = 128) -> list[dict[str, Any]]:
     """Tokenize every example, unpadded, with its `labels` id: feed batches of these to
-    `transformers.DataCollatorWithPadding(tokenizer)`."""
+    `transformers.DataCollatorWithPadding(tokenizer)`. A tokenizer that turns every row into
+    special tokens only (all unknown, or nothing) does not fit the data: a usage error."""
     texts = [ex.text for ex in dataset.examples]
     pairs = [ex.text_pair or "" for ex in dataset.examples]
     has_pairs = any(ex.text_pair is not None for ex in dataset.examples)
     enc = tokenizer(texts, pairs if has_pairs else None, truncation=True, max_length=max_length)
+    special = set(tokenizer.all_special_ids)
+    if not any(set(ids) - special for ids in enc["input_ids"]):
+        unk = f" ({tokenizer.unk_token})" if tokenizer.unk_token else ""
+        raise UsageError(
+            f"the tokenizer maps every word of {dataset.path.name} to its unknown token{unk} "
+            "or to nothing: it does not fit this data",
+            hint="train a checkpoint whose tokenizer covers the language of the data",
+        )
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
     return [
         {**{k: enc[k][i] for k in keys}, "labels": label}

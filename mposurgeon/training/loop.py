@@ -15,6 +15,12 @@ Determinism and resume. The order of the rows in epoch e depends only on (seed, 
 weights (tied tensors once), the MPO structure, optimizer and scheduler states, every process's
 RNG states and the position (epoch, batch in epoch, step), taken at optimizer-step boundaries:
 a resumed run takes exactly the steps of the uninterrupted one.
+
+Divergence. A step whose mean loss is NaN or infinite stops the run with `TrainingDiverged`
+(a `VerificationError`, exit 3), and so do non-finite weights before a checkpoint is written and
+at the end: no checkpoint and no result ever holds NaN weights. A checkpoint that cannot be read
+back (a file missing, truncated, or not what `save_checkpoint` wrote) is a `DamagedCheckpoint`
+naming the file.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import get_linear_schedule_with_warmup
 
 from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
-from mposurgeon.errors import UsageError
+from mposurgeon.errors import ArtifactError, UsageError, VerificationError
 from mposurgeon.models.layers import reuse_dense_weights
 from mposurgeon.training.params import (
     Mode,
@@ -59,6 +65,43 @@ CHECKPOINT = "checkpoint"
 _CHECKPOINT_TMP = ".checkpoint-tmp"
 _CHECKPOINT_OLD = ".checkpoint-old"
 _SHARD = 10**12  # checkpoint weights in one file
+_WEIGHTS = "model.safetensors"
+_DIVERGED_HINT = "lower --lr (and --mpo-lr), or clip gradients harder with --max-grad-norm"
+
+
+class TrainingDiverged(VerificationError):
+    """The training loss or the weights became NaN or infinite."""
+
+
+class DamagedCheckpoint(ArtifactError):
+    """A checkpoint file that is missing or cannot be read back; the message names it."""
+
+    def __init__(self, file: Path, detail: str, hint: str | None = None) -> None:
+        super().__init__(f"the checkpoint in {file.parent} is damaged: {file.name} {detail}", hint)
+        self.file = file
+
+
+def damage_detail(exc: BaseException) -> str:
+    """What is wrong with a checkpoint file, from the error its reading raised (a few words)."""
+    if isinstance(exc, FileNotFoundError):
+        return "is missing"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"is not valid JSON ({exc.msg} at line {exc.lineno})"
+    if isinstance(exc, KeyError):
+        return f"lacks the entry {exc.args[0]!r}" if exc.args else "lacks an entry"
+    inner = exc.__context__ if "weights_only" in str(exc) and exc.__context__ else exc
+    text = (str(inner).strip().splitlines() or [type(inner).__name__])[0].split(". ")[0]
+    return f"cannot be read ({text[:120]})"
+
+
+@contextmanager
+def reading_checkpoint(file: Path) -> Iterator[None]:
+    """Turn any failure to read or apply `file` (torch and safetensors raise many kinds:
+    UnpicklingError, RuntimeError, EOFError, SafetensorError, ...) into `DamagedCheckpoint`."""
+    try:
+        yield
+    except Exception as exc:
+        raise DamagedCheckpoint(file, damage_detail(exc)) from exc
 
 
 @dataclass
@@ -281,6 +324,7 @@ class TrainingRun:
                     self._prepare()
                 self.model.train()
             self._epoch()
+        self._check_weights()
         if self.eval_dl is not None and (not state.evals or state.evals[-1]["step"] != state.step):
             self.evaluate()
         return state
@@ -308,9 +352,14 @@ class TrainingRun:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             if last:
                 self._optimizer_step()
-                step_loss = acc.reduce(torch.stack(pending).mean(), reduction="mean")
+                step_loss = float(acc.reduce(torch.stack(pending).mean(), reduction="mean"))
                 pending = []
-                self._after_step(float(step_loss))
+                if not math.isfinite(step_loss):
+                    raise TrainingDiverged(
+                        f"training diverged: the loss is {step_loss} at step {state.step}",
+                        hint=_DIVERGED_HINT,
+                    )
+                self._after_step(step_loss)
                 if state.step >= self.total_steps:
                     return
 
@@ -331,6 +380,17 @@ class TrainingRun:
             self.save_checkpoint()
         if self.progress is not None:
             self.progress(f"train loss {loss:.4f}", state.step, self.total_steps)
+
+    @torch.no_grad()
+    def _check_weights(self) -> None:
+        """Stop with `TrainingDiverged` if a parameter holds NaN or infinity."""
+        for name, param in self.unwrapped.named_parameters():
+            if not bool(torch.isfinite(param).all()):
+                raise TrainingDiverged(
+                    f"training diverged: {name} holds NaN or infinite values at step "
+                    f"{self.state.step}",
+                    hint=_DIVERGED_HINT,
+                )
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -365,6 +425,7 @@ class TrainingRun:
         """Write `<checkpoint_dir>/checkpoint` (replacing the previous one only once complete)."""
         assert self.checkpoint_dir is not None
         acc = self.accelerator
+        self._check_weights()  # never a checkpoint of a diverged run
         final = self.checkpoint_dir / CHECKPOINT
         tmp = self.checkpoint_dir / _CHECKPOINT_TMP
         acc.wait_for_everyone()
@@ -406,25 +467,36 @@ class TrainingRun:
         return final
 
     def restore(self, directory: Path) -> None:
-        """Continue from the checkpoint in `directory` (written by `save_checkpoint`)."""
+        """Continue from the checkpoint in `directory` (written by `save_checkpoint`); a file
+        that is missing or cannot be read back is a `DamagedCheckpoint` naming it."""
         acc = self.accelerator
-        info = json.loads((directory / "state.json").read_text(encoding="utf-8"))
-        if info["num_processes"] != acc.num_processes:
+        state_file = directory / "state.json"
+        with reading_checkpoint(state_file):
+            info = json.loads(state_file.read_text(encoding="utf-8"))
+            num_processes, total_steps = int(info["num_processes"]), int(info["total_steps"])
+            structure, hook_state = info["structure"], info["hook"]
+            state = LoopState(**info["state"])
+        if num_processes != acc.num_processes:
             raise UsageError(
-                f"the checkpoint in {directory} was written by {info['num_processes']} "
+                f"the checkpoint in {directory} was written by {num_processes} "
                 f"processes; this run has {acc.num_processes}",
                 hint="resume with the same number of processes",
             )
-        if info["total_steps"] != self.total_steps:
+        if total_steps != self.total_steps:
             raise UsageError(
-                f"the checkpoint in {directory} is of a run of {info['total_steps']} steps; "
+                f"the checkpoint in {directory} is of a run of {total_steps} steps; "
                 f"these options give {self.total_steps}",
                 hint="resume with the options of the interrupted run",
             )
-        with open_tensors(directory) as reader:
-            tensors = {key: reader.get(key) for key in reader.keys()}
-        install_cores(self.unwrapped, info["structure"], tensors)
-        result = self.unwrapped.load_state_dict(tensors, strict=False)
+        with reading_checkpoint(directory / _WEIGHTS):
+            if not (directory / _WEIGHTS).is_file():
+                raise FileNotFoundError(directory / _WEIGHTS)
+            with open_tensors(directory / _WEIGHTS) as reader:
+                tensors = {key: reader.get(key) for key in reader.keys()}
+        with reading_checkpoint(state_file):
+            install_cores(self.unwrapped, structure, tensors)
+        with reading_checkpoint(directory / _WEIGHTS):
+            result = self.unwrapped.load_state_dict(tensors, strict=False)
         _, aliases = unique_state_dict(self.unwrapped)
         missing = [k for k in result.missing_keys if k not in aliases]
         if missing or result.unexpected_keys:
@@ -433,17 +505,19 @@ class TrainingRun:
                 f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})",
                 hint="resume with the input and options of the interrupted run",
             )
-        if self.hook is not None and info["hook"] is not None:
-            self.hook.load_state_dict(info["hook"])
+        if self.hook is not None and hook_state is not None:
+            with reading_checkpoint(state_file):
+                self.hook.load_state_dict(hook_state)
         self._prepare()
-        saved = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self._load_schedule(saved["scheduler"])
-        rng = torch.load(
-            directory / f"rng-{acc.process_index}.pt", map_location="cpu", weights_only=True
-        )
-        _set_rng_state(rng)
-        self.state = LoopState(**info["state"])
+        optimizer_file = directory / "optimizer.pt"
+        with reading_checkpoint(optimizer_file):
+            saved = torch.load(optimizer_file, map_location="cpu", weights_only=True)
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self._load_schedule(saved["scheduler"])
+        rng_file = directory / f"rng-{acc.process_index}.pt"
+        with reading_checkpoint(rng_file):
+            _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+        self.state = state
         self.checkpoint_step = self.state.step
         self._restored = True
 

@@ -28,8 +28,40 @@ class ClassifierSetup:
     pad_token_set: str | None
 
 
-def load_tokenizer(path: Path) -> Any:
-    """The checkpoint's tokenizer; a clear error when it ships none."""
+#: Files that hold a tokenizer's vocabulary (one of them is needed; `tokenizer_config.json`
+#: alone is not a tokenizer).
+VOCABULARY_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def load_tokenizer(path: Path, *, is_artifact: bool = False) -> Any:
+    """The checkpoint's tokenizer; a clear error when it ships none.
+
+    A directory without vocabulary files is refused before transformers sees it: for many
+    model types (BERT, GPT-2, T5) it would build an empty vocabulary and map every word to the
+    unknown token, and a model trained on that learns nothing of the text.
+    """
+    path = Path(path)
+    if path.is_dir() and not any((path / name).is_file() for name in VOCABULARY_FILES):
+        if is_artifact:
+            hint = (
+                "the artifact was made from a checkpoint without tokenizer files: copy the "
+                "base model's tokenizer files into that checkpoint and decompose it again"
+            )
+        else:
+            hint = (
+                f"copy the tokenizer files of the base model ({', '.join(VOCABULARY_FILES[:3])}"
+                f", tokenizer_config.json, ...) into {path}"
+            )
+        raise UsageError(
+            f"{path} has no tokenizer files (none of {', '.join(VOCABULARY_FILES)})", hint=hint
+        )
     try:
         with quiet_transformers():
             return AutoTokenizer.from_pretrained(path)
@@ -60,7 +92,7 @@ def classification_model(
     """`path`'s model with a sequence-classification head for `labels` (MPO layers in place for
     an artifact). The head's initialization is seeded."""
     config = AutoConfig.from_pretrained(path)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, is_artifact=is_artifact)
     pad = ensure_pad_token(tokenizer, config)
     config.num_labels = len(labels)
     config.id2label = dict(enumerate(labels))
