@@ -49,3 +49,12 @@ class OutputExistsError(MposurgeonError):
 
 class DataError(MposurgeonError):
     """A training or scoring data file that cannot be read: the message names file and line."""
+
+
+class OutputError(MposurgeonError):
+    """An output that cannot be written: no space left, a file size limit, a read-only or
+    unwritable file system. The message names the file, `path`."""
+
+    def __init__(self, message: str, hint: str | None = None, path: object = None) -> None:
+        super().__init__(message, hint)
+        self.path = path

@@ -64,7 +64,8 @@ def _artifact(directory: Path, stage: str = "decompose", parent: Path | None = N
     """Write a small artifact (weights + config + manifest) into `directory`."""
     directory.mkdir(parents=True)
     with ShardedWriter(directory, 10**6) as writer:
-        writer.add("encoder.layer.0.intermediate.dense.mpo.core.0", torch.randn(1, 4, 2, 8))
+        for k, shape in enumerate([(1, 4, 2, 8), (8, 4, 4, 8), (8, 4, 4, 1)]):  # as _record()
+            writer.add(f"encoder.layer.0.intermediate.dense.mpo.core.{k}", torch.randn(shape))
         writer.add("encoder.layer.0.intermediate.dense.bias", torch.zeros(64))
     (directory / "config.json").write_text('{"model_type": "bert"}')
     parent_manifest = read_manifest(parent) if parent else None

@@ -4,22 +4,43 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
-from pydantic_core import to_jsonable_python
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError, to_jsonable_python
+from typing_extensions import Required, TypedDict
 
 from mposurgeon._version import __version__
-from mposurgeon.artifact.store import checksum_files, sha256_file
+from mposurgeon.artifact.naming import CORE_KEY, core_key
+from mposurgeon.artifact.store import (
+    MANIFEST_NAME,
+    MODEL_FILES,
+    artifact_symlinks,
+    checksum_files,
+    sha256_file,
+    write_error,
+)
+from mposurgeon.artifact.tensors import open_tensors
 from mposurgeon.errors import ArtifactError
 
 FORMAT = "mposurgeon-artifact"
 FORMAT_VERSION = 1
-MANIFEST_NAME = "mposurgeon.json"
+__all__ = ["MANIFEST_NAME"]  # re-exported: defined in `store`, which writes it too
 
 #: Files whose presence changes what a loader reads: they must all be listed in `files`.
 TENSOR_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -27,6 +48,32 @@ TENSOR_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 #: A JSON object; values such as Path or tuple become their JSON form (str, list) on the way in,
 #: so a manifest in memory equals the one read back from disk (recipes compare options).
 JsonDict = Annotated[dict[str, Any], BeforeValidator(to_jsonable_python)]
+
+#: How deep a manifest's JSON may nest (the deepest a stage writes is about 6).
+MAX_DEPTH = 32
+
+#: Float dtypes a module's original weight may have (what merge casts back to).
+FloatDtype = Literal["float16", "bfloat16", "float32", "float64"]
+
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+
+
+def _module_name(value: str) -> str:
+    """A dotted module path like `encoder.layer.0.output.dense`: no `/`, no empty parts."""
+    if not _MODULE_NAME.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a dotted module name (letters, digits, _ and - between dots)"
+        )
+    return value
+
+
+#: A module (or tensor) name: a dotted path, never a file path.
+ModuleName = Annotated[str, AfterValidator(_module_name)]
+
+
+def _field_error(field: str, text: str) -> PydanticCustomError:
+    """A validation error about `field` (relative to the record being validated)."""
+    return PydanticCustomError("manifest_field", "{field}: {text}", {"field": field, "text": text})
 
 
 class _Record(BaseModel):
@@ -42,49 +89,66 @@ class ModuleRecord(_Record):
     (`prod(out_modes) == out_dim + out_padding`).
     """
 
-    name: str
+    name: ModuleName
     kind: Literal["linear", "conv1d", "embedding"]
-    weight_key: str
-    shape: list[int]
-    dtype: str
-    out_dim: int
-    in_dim: int
-    out_modes: list[int]
-    in_modes: list[int]
-    out_padding: int
-    in_padding: int
-    bonds: list[int]
+    weight_key: ModuleName
+    shape: list[PositiveInt]
+    dtype: FloatDtype
+    out_dim: PositiveInt
+    in_dim: PositiveInt
+    out_modes: list[PositiveInt]
+    in_modes: list[PositiveInt]
+    out_padding: NonNegativeInt
+    in_padding: NonNegativeInt
+    bonds: list[PositiveInt]
     central_index: int
     trainable: list[int] = []
     rel_error: float | None = None
     predicted_error: float | None = None
-    params: int
-    dense_params: int
+    params: NonNegativeInt
+    dense_params: NonNegativeInt
     entropy: list[float] = []
-    tied_keys: list[str] = []
+    tied_keys: list[ModuleName] = []
 
     @model_validator(mode="after")
     def _consistent(self) -> ModuleRecord:
         n = len(self.out_modes)
-        problems = []
+        problems: list[tuple[str, str]] = []
         if len(self.in_modes) != n or n == 0:
             problems.append(
-                f"out_modes {self.out_modes} and in_modes {self.in_modes} differ in length"
+                (
+                    "in_modes",
+                    f"out_modes {self.out_modes} and in_modes {self.in_modes} differ in length",
+                )
             )
         if len(self.bonds) != n + 1:
-            problems.append(f"bonds {self.bonds} should have {n + 1} entries")
+            problems.append(("bonds", f"{self.bonds} should have {n + 1} entries"))
+        elif self.bonds[0] != 1 or self.bonds[-1] != 1:
+            problems.append(("bonds", f"{self.bonds} should start and end with 1"))
         if not 0 <= self.central_index < max(n, 1):
-            problems.append(f"central_index {self.central_index} is not a core index")
+            problems.append(("central_index", f"{self.central_index} is not a core index"))
         if any(not 0 <= i < n for i in self.trainable):
-            problems.append(f"trainable {self.trainable} names cores outside 0..{n - 1}")
+            problems.append(("trainable", f"{self.trainable} names cores outside 0..{n - 1}"))
         if self.out_modes and math.prod(self.out_modes) != self.out_dim + self.out_padding:
-            problems.append(f"out_modes {self.out_modes} do not multiply to out_dim + out_padding")
+            problems.append(
+                ("out_modes", f"{self.out_modes} do not multiply to out_dim + out_padding")
+            )
         if self.in_modes and math.prod(self.in_modes) != self.in_dim + self.in_padding:
-            problems.append(f"in_modes {self.in_modes} do not multiply to in_dim + in_padding")
-        if math.prod(self.shape) != self.out_dim * self.in_dim:
-            problems.append(f"shape {self.shape} does not hold out_dim x in_dim")
+            problems.append(("in_modes", f"{self.in_modes} do not multiply to in_dim + in_padding"))
+        # Conv1D stores its weight as (in, out); linear and embedding weights as (out, in).
+        conv1d = self.kind == "conv1d"
+        stored = [self.in_dim, self.out_dim] if conv1d else [self.out_dim, self.in_dim]
+        if self.shape != stored:
+            order = "[in_dim, out_dim]" if conv1d else "[out_dim, in_dim]"
+            problems.append(
+                ("shape", f"{self.shape} is not {order} = {stored} of a {self.kind} weight")
+            )
+        if self.weight_key != f"{self.name}.weight":
+            problems.append(("weight_key", f"{self.weight_key!r} is not {self.name + '.weight'!r}"))
         if problems:
-            raise ValueError("; ".join(problems))
+            field, first = problems[0]
+            more = "".join(f"; {f} {text}" for f, text in problems[1:])
+            raise _field_error(field, first + more)
         return self
 
 
@@ -95,6 +159,14 @@ class BaseInfo(_Record):
     model_id: str | None
     revision: str | None
     path: str
+
+    @field_validator("name")
+    @classmethod
+    def _one_component(cls, value: str) -> str:
+        # The default output directory is named after it: never a path of its own.
+        if value in ("", ".", "..") or any(c in value for c in "/\\\0"):
+            raise ValueError(f"{value!r} is not a model name (one directory name, no / or ..)")
+        return value
 
 
 class ParentInfo(_Record):
@@ -115,6 +187,112 @@ class LineageEntry(_Record):
     parent_manifest_sha256: str | None
 
 
+class _Open(TypedDict, total=False):
+    # Keys a stage does not know are kept as they are (a newer minor version may add some).
+    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
+
+
+class _DataRef(_Open, total=False):
+    path: str
+    sha256: str
+
+
+class _Round(_Open, total=False):
+    round: int
+    epoch: int | None
+    chosen: list[ModuleName] | None
+
+
+class _Schedule(_Open, total=False):
+    split_num: Required[PositiveInt]
+    per_round: Required[NonNegativeInt]
+    epochs: int | None
+    interval: int | None
+    rounds: Required[list[_Round]]
+
+
+class SelectionRecord(_Open, total=False):
+    """The manifest's `selection` (written by `select` and dynamic `train`): what its readers
+    (decompose, train, inspect) rely on."""
+
+    method: str | None
+    weight_types: list[str]
+    top_n: NonNegativeInt | None
+    split_num: PositiveInt | None
+    seed: int | None
+    data: _DataRef | None
+    scores: dict[ModuleName, float]
+    patterns: dict[ModuleName, str]
+    chosen: list[ModuleName]
+    schedule: _Schedule | None
+
+
+class _LossPoint(_Open, total=False):
+    step: int
+    loss: float | None
+
+
+class _Verify(_Open, total=False):
+    max_abs_diff: float | None
+    max_abs_value: float | None
+    tolerance: float | None
+    ok: bool
+
+
+class MetricsRecord(_Open, total=False):
+    """The manifest's `metrics` (written by `train`, and `merge --verify`): the types of the
+    figures that inspect, recipes and gates read."""
+
+    mode: str
+    steps: NonNegativeInt
+    epochs: float
+    final_loss: float | None
+    loss_history: list[_LossPoint]
+    eval: list[dict[str, Any]]
+    eval_accuracy: float | None
+    eval_macro_f1: float | None
+    eval_loss: float | None
+    trainable_params: NonNegativeInt | None
+    total_params: NonNegativeInt | None
+    trainable_fraction: float | None
+    seed: int | None
+    lr: float | None
+    mpo_lr: float | None
+    batch_size: PositiveInt | None
+    num_processes: PositiveInt | None
+    train_rows: NonNegativeInt | None
+    eval_rows: NonNegativeInt | None
+    resumed_from_step: int | None
+    mpo_modules: NonNegativeInt | None
+    verify: _Verify | None
+
+
+#: The figures a train stage always records, read together by `inspect`.
+_TRAIN_METRICS = (
+    "mode",
+    "steps",
+    "epochs",
+    "trainable_params",
+    "total_params",
+    "trainable_fraction",
+)
+_EVAL_METRICS = ("eval_macro_f1", "eval_loss", "eval_rows")
+
+
+def _complete_metrics(metrics: MetricsRecord) -> MetricsRecord:
+    """Train metrics come whole: one of the train figures needs the others (and an eval
+    accuracy the other eval figures), as `inspect` shows them together."""
+    if any(key in metrics for key in _TRAIN_METRICS):
+        for key in _TRAIN_METRICS:
+            if metrics.get(key) is None:
+                raise _field_error(key, "missing from the metrics of a train stage")
+    if metrics.get("eval_accuracy") is not None:
+        for key in _EVAL_METRICS:
+            if metrics.get(key) is None:
+                raise _field_error(key, "missing beside eval_accuracy")
+    return metrics
+
+
 class Manifest(_Record):
     """Contents of `mposurgeon.json` (format version 1)."""
 
@@ -129,8 +307,24 @@ class Manifest(_Record):
     lineage: list[LineageEntry]
     modules: dict[str, ModuleRecord]
     files: dict[str, str]
-    selection: JsonDict | None = None
-    metrics: JsonDict | None = None
+    selection: Annotated[SelectionRecord, BeforeValidator(to_jsonable_python)] | None = None
+    metrics: (
+        Annotated[
+            MetricsRecord,
+            BeforeValidator(to_jsonable_python),
+            AfterValidator(lambda m: _complete_metrics(m)),
+        ]
+        | None
+    ) = None
+
+    @model_validator(mode="after")
+    def _keys_are_names(self) -> Manifest:
+        for key, record in self.modules.items():
+            if key != record.name:
+                raise _field_error(
+                    f"modules.{key}.name", f"{record.name!r} differs from its key {key!r}"
+                )
+        return self
 
 
 #: Upgrades of the raw JSON: MIGRATIONS[v] turns a version-v manifest into version v + 1.
@@ -213,7 +407,11 @@ def write_manifest(
     """
     manifest.files = checksum_files(directory, exclude=(MANIFEST_NAME,), known=known)
     text = manifest.model_dump_json(indent=2)
-    (Path(directory) / MANIFEST_NAME).write_text(text + "\n", encoding="utf-8")
+    path = Path(directory) / MANIFEST_NAME
+    try:
+        path.write_text(text + "\n", encoding="utf-8")
+    except OSError as err:
+        raise write_error(path, err) from err
 
 
 def _bad(path: Path, what: str) -> ArtifactError:
@@ -241,8 +439,12 @@ def read_manifest(directory: Path) -> Manifest:
         raise _bad(
             path, f"is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
         ) from None
+    except RecursionError:
+        raise _bad(path, f"nests JSON deeper than {MAX_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise _bad(path, "is not a JSON object")
+    if (deep := _too_deep(data)) is not None:
+        raise _bad(path, f"has an invalid field {deep}: nested deeper than {MAX_DEPTH} levels")
     if data.get("format") != FORMAT:
         raise _bad(path, f"has format {data.get('format')!r}, expected {FORMAT!r}")
     version = data.get("format_version")
@@ -259,9 +461,31 @@ def read_manifest(directory: Path) -> Manifest:
         return Manifest.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        more = f" (and {err.error_count() - 1} more problems)" if err.error_count() > 1 else ""
-        raise _bad(path, f"has an invalid field {field}: {first['msg']}{more}") from None
+        parts = [str(part) for part in first["loc"]]
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "manifest_field":
+            ctx = first.get("ctx") or {}
+            parts.append(str(ctx.get("field")))
+            message = str(ctx.get("text"))
+        field = ".".join(parts) or "(top level)"
+        others = err.error_count() - 1
+        more = f" (and {others} more problem{'s' * (others > 1)})" if others else ""
+        raise _bad(path, f"has an invalid field {field}: {message}{more}") from None
+
+
+def _too_deep(data: Any) -> str | None:
+    """The path of the first value nested deeper than MAX_DEPTH in `data`, else None."""
+    stack: list[tuple[Any, list[str]]] = [(data, [])]
+    while stack:
+        value, where = stack.pop()
+        if len(where) > MAX_DEPTH:
+            shown = ".".join(where[:3])
+            return f"{shown}..." if len(where) > 3 else shown
+        if isinstance(value, dict):
+            stack.extend((v, [*where, str(k)]) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, [*where, str(i)]) for i, v in enumerate(value))
+    return None
 
 
 def manifest_sha256(directory: Path) -> str:
@@ -271,6 +495,11 @@ def manifest_sha256(directory: Path) -> str:
 
 def _is_tensor_file(name: str) -> bool:
     return name.endswith(TENSOR_FILE_SUFFIXES)
+
+
+def _is_loaded_file(rel_name: str) -> bool:
+    """A file a loader reads: any tensor file, or a config/tokenizer file at the top level."""
+    return _is_tensor_file(rel_name) or rel_name in MODEL_FILES
 
 
 _DAMAGED_HINT = "re-create the artifact with the stage that made it, or restore it from a copy"
@@ -283,8 +512,16 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
 
 
 def check_file_list(directory: Path, manifest: Manifest) -> None:
-    """The cheap half of `verify_files`: every listed file exists, no tensor file is unlisted."""
+    """The cheap half of `verify_files`: every listed file exists, no tensor, config or
+    tokenizer file is unlisted, and no file is a symbolic link (except in a Hugging Face cache
+    snapshot, whose files are links to its blobs)."""
     directory = Path(directory)
+    links = artifact_symlinks(directory)
+    if links:
+        raise ArtifactError(
+            f"{links[0]} in {directory} is a symbolic link: an artifact holds regular files only",
+            hint=f"remove {links[0]}, or re-create the artifact",
+        )
     for name in manifest.files:
         rel = PurePosixPath(name)
         if rel.is_absolute() or ".." in rel.parts:
@@ -297,7 +534,7 @@ def check_file_list(directory: Path, manifest: Manifest) -> None:
             )
     for path in sorted(directory.rglob("*")):
         rel_name = path.relative_to(directory).as_posix()
-        if path.is_file() and _is_tensor_file(path.name) and rel_name not in manifest.files:
+        if path.is_file() and _is_loaded_file(rel_name) and rel_name not in manifest.files:
             raise ArtifactError(
                 f"{rel_name} is not listed in {MANIFEST_NAME}: the artifact was modified",
                 hint=f"remove {rel_name}, or re-create the artifact",
@@ -364,9 +601,51 @@ class BackgroundChecksums:
         self._cancel.set()
 
 
+def check_cores(directory: Path, manifest: Manifest) -> None:
+    """Every module record has all its cores in the tensor files, with the shapes its bonds
+    and modes give, and every core in the files belongs to a record (headers only)."""
+    records = manifest.modules
+    where = Path(directory) / MANIFEST_NAME
+    try:
+        reader = open_tensors(directory)
+    except ArtifactError:
+        return  # a damaged tensor file: the checksum check (or the stage's read) reports it
+    with reader:
+        keys = set(reader.keys())
+        for name, rec in records.items():
+            for k in range(len(rec.out_modes)):
+                key = core_key(name, k)
+                expected = (rec.bonds[k], rec.out_modes[k], rec.in_modes[k], rec.bonds[k + 1])
+                if key not in keys:
+                    raise ArtifactError(
+                        f"{where} has an invalid field modules.{name}: its core {key} "
+                        "is not in the tensor files",
+                        hint=_DAMAGED_HINT,
+                    )
+                if tuple(reader.shape(key)) != expected:
+                    raise ArtifactError(
+                        f"{where} has an invalid field modules.{name}: core {key} has "
+                        f"shape {list(reader.shape(key))}, the record says {list(expected)}",
+                        hint=_DAMAGED_HINT,
+                    )
+        for key in sorted(keys):
+            match = CORE_KEY.fullmatch(key)
+            if match is None:
+                continue
+            rec = records.get(match["module"])
+            if rec is None or int(match["index"]) >= len(rec.out_modes):
+                raise ArtifactError(
+                    f"{key} in the tensor files belongs to no module of {where}",
+                    hint=_DAMAGED_HINT,
+                )
+
+
 def load_artifact(directory: Path, *, verify: bool = True) -> Manifest:
-    """Read the manifest of the artifact in `directory` and, unless `verify=False`, check files."""
+    """Read the manifest of the artifact in `directory`, check its file list and that its
+    records match its cores, and, unless `verify=False`, the files' checksums."""
     manifest = read_manifest(directory)
+    check_file_list(directory, manifest)
+    check_cores(directory, manifest)
     if verify:
-        verify_files(directory, manifest)
+        check_checksums(directory, manifest)
     return manifest

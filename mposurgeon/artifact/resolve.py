@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -67,13 +68,20 @@ class ResolvedModel:
     revision: str | None
 
 
+#: What a hub id `name` or `org/name` may look like (before an `@revision`).
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
 def _is_path_like(spec: str) -> bool:
+    """True when `spec` (that does not exist) can only be meant as a local path: it looks like
+    one, or its first part is an existing local directory (`out/model` with `out/` here)."""
+    repo = spec.partition("@")[0]  # a revision may hold slashes: refs/pr/1
     return (
         spec.startswith(("/", "./", "../", "~", ".\\", "..\\"))
         or spec in (".", "..")
         or spec.endswith((".safetensors", ".json"))
-        or spec.partition("@")[0].count("/") > 1  # a revision may hold slashes: refs/pr/1
         or "\\" in spec
+        or ("/" in repo and Path(repo.partition("/")[0]).is_dir())
     )
 
 
@@ -137,6 +145,11 @@ def resolve_model(
         raise ModelNotFoundError(
             f"no such file or directory: {spec}",
             hint="check the path, or pass a hub id like org/name",
+        )
+    if not _HUB_ID.fullmatch(spec.partition("@")[0]):
+        raise ModelNotFoundError(
+            f"no such file or directory, and not a hub id: {spec}",
+            hint="pass a local directory, or a hub id like org/name",
         )
     repo_id, _, at_revision = spec.partition("@")
     if at_revision:

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import errno
 import hashlib
+import json
 import os
 import re
 import secrets
 import shutil
+import socket
 import threading
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from mposurgeon.errors import OutputExistsError
+from mposurgeon.errors import ArtifactError, OutputError, OutputExistsError
+
+#: The manifest file that makes a directory an artifact (its schema lives in `manifest`).
+MANIFEST_NAME = "mposurgeon.json"
 
 #: Files copied from a base checkpoint into every artifact (never weights).
 MODEL_FILES = (
@@ -32,6 +39,62 @@ MODEL_FILES = (
 )
 
 _VERSION_RE = re.compile(r"^v(\d+)-")
+
+# -- write errors ----------------------------------------------------------------------------
+
+#: errnos that only a write raises, with what to say and what to do about them.
+_WRITE_ERRNOS: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: (
+        "no space left on device writing {path}",
+        "free space on that file system, or write elsewhere with -o / -w",
+    ),
+    errno.EDQUOT: (
+        "disk quota exceeded writing {path}",
+        "free space within your quota, or write elsewhere with -o / -w",
+    ),
+    errno.EFBIG: (
+        "file size limit exceeded writing {path}",
+        "raise the limit (ulimit -f), or pass a smaller --max-shard-size",
+    ),
+    errno.EROFS: (
+        "cannot write {path}: read-only file system",
+        "choose a writable output with -o or -w",
+    ),
+}
+_DENIED_ERRNOS = (errno.EACCES, errno.EPERM)
+
+
+def write_error(path: Path | str, err: OSError | int) -> OutputError:
+    """The one-line error for a failed write of `path` (`err`: the OSError or its errno)."""
+    code = err if isinstance(err, int) else err.errno
+    if code in _WRITE_ERRNOS:
+        message, hint = _WRITE_ERRNOS[code]
+        return OutputError(message.format(path=path), hint=hint, path=Path(path))
+    if code in _DENIED_ERRNOS:
+        return OutputError(
+            f"cannot write {path}: permission denied",
+            hint="choose a writable output with -o or -w",
+            path=Path(path),
+        )
+    reason = os.strerror(code) if code else (str(err) or type(err).__name__)
+    return OutputError(
+        f"cannot write {path}: {reason}",
+        hint="check the output directory and its file system",
+        path=Path(path),
+    )
+
+
+def is_write_only_error(err: OSError) -> bool:
+    """True for an OSError that only a write raises (no space, size limit, read-only FS)."""
+    return err.errno in _WRITE_ERRNOS
+
+
+# -- temporary siblings ----------------------------------------------------------------------
+
+#: This host, so that a temporary directory is only judged by a process table that owns it.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+#: `.<final>.tmp-<host>-<pid>-<random>`: a temporary directory of a run of this tool.
+_TMP_RE = re.compile(r"^\.(?P<final>.+)\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
 def _fsync_path(path: Path, *, directory: bool) -> None:
@@ -73,6 +136,44 @@ def _sibling(final: Path, tag: str) -> Path:
     return final.parent / f".{final.name}.{tag}-{secrets.token_hex(4)}"
 
 
+def _temp_sibling(final: Path) -> Path:
+    """A fresh temporary sibling of `final` whose name records this host and process."""
+    return final.parent / f".{final.name}.tmp-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists, owned by another user
+        return True
+    return True
+
+
+def clean_stale_temporaries(directory: Path) -> list[Path]:
+    """Remove the temporary directories that killed runs of this tool left in `directory`.
+
+    Only `.<name>.tmp-<host>-<pid>-<hex>` directories of this host whose process is gone are
+    removed; a live run's, another host's, or an older unmarked one is left alone.
+    """
+    removed: list[Path] = []
+    try:
+        children = list(Path(directory).iterdir())
+    except OSError:
+        return removed
+    for child in children:
+        match = _TMP_RE.match(child.name)
+        if not match or match["host"] != _HOST or _pid_alive(int(match["pid"])):
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary sibling of `final`; on success fsync it and rename it to `final`.
@@ -82,23 +183,64 @@ def atomic_directory(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     `overwrite=True` (the old directory is moved aside, the new one renamed in, the old deleted).
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(final, "tmp")
-    tmp.mkdir()
     try:
-        yield tmp
-        _fsync_tree(tmp)
-        _move_into_place(tmp, final, overwrite=overwrite)
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(err.filename or final.parent, err) from err
+    clean_stale_temporaries(final.parent)
+    tmp = _temp_sibling(final)
+    try:
+        tmp.mkdir()
+    except OSError as err:
+        raise write_error(final, err) from err
+    try:
+        try:
+            yield tmp
+        except OSError as err:
+            if not is_write_only_error(err):
+                raise
+            raise write_error(_shown(err.filename, tmp, final), err) from err
+        except OutputError as err:
+            if not isinstance(err.path, Path) or not _is_within(err.path, tmp):
+                raise
+            raise _relocated(err, tmp, final) from err.__cause__
+        try:
+            _fsync_tree(tmp)
+            _move_into_place(tmp, final, overwrite=overwrite)
+        except OSError as err:
+            raise write_error(_shown(err.filename, tmp, final), err) from err
     except BaseException:
         _remove(tmp)
+        release_claim(final)
         raise
-    _fsync_path(final.parent, directory=True)
+    release_claim(final, published=True)
+    with contextlib.suppress(OSError):  # the rename is done; a failed flush cannot undo it
+        _fsync_path(final.parent, directory=True)
+
+
+def _shown(filename: str | os.PathLike[str] | None, tmp: Path, final: Path) -> Path:
+    """`filename` (inside the temporary directory `tmp`) as the user knows it, under `final`."""
+    if not filename:
+        return final
+    path = Path(filename)
+    return final / path.relative_to(tmp) if _is_within(path, tmp) else path
+
+
+def _relocated(err: OutputError, tmp: Path, final: Path) -> OutputError:
+    """`err` (about a file in `tmp`) restated with the file's place in `final`."""
+    path = Path(str(err.path))
+    shown = _shown(path, tmp, final)
+    return OutputError(str(err).replace(str(path), str(shown)), hint=err.hint, path=shown)
 
 
 def _move_into_place(tmp: Path, final: Path, *, overwrite: bool) -> None:
     old: Path | None = None
     if final.is_dir() and not final.is_symlink() and not any(final.iterdir()):
-        final.rmdir()
+        try:
+            os.rename(tmp, final)  # POSIX replaces an empty directory in one step
+            return
+        except OSError:
+            final.rmdir()  # platforms that cannot rename onto a directory
     elif final.exists() or final.is_symlink():
         if not overwrite:
             raise OutputExistsError(
@@ -117,16 +259,90 @@ def _move_into_place(tmp: Path, final: Path, *, overwrite: bool) -> None:
         _remove(old)
 
 
+#: Characters that never go into a directory name made from a name read from a file.
+_UNSAFE_NAME_CHARS = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
+_MAX_NAME = 128
+
+
+def safe_component(name: str, what: str = "model name") -> str:
+    """`name` as one safe path component: unsafe characters become `_`, long names are cut;
+    an empty name, `.` or `..` is refused (ArtifactError naming `what`)."""
+    cleaned = _UNSAFE_NAME_CHARS.sub("_", str(name)).strip()[:_MAX_NAME]
+    if cleaned.strip(". ") == "":
+        raise ArtifactError(
+            f"{what} {name!r} cannot name a directory",
+            hint="pass an output directory with -o",
+        )
+    return cleaned
+
+
+def version_parent(workdir: Path, model_name: str) -> Path:
+    """`<workdir>/<model_name>`, the model name made one safe path component."""
+    return Path(workdir) / safe_component(model_name)
+
+
 def next_version_dir(workdir: Path, model_name: str, stage: str) -> Path:
-    """`<workdir>/<model_name>/v<N>-<stage>`, N one more than the highest `v<K>-*` there."""
-    parent = Path(workdir) / model_name
+    """`<workdir>/<model_name>/v<N>-<stage>`, N one more than the highest `v<K>-*` there.
+
+    `model_name` (often read from a manifest) becomes one safe path component, so the result
+    always lies inside `workdir`.
+    """
+    parent = version_parent(workdir, model_name)
     highest = 0
     if parent.is_dir():
         for child in parent.iterdir():
             match = _VERSION_RE.match(child.name)
             if match and child.is_dir():
                 highest = max(highest, int(match.group(1)))
-    return parent / f"v{highest + 1}-{stage}"
+    out = parent / f"v{highest + 1}-{safe_component(stage, 'stage name')}"
+    if out.parent.parent != Path(workdir):  # cannot happen with one safe component
+        raise ArtifactError(f"{out} would lie outside the workdir {workdir}")
+    return out
+
+
+#: Version directories this process claimed and has not published yet (removed at exit).
+_CLAIMS: set[Path] = set()
+_CLAIMS_LOCK = threading.Lock()
+
+
+def claim_version_dir(workdir: Path, model_name: str, stage: str) -> Path:
+    """`next_version_dir`, claimed by creating it (empty) so that a concurrent run picks the
+    next number. `atomic_directory` replaces the empty claim; a claim never published (the
+    stage failed) is removed by `atomic_directory` or at exit."""
+    parent = version_parent(workdir, model_name)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(err.filename or parent, err) from err
+    for _ in range(1000):
+        out = next_version_dir(workdir, model_name, stage)
+        try:
+            out.mkdir()
+        except FileExistsError:
+            continue  # another run claimed it between the scan and the mkdir
+        except OSError as err:
+            raise write_error(out, err) from err
+        with _CLAIMS_LOCK:
+            _CLAIMS.add(out)
+        return out
+    raise OutputExistsError(f"could not claim a new version directory in {parent}")
+
+
+def release_claim(final: Path, *, published: bool = False) -> None:
+    """Forget the claim on `final`; unless it was published, remove it if still empty."""
+    with _CLAIMS_LOCK:
+        if final not in _CLAIMS:
+            return
+        _CLAIMS.discard(final)
+    if not published:
+        with contextlib.suppress(OSError):
+            final.rmdir()  # only succeeds while empty
+
+
+@atexit.register
+def _release_all_claims() -> None:
+    for claim in list(_CLAIMS):
+        release_claim(claim)
 
 
 def _is_within(path: Path, ancestor: Path) -> bool:
@@ -202,14 +418,72 @@ def checksum_files(
     return dict(sorted(sums.items()))
 
 
+def is_hub_blob_link(path: Path) -> bool:
+    """True for a Hugging Face cache snapshot entry: `<repo>/snapshots/<rev>/...` linking to a
+    regular file in `<repo>/blobs/`, the only symlinks an artifact may hold."""
+    path = Path(os.path.abspath(path))
+    if not path.is_symlink():
+        return False
+    snapshot = next((p for p in path.parents if p.parent.name == "snapshots"), None)
+    if snapshot is None:
+        return False
+    blobs = snapshot.parent.parent / "blobs"
+    target = path.resolve()
+    return target.is_file() and target.parent == blobs.resolve()
+
+
+def artifact_symlinks(directory: Path) -> list[str]:
+    """Relative paths of the symlinks in `directory` (a hub cache snapshot's links to its
+    blobs excepted), without following any."""
+    directory = Path(directory)
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        for name in [*dirnames, *filenames]:
+            path = Path(dirpath, name)
+            if path.is_symlink() and not is_hub_blob_link(path):
+                found.append(path.relative_to(directory).as_posix())
+    return sorted(found)
+
+
+def _listed_files(src: Path) -> set[str] | None:
+    """The files the manifest of the artifact `src` lists, or None when `src` is no artifact."""
+    path = Path(src) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        files = json.loads(path.read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, RecursionError, AttributeError) as err:
+        raise ArtifactError(f"{path} cannot be read ({err})") from None
+    return set(files) if isinstance(files, dict) else set()
+
+
 def copy_model_files(src: Path, dst: Path) -> list[str]:
     """Copy the config and tokenizer files that exist in `src` to `dst` (never weights),
-    except those a stage already wrote into `dst` (e.g. a config with a new head)."""
+    except those a stage already wrote into `dst` (e.g. a config with a new head).
+
+    From an artifact only files its manifest lists are copied, and a symlink among them is
+    refused; a Hugging Face cache snapshot's links to its blobs are copied as their content.
+    """
+    src, dst = Path(src), Path(dst)
+    listed = _listed_files(src)
     copied: list[str] = []
     for name in MODEL_FILES:
-        source = Path(src) / name
-        # hub cache entries are symlinks to blobs: copyfile copies the content
-        if source.is_file() and not (Path(dst) / name).exists():
-            shutil.copyfile(source, Path(dst) / name)
-            copied.append(name)
+        source = src / name
+        if not source.is_file() or (dst / name).exists():
+            continue
+        if listed is not None:
+            if name not in listed:
+                continue  # an unlisted file in an artifact is never trusted
+            if source.is_symlink() and not is_hub_blob_link(source):
+                raise ArtifactError(
+                    f"{name} in the artifact {src} is a symbolic link",
+                    hint="an artifact holds regular files only: re-create it",
+                )
+        try:
+            shutil.copyfile(source, dst / name)
+        except OSError as err:
+            if is_write_only_error(err) or err.filename == str(dst / name):
+                raise write_error(dst / name, err) from err
+            raise ArtifactError(f"cannot read {source}: {err.strerror or err}") from err
+        copied.append(name)
     return copied

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import threading
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mposurgeon.artifact.store import sha256_file
+from mposurgeon.artifact.store import sha256_file, write_error
 from mposurgeon.errors import ArtifactError, UsageError
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -145,14 +146,19 @@ class TensorReader:
                     raise
                 state = load(mmap=False)
         except Exception as err:  # torch raises many kinds: UnpicklingError, RuntimeError, EOFError
-            if "Unsupported global" in str(err):
-                raise ArtifactError(
-                    f"{path.name} contains Python objects besides tensors and is not loaded "
-                    "(only torch.load(weights_only=True) is allowed)",
-                    hint="convert it to safetensors with a trusted tool, then pass that directory",
-                ) from err
             inner = err.__context__ or err  # weights_only wraps the unpickler's own error
             text = (str(inner).strip().splitlines() or [type(inner).__name__])[0].split(". ")[0]
+            # The weights-only unpickler refused something (a class, a function, an opcode):
+            # the file is a pickle of Python objects, not damaged tensors.
+            if isinstance(err, pickle.UnpicklingError) and (
+                "Weights only load failed" in str(err) or "Unsupported global" in str(err)
+            ):
+                raise ArtifactError(
+                    f"{path.name} holds Python objects besides tensors and will not be loaded "
+                    f"(torch.load(weights_only=True) refused it: {text})",
+                    hint="convert it to safetensors with a tool you trust, then pass that "
+                    f"directory (the file is {path})",
+                ) from err
             raise _corrupted(path, text) from err
         if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
@@ -371,7 +377,13 @@ class ShardedWriter:
     def _flush(self) -> None:
         index = len(self._shards) + 1
         tmp = self.directory / f".{self.prefix}-tmp-{index:05d}.safetensors"
-        save_file(self._buffer, str(tmp), metadata={"format": "pt"})
+        try:
+            save_file(self._buffer, str(tmp), metadata={"format": "pt"})
+        except SafetensorError as err:  # it wraps the OS error: "... (os error 28)"
+            match = _OS_ERROR_RE.search(str(err))
+            raise write_error(tmp, int(match[1]) if match else 0) from err
+        except OSError as err:
+            raise write_error(tmp, err) from err
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mposurgeon-shard")
         self._syncs.append(self._pool.submit(_fsync_file, tmp))
@@ -390,27 +402,34 @@ class ShardedWriter:
         self._closed = True
         try:
             digests = [d.result() for d in self._digests]
-            for sync in self._syncs:
-                sync.result()
+            for (tmp, _), sync in zip(self._shards, self._syncs, strict=True):
+                try:
+                    sync.result()
+                except OSError as err:
+                    raise write_error(tmp, err) from err
         finally:
             self._shutdown()
         count = len(self._shards)
         if count == 1:
             final = self.directory / f"{self.prefix}.safetensors"
-            os.replace(self._shards[0][0], final)
+            _replace(self._shards[0][0], final)
             self._written = [final]
             self._checksums = {final.name: digests[0]}
             return [final]
         weight_map: dict[str, str] = {}
         for i, (tmp, keys) in enumerate(self._shards, start=1):
             final = self.directory / f"{self.prefix}-{i:05d}-of-{count:05d}.safetensors"
-            os.replace(tmp, final)
+            _replace(tmp, final)
             self._written.append(final)
             self._checksums[final.name] = digests[i - 1]
             weight_map.update(dict.fromkeys(keys, final.name))
         index = {"metadata": {"total_size": self._total_size}, "weight_map": weight_map}
         index_path = self.directory / f"{self.prefix}.safetensors.index.json"
-        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        try:
+            index_path.write_text(text, encoding="utf-8")
+        except OSError as err:
+            raise write_error(index_path, err) from err
         self._written.append(index_path)
         return list(self._written)
 
@@ -441,6 +460,17 @@ class ShardedWriter:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+#: How safetensors states the OS error under its SafetensorError.
+_OS_ERROR_RE = re.compile(r"os error (\d+)")
+
+
+def _replace(src: Path, dst: Path) -> None:
+    try:
+        os.replace(src, dst)
+    except OSError as err:
+        raise write_error(dst, err) from err
 
 
 def _fsync_file(path: Path) -> None:

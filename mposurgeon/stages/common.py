@@ -29,7 +29,12 @@ from mposurgeon.artifact.manifest import (
     write_manifest,
 )
 from mposurgeon.artifact.resolve import ResolvedModel, resolve_model
-from mposurgeon.artifact.store import check_output_dir, copy_model_files, next_version_dir
+from mposurgeon.artifact.store import (
+    check_output_dir,
+    claim_version_dir,
+    copy_model_files,
+    release_claim,
+)
 from mposurgeon.artifact.tensors import parse_size
 from mposurgeon.models.layout import LAYOUT_FORMAT, ModelLayout
 
@@ -171,12 +176,20 @@ def model_layout(path: Path) -> ModelLayout:
 
 
 def plan_output(inp: StageInput, options: StageOptions, stage: str) -> Path:
-    """The directory this stage will write, checked against the input and existing files."""
+    """The directory this stage will write, checked against the input and existing files.
+
+    Without `-o` it is the next version directory under the workdir (the model name made one
+    safe path component), claimed at once so that a concurrent run takes the next number.
+    """
     if options.output is None:
-        out = next_version_dir(options.workdir, inp.base.name, stage)
+        out = claim_version_dir(options.workdir, inp.base.name, stage)
     else:
         out = options.output
-    check_output_dir(out, inputs=[inp.path], overwrite=options.overwrite)
+    try:
+        check_output_dir(out, inputs=[inp.path], overwrite=options.overwrite)
+    except BaseException:
+        release_claim(out)
+        raise
     return out
 
 
