@@ -1,5 +1,5 @@
 """`python -m mposurgeon`: the command-line interface."""
 
-from mposurgeon.cli.app import main
+from mposurgeon.cli.entry import main
 
 main()

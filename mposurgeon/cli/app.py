@@ -8,20 +8,22 @@ its stage when it runs, so `mposurgeon --help` stays fast.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
 import traceback
+from collections.abc import Iterator
 from typing import Annotated, NoReturn
 
-import click
 import typer
 
 from mposurgeon._version import __version__
 from mposurgeon.cli.decompose import decompose_command
+from mposurgeon.cli.entry import INTERRUPTED, failure
 from mposurgeon.cli.inspect import inspect_command
 from mposurgeon.cli.merge import merge_command
-from mposurgeon.cli.render import print_error
+from mposurgeon.cli.render import json_written, print_error, print_json, reset_json
 from mposurgeon.cli.run import run_command
 from mposurgeon.cli.select import select_command
 from mposurgeon.cli.train import train_command
@@ -67,48 +69,148 @@ def _raise_interrupt(signum: int, frame: object) -> NoReturn:
     raise KeyboardInterrupt
 
 
+def _click_exceptions() -> tuple[type[Exception], type[Exception]]:
+    """click's `ClickException` and `UsageError` as the installed Typer uses them.
+
+    Typer >= 0.26 vendors click (its own copy, not the `click` package); older ones use click.
+    Either way `typer.BadParameter` is click's, so its bases are the classes Typer raises.
+    """
+    bases = {cls.__name__: cls for cls in typer.BadParameter.__mro__}
+    return bases["ClickException"], bases["UsageError"]
+
+
+ClickException, ClickUsageError = _click_exceptions()
+
+# Write faults the user can do something about: errno -> (message, hint).
+_NO_SPACE = "free some space or write elsewhere with -o"
+_WRITE_FAULTS = {
+    errno.ENOSPC: ("no space left on device writing {file}", _NO_SPACE),
+    errno.EDQUOT: ("disk quota exceeded writing {file}", _NO_SPACE),
+    errno.EFBIG: ("file too large writing {file}", "raise the file-size limit (ulimit -f)"),
+    errno.EROFS: ("read-only file system writing {file}", "write elsewhere with -o"),
+    # Not necessarily a write: a file may be unreadable too.
+    errno.EACCES: ("permission denied on {file}", "check the permissions, or use -o elsewhere"),
+    errno.EPERM: (
+        "operation not permitted on {file}",
+        "check the permissions, or use -o elsewhere",
+    ),
+}
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and the exceptions it was raised from or while handling, innermost last."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _write_fault(exc: BaseException) -> tuple[str, str] | None:
+    """Message and hint for a disk-full, size-limit, read-only or permission fault behind `exc`."""
+    for cause in _chain(exc):
+        if isinstance(cause, OSError) and cause.errno in _WRITE_FAULTS:
+            message, hint = _WRITE_FAULTS[cause.errno]
+            file = cause.filename if cause.filename is not None else "the output"
+            return message.format(file=file), hint
+    return None
+
+
+def _broken_pipe(exc: BaseException) -> bool:
+    """Whether `exc` is (or was raised while handling) a write to a closed pipe."""
+    return any(isinstance(e, OSError) and e.errno == errno.EPIPE for e in _chain(exc))
+
+
+def _quiet_broken_pipe() -> NoReturn:
+    """The reader went away (`| head -1`): exit 0 without a word, as the Python docs advise.
+
+    Later writes, including the interpreter's final flush, go to /dev/null.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(0)
+
+
+def _fail(json_out: bool, code: int, kind: str, message: str, hint: str | None = None) -> NoReturn:
+    """The one-line error on stderr (and, with --json, one object on stdout); exit `code`."""
+    print_error(message, hint)
+    if json_out and not json_written():
+        print_json(failure(message, hint, code, kind))
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     """Run the CLI and exit with the code of its outcome."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("MPOSURGEON_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
+    json_out = "--json" in args
+    reset_json()
     # Ctrl-C and SIGTERM interrupt a stage, which then removes its temporary output. (A shell
     # that starts us in the background may have set SIGINT to "ignore": undo that.)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        _run(args, debug, json_out)
+        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+    except SystemExit as exc:
+        # click turns a closed pipe into exit 1; the Python docs' pattern is used instead.
+        if exc.code and _broken_pipe(exc):
+            _quiet_broken_pipe()
+        raise
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+    sys.exit(0)
+
+
+def _run(args: list[str], debug: bool, json_out: bool) -> None:
+    """Run the command; every failure ends in `_fail` (one line, the JSON object, the code)."""
     command = typer.main.get_command(app)
     try:
         # Commands return None; an int is the code of an Exit that Typer caught (130 for Ctrl-C).
         code = command.main(args=args, prog_name="mposurgeon", standalone_mode=False)
         if code == 130:
             raise KeyboardInterrupt
-        if isinstance(code, int):
+        if isinstance(code, int) and code:
             sys.exit(code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        print_error("interrupted; no partial output was left behind")
-        sys.exit(130)
+    except (typer.Exit, typer.Abort, KeyboardInterrupt) as exc:
+        if isinstance(exc, typer.Exit) and exc.exit_code != 130:
+            sys.exit(exc.exit_code)
+        _fail(json_out, 130, "KeyboardInterrupt", INTERRUPTED)
+    except ClickUsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `mposurgeon`: the help, exit 2
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "mposurgeon"
+        hint = f"see '{where} --help'"
+        _fail(json_out, exc.exit_code, type(exc).__name__, exc.format_message(), hint)  # type: ignore[attr-defined]
+    except ClickException as exc:
+        message = exc.format_message()  # type: ignore[attr-defined]
+        _fail(json_out, exc.exit_code, type(exc).__name__, message)  # type: ignore[attr-defined]
     except MposurgeonError as exc:
         if debug:
             traceback.print_exc()
-        print_error(str(exc), exc.hint)
-        sys.exit(exc.exit_code)
+        _fail(json_out, exc.exit_code, type(exc).__name__, str(exc), exc.hint)
     except Exception as exc:
         if debug:
             traceback.print_exc()
+        if _broken_pipe(exc):
+            raise BrokenPipeError from exc
         if type(exc).__name__ == "ValidationError":  # pydantic: an option out of range
-            print_error(_validation_message(exc), "see the command's --help")
-            sys.exit(2)
-        print_error(
+            message = _validation_message(exc)
+            _fail(json_out, 2, "ValidationError", message, "see the command's --help")
+        fault = _write_fault(exc)
+        if fault is not None:
+            _fail(json_out, 1, "OSError", *fault)
+        _fail(
+            json_out,
+            1,
+            type(exc).__name__,
             f"internal error: {type(exc).__name__}: {exc}",
             "re-run with --debug for the traceback",
         )
-        sys.exit(1)
-    sys.exit(0)
 
 
 def _validation_message(exc: Exception) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,14 +21,53 @@ from rich.progress import (
 )
 from rich.table import Table
 
+
+class _Console(Console):
+    """A rich console that leaves a closed pipe (`... | head -1`) to the CLI's `main`."""
+
+    def on_broken_pipe(self) -> None:
+        # rich's default exits 1; `main` exits 0 quietly, as for any other write.
+        self.quiet = True
+        raise BrokenPipeError
+
+
 # Tables are not wrapped at 80 columns when piped into a file or a CI log.
-stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-stderr = Console(stderr=True, highlight=False)
+stdout = _Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+stderr = _Console(stderr=True, highlight=False)
+
+# Whether `print_json` has written the command's object (reset by `main` for every command).
+_json_written = False
+
+
+def reset_json() -> None:
+    """Forget that a JSON object was written: a new command starts."""
+    global _json_written
+    _json_written = False
+
+
+def json_written() -> bool:
+    """Whether this command has already printed its JSON object on stdout."""
+    return _json_written
+
+
+def _finite(data: Any) -> Any:
+    """`data` with every NaN or infinite float (numpy's too) replaced by None, recursively."""
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(value) for value in data]
+    if isinstance(data, numbers.Real) and not isinstance(data, numbers.Integral):
+        value = float(data)
+        return value if math.isfinite(value) else None
+    return data
 
 
 def print_json(data: Any) -> None:
-    """One JSON object on stdout, nothing else."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """One strictly valid JSON object on stdout (non-finite floats as null), nothing else."""
+    global _json_written
+    text = json.dumps(_finite(data), indent=2, default=str, allow_nan=False)
+    _json_written = True
+    sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
 

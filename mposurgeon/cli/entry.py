@@ -1,0 +1,39 @@
+"""The `mposurgeon` console script: Ctrl-C is handled from the first import on.
+
+Importing the CLI (Typer, rich, the commands) takes a few tenths of a second, before
+`mposurgeon.cli.app.main` has installed its handlers. A Ctrl-C then must not print a
+KeyboardInterrupt traceback: this module imports only the standard library itself and turns it
+into the CLI's one-line message and exit code 130 (one JSON object too with `--json`).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, NoReturn
+
+INTERRUPTED = "interrupted; no partial output was left behind"
+
+
+def failure(message: str, hint: str | None, exit_code: int, kind: str) -> dict[str, Any]:
+    """The JSON object a `--json` command prints on stdout when it fails."""
+    return {
+        "ok": False,
+        "error": {"message": message, "hint": hint, "exit_code": exit_code, "type": kind},
+    }
+
+
+def main() -> NoReturn:
+    """Import and run the CLI; a Ctrl-C before it has taken over exits 130 without a traceback."""
+    try:
+        from mposurgeon.cli.app import main as run
+
+        run()
+    except KeyboardInterrupt:
+        # Only reached when the CLI has not handled it itself (it was still importing).
+        sys.stderr.write(f"error: {INTERRUPTED}\n")
+        if "--json" in sys.argv[1:]:
+            import json
+
+            sys.stdout.write(json.dumps(failure(INTERRUPTED, None, 130, "KeyboardInterrupt")))
+            sys.stdout.write("\n")
+        sys.exit(130)
