@@ -272,3 +272,16 @@ def test_broken_pipe_exits_0_quietly(bert: Path, json_out: bool) -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0, err
     assert err == ""
+
+
+def test_inspect_of_a_verified_merge_shows_its_check(tiny_model_dir, tmp_path: Path, capsys):
+    """A merge artifact's metrics hold only `verify`: inspect shows it (it once crashed,
+    taking them for a train stage's metrics)."""
+    art, merged = tmp_path / "art", tmp_path / "merged"
+    bert = tiny_model_dir("bert")
+    assert run_cli(capsys, "decompose", bert, "-o", art, "--layers", "FFN_1", "-n", "3").code == 0
+    assert run_cli(capsys, "merge", art, "-o", merged, "--verify", "-q").code == 0
+    result = run_cli(capsys, "inspect", merged)
+    assert result.code == 0, result
+    assert "merge verified: max |diff|" in result.out
+    assert "trained" not in result.out

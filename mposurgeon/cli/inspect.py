@@ -79,11 +79,20 @@ def render_report(report: dict[str, Any], all_modules: bool) -> None:
     if p.get("trainable") is not None:
         line += f"; trainable {fmt_int(p['trainable'])}"
     stdout.print(line)
-    if report.get("metrics"):
+    metrics = report.get("metrics") or {}
+    if "steps" in metrics:  # a train stage's metrics (the manifest requires them all together)
         from mposurgeon.cli.train import metrics_lines
 
-        for metrics_line in metrics_lines(report["metrics"]):
+        for metrics_line in metrics_lines(metrics):
             stdout.print(metrics_line)
+    verify = metrics.get("verify")
+    if isinstance(verify, dict) and all(
+        isinstance(verify.get(k), (int, float)) for k in ("max_abs_diff", "tolerance")
+    ):
+        stdout.print(
+            f"merge verified: max |diff| {verify['max_abs_diff']:.3g} from the factorized "
+            f"model's outputs (tolerance {verify['tolerance']:.3g})"
+        )
     if report.get("selection"):
         from mposurgeon.cli.select import schedule_line, selection_table
 
