@@ -60,9 +60,15 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
 from mposurgeon.artifact.manifest import ModuleRecord
-from mposurgeon.artifact.store import atomic_directory, check_output_dir, sha256_file
+from mposurgeon.artifact.store import (
+    atomic_directory,
+    check_output_dir,
+    release_claim,
+    sha256_file,
+    version_parent,
+)
 from mposurgeon.artifact.tensors import ShardedWriter
-from mposurgeon.errors import UsageError
+from mposurgeon.errors import MposurgeonError, UsageError
 from mposurgeon.models.groups import MODEL_TYPE_ALIASES, group_of
 from mposurgeon.models.surgery import resolve_module_name
 from mposurgeon.mpo.metrics import bonds_of, num_params
@@ -221,9 +227,53 @@ def _train_with(
     progress: ProgressCallback | None,
 ) -> TrainResult:
     """The training run of `train` once its inputs are read, in every process of the launch."""
-    out, partial = _plan_output(inp, opts)
-    accelerator.wait_for_everyone()  # every process planned before anything is created
+    out, partial = _plan_in_main_process(accelerator, inp, opts)
+    try:
+        return _train_planned(
+            accelerator, inp, opts, train_data, eval_data, warnings, progress, out, partial
+        )
+    except BaseException:
+        release_claim(out)  # a versioned directory claimed for this run and never published
+        raise
 
+
+def _plan_in_main_process(
+    accelerator: Accelerator, inp: StageInput, opts: TrainOptions
+) -> tuple[Path, Path]:
+    """`_plan_output` in the main process (which claims a versioned directory), its result or
+    its error handed to every other process, so that all of them use the same directories."""
+    shared: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            shared[0] = _plan_output(inp, opts)
+        except MposurgeonError as err:
+            if accelerator.num_processes == 1:
+                raise
+            shared[0] = (str(err), err.hint, err.exit_code)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(shared)
+    planned = shared[0]
+    if isinstance(planned[0], str):  # the main process's error, re-raised in this one
+        error = MposurgeonError(planned[0], planned[1])
+        error.exit_code = planned[2]
+        raise error
+    return planned
+
+
+def _train_planned(
+    accelerator: Accelerator,
+    inp: StageInput,
+    opts: TrainOptions,
+    train_data: TextDataset,
+    eval_data: TextDataset | None,
+    warnings: list[str],
+    progress: ProgressCallback | None,
+    out: Path,
+    partial: Path,
+) -> TrainResult:
+    """Build the model, train it and write the artifact into the planned directories."""
     setup = classification_model(
         inp.path,
         is_artifact=inp.manifest is not None,
@@ -422,7 +472,7 @@ def _plan_output(inp: StageInput, opts: TrainOptions) -> tuple[Path, Path]:
 
 def _latest_partial_output(inp: StageInput, opts: TrainOptions) -> Path:
     """The newest `v<N>-train` of this input whose `.partial` directory holds a checkpoint."""
-    parent = Path(opts.workdir) / inp.base.name
+    parent = version_parent(opts.workdir, inp.base.name)
     pattern = re.compile(r"^v(\d+)-train\.partial$")
     found = []
     for child in parent.iterdir() if parent.is_dir() else []:
