@@ -34,7 +34,7 @@ from typing import Literal
 from torch import nn
 
 from mposurgeon.errors import UsageError
-from mposurgeon.models.layout import Kind, ModelLayout, as_layout
+from mposurgeon.models.layout import Kind, ModelLayout, as_layout, file_key_mapper
 
 GROUPS: tuple[str, ...] = ("FFN_1", "FFN_2", "attention", "embeddings", "pooler", "lm_head")
 
@@ -231,7 +231,7 @@ def candidate_modules(model: nn.Module | ModelLayout, file_keys: Collection[str]
     """
     layout = as_layout(model)
     keys = set(file_keys)
-    to_file = _file_key_mapper(layout, keys)
+    to_file = file_key_mapper(layout, keys)
     ties = _TieClasses(layout)
     targets: list[Target] = []
     seen: set[str] = set()
@@ -400,27 +400,6 @@ def _prefix(model: nn.Module | ModelLayout) -> str:
 def _relative(name: str, prefix: str) -> str:
     """`name` without a leading `prefix.`: the name relative to the base model."""
     return name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else name
-
-
-def _file_key_mapper(layout: ModelLayout, keys: set[str]) -> Callable[[str], str]:
-    """Map model parameter names to file keys: as is, or with `base_model_prefix.` stripped or
-    added, whichever finds the most parameters in the files (as is wins ties)."""
-    prefix = layout.prefix
-    if not prefix:
-        return lambda n: n
-    dotted = prefix + "."
-
-    def same(n: str) -> str:
-        return n
-
-    def strip(n: str) -> str:
-        return n[len(dotted) :] if n.startswith(dotted) else n
-
-    def add(n: str) -> str:
-        return n if n.startswith(dotted) else dotted + n
-
-    names = layout.parameters
-    return max((same, strip, add), key=lambda f: sum(f(n) in keys for n in names))
 
 
 class _TieClasses:

@@ -9,13 +9,18 @@ skip building the model, and with it importing the `transformers` modeling stack
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
-from mposurgeon.errors import UsageError
+from mposurgeon.errors import ArtifactError, UsageError
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -96,25 +101,256 @@ class ModelLayout:
             raise ValueError(f"malformed model layout: {err}") from err
 
 
-def build_meta_model(config: PretrainedConfig) -> nn.Module:
-    """The model of `config.architectures[0]` (else `AutoModel`), built without allocating."""
+CONFIG_NAME = "config.json"
+_CONFIG_HINT = "restore the config.json saved with these weights"
+
+#: Config fields that hold sizes or counts (never negative); ids, indices and windows excepted.
+_SIZE_FIELD = re.compile(r"size|dim|layers?$|heads|vocab|embd|positions|experts|^n_|^num_|^d_")
+_NOT_SIZE_FIELD = re.compile(r"_ids?$|_idx$|index|window|token")
+
+
+def _config_error(path: Path, what: str, hint: str = _CONFIG_HINT) -> ArtifactError:
+    return ArtifactError(f"{path / CONFIG_NAME} {what}", hint=hint)
+
+
+def read_config(path: Path) -> PretrainedConfig:
+    """The `transformers` config of the checkpoint in directory `path`, checked first: the file
+    must be a JSON object with a known `model_type` and no negative size. Every problem is an
+    ArtifactError of one line naming config.json and the field."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = Path(path)
+    try:
+        text = (path / CONFIG_NAME).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise _config_error(
+            path, "is missing", hint="a checkpoint directory holds the config.json of its model"
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise _config_error(path, f"cannot be read ({err})") from err
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise _config_error(
+            path, f"is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+        ) from None
+    except RecursionError:
+        raise _config_error(path, "is not valid JSON (nested too deeply)") from None
+    if not isinstance(data, dict):
+        raise _config_error(path, f"is not a JSON object (it holds a {type(data).__name__})")
+    model_type = data.get("model_type")
+    if model_type is None:
+        raise _config_error(
+            path, "has no model_type field", hint='add one, e.g. "model_type": "bert"'
+        )
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        custom = " (its auto_map names custom code, which mposurgeon never runs)"
+        raise _config_error(
+            path,
+            f"has model_type {model_type!r}, which transformers does not know"
+            + (custom if "auto_map" in data else ""),
+            hint="check config.json, or upgrade transformers",
+        )
+    if (bad := _negative_size(data)) is not None:
+        raise _config_error(path, f"has {bad[0]} {bad[1]}: a size or count is never negative")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as err:  # transformers and huggingface_hub raise many kinds
+        what = f"is not a valid {model_type} config: {_first_line(err)}"
+        raise _config_error(path, what) from err
+
+
+def _negative_size(data: Mapping[str, Any], prefix: str = "") -> tuple[str, int] | None:
+    """The first (field, value) of `data` (or of a nested config) that is a negative size."""
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and len(prefix) < 200:
+            if (bad := _negative_size(value, name + ".")) is not None:
+                return bad
+        elif (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and value < 0
+            and _SIZE_FIELD.search(key)
+            and not _NOT_SIZE_FIELD.search(key)
+        ):
+            return name, value
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    """The error's message on one line (transformers' messages run over several)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    text = text or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class _TooLarge(Exception):
+    """Raised from a parameter registration hook: the model outgrew its bound."""
+
+
+@contextmanager
+def _parameter_bound(limit: int | None) -> Iterator[None]:
+    """Raise _TooLarge once more than `limit` parameters have been registered in any module
+    while the body runs (a meta model of a huge config is cheap in memory, not in time)."""
+    if limit is None:
+        yield
+        return
+    count = 0
+
+    def hook(module: nn.Module, name: str, param: Any) -> None:
+        nonlocal count
+        count += 1
+        if count > limit:
+            raise _TooLarge
+
+    handle = nn.modules.module.register_module_parameter_registration_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def parameter_bound(num_tensors: int) -> int:
+    """The most parameters a model built from a config may register over files holding
+    `num_tensors` tensors: ties, heads absent from the files and the like stay far below."""
+    return 4 * num_tensors + 1024
+
+
+def build_meta_model(
+    config: PretrainedConfig, file_keys: Collection[str] | None = None
+) -> nn.Module:
+    """The model of `config.architectures[0]` (else `AutoModel`), built without allocating.
+
+    With `file_keys` (the tensor names of the checkpoint the config came with), a config that
+    describes a far larger model than those tensors (e.g. a million layers) is refused while
+    the model is being built, within a fraction of a second.
+    """
     import transformers
 
     arch = (getattr(config, "architectures", None) or [None])[0]
     model_cls = getattr(transformers, arch, None) if arch else None
-    with torch.device("meta"):
-        if isinstance(model_cls, type) and issubclass(model_cls, transformers.PreTrainedModel):
-            model = model_cls(config)
-        else:
-            try:
-                model = transformers.AutoModel.from_config(config)
-            except ValueError as err:
-                raise UsageError(
-                    f"transformers has no model class for architecture {arch!r} "
-                    f"(model type {config.model_type!r})",
-                    hint="upgrade transformers, or check config.json",
-                ) from err
+    limit = parameter_bound(len(file_keys)) if file_keys is not None else None
+    try:
+        with torch.device("meta"), _parameter_bound(limit):
+            if isinstance(model_cls, type) and issubclass(model_cls, transformers.PreTrainedModel):
+                model = model_cls(config)
+            else:
+                try:
+                    model = transformers.AutoModel.from_config(config)
+                except ValueError as err:
+                    raise UsageError(
+                        f"transformers has no model class for architecture {arch!r} "
+                        f"(model type {config.model_type!r})",
+                        hint="upgrade transformers, or check config.json",
+                    ) from err
+    except _TooLarge:
+        assert file_keys is not None and limit is not None
+        raise ArtifactError(
+            f"{CONFIG_NAME} describes a far larger model than its weights: over {limit:,} "
+            f"parameters for {len(file_keys):,} tensors{_suspects(config, file_keys)}",
+            hint=_CONFIG_HINT,
+        ) from None
+    except (UsageError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # a config transformers accepted but cannot build a model from
+        raise ArtifactError(
+            f"{CONFIG_NAME} describes no model transformers can build "
+            f"({type(err).__name__}: {_first_line(err)})",
+            hint=_CONFIG_HINT,
+        ) from err
     return model.eval()
+
+
+def _suspects(config: PretrainedConfig, file_keys: Collection[str]) -> str:
+    """`(num_hidden_layers=1000000 ...)`: the config's layer counts above what the files hold."""
+    held = max((int(p) + 1 for k in file_keys for p in k.split(".") if p.isdigit()), default=0)
+    fields = [
+        f"{key}={value}"
+        for key, value in config.to_dict().items()
+        if "layer" in key
+        and isinstance(value, int)
+        and not isinstance(value, bool)
+        and value > held
+    ]
+    return f" ({', '.join(fields)}; the weights hold {held} layers)" if fields else ""
+
+
+def file_key_mapper(layout: ModelLayout, keys: Collection[str]) -> Callable[[str], str]:
+    """Map model parameter names to file keys: as is, or with `base_model_prefix.` stripped or
+    added, whichever finds the most parameters in the files (as is wins ties)."""
+    prefix = layout.prefix
+    if not prefix:
+        return lambda n: n
+    dotted = prefix + "."
+
+    def same(n: str) -> str:
+        return n
+
+    def strip(n: str) -> str:
+        return n[len(dotted) :] if n.startswith(dotted) else n
+
+    def add(n: str) -> str:
+        return n if n.startswith(dotted) else dotted + n
+
+    names = layout.parameters
+    return max((same, strip, add), key=lambda f: sum(f(n) in keys for n in names))
+
+
+def check_layout_files(layout: ModelLayout, shapes: Mapping[str, Sequence[int]]) -> None:
+    """Refuse a config that disagrees with the weights it came with: `shapes` maps every
+    tensor name of the files (an MPO module's weight key with its dense shape) to its shape.
+
+    Every Linear / Conv1D / Embedding weight the files hold must have the shape the config
+    gives it, and the numbered blocks (`encoder.layer.N`, `h.N`, ...) of the model and of the
+    files must be the same: a config of 3 layers over weights of 2 (or 1 over 2) is refused.
+    """
+    to_file = file_key_mapper(layout, shapes)
+    for module in layout.modules:
+        key = to_file(f"{module.name}.weight" if module.name else "weight")
+        if key in shapes and tuple(shapes[key]) != module.shape:
+            stored = "x".join(map(str, shapes[key]))
+            raise ArtifactError(
+                f"{CONFIG_NAME} does not match the weights: it makes {key} "
+                f"{module.shape[0]}x{module.shape[1]}, the files hold {stored}",
+                hint=_CONFIG_HINT,
+            )
+    model_blocks = {to_file(b) for p in layout.parameters for b in _blocks(p)}
+    file_blocks = {b for key in shapes for b in _blocks(key)}
+    parents = {b.rpartition(".")[0] for b in model_blocks}
+    missing = sorted(model_blocks - file_blocks, key=_natural)
+    extra = sorted(
+        (b for b in file_blocks - model_blocks if b.rpartition(".")[0] in parents), key=_natural
+    )
+    if missing:
+        raise ArtifactError(
+            f"{CONFIG_NAME} does not match the weights: it describes {missing[0]}, which the "
+            f"files do not hold{_more(missing)}",
+            hint=_CONFIG_HINT,
+        )
+    if extra:
+        raise ArtifactError(
+            f"{CONFIG_NAME} does not match the weights: the files hold {extra[0]}, which it does "
+            f"not describe{_more(extra)}",
+            hint=_CONFIG_HINT,
+        )
+
+
+def _blocks(name: str) -> Iterator[str]:
+    """The numbered blocks a dotted name lies in: `a.0.b.1.c` -> `a.0`, `a.0.b.1`."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            yield ".".join(parts[: i + 1])
+
+
+def _natural(name: str) -> list[Any]:
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
+
+
+def _more(names: list[str]) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
 
 def describe_model(model: nn.Module) -> ModelLayout:

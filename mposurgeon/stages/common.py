@@ -7,18 +7,20 @@ modifies its input. Nothing here knows about the terminal: progress goes through
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mposurgeon._version import __version__
 from mposurgeon.artifact.cache import read_record, record_key, write_record
 from mposurgeon.artifact.manifest import (
+    MANIFEST_NAME,
     BackgroundChecksums,
     BaseInfo,
     Manifest,
@@ -28,6 +30,7 @@ from mposurgeon.artifact.manifest import (
     new_manifest,
     write_manifest,
 )
+from mposurgeon.artifact.naming import core_key
 from mposurgeon.artifact.resolve import ResolvedModel, resolve_model
 from mposurgeon.artifact.store import (
     check_output_dir,
@@ -35,8 +38,14 @@ from mposurgeon.artifact.store import (
     copy_model_files,
     release_claim,
 )
-from mposurgeon.artifact.tensors import parse_size
-from mposurgeon.models.layout import LAYOUT_FORMAT, ModelLayout
+from mposurgeon.artifact.tensors import TensorReader, open_tensors, parse_size
+from mposurgeon.errors import ArtifactError
+from mposurgeon.models.layout import (
+    LAYOUT_FORMAT,
+    ModelLayout,
+    check_layout_files,
+    file_key_mapper,
+)
 
 #: progress(description, done, total): called as a stage advances.
 ProgressCallback = Callable[[str, int, int], None]
@@ -143,12 +152,49 @@ def verified_input(inp: StageInput) -> Iterator[None]:
     inp.wait_verified()
 
 
-def model_layout(path: Path) -> ModelLayout:
-    """The module layout of the model that `path/config.json` describes.
+#: The dtypes of weights that can be factorized, and that merge writes back.
+FLOAT_DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+
+#: Tensor name -> shape, as the files of a checkpoint or artifact hold them (`tensor_shapes`).
+TensorShapes = Mapping[str, Sequence[int]]
+
+
+def tensor_shapes(inp: StageInput) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the input's files with its shape, read from the headers."""
+    with open_tensors(inp.path) as reader:
+        return {key: reader.shape(key) for key in reader.keys()}
+
+
+def read_cores(rec: ModuleRecord, reader: TensorReader) -> list[torch.Tensor]:
+    """The MPO cores of module `rec`; refuse cores holding NaN or infinite values."""
+    cores = []
+    for k in range(len(rec.out_modes)):
+        key = core_key(rec.name, k)
+        core = reader.get(key)
+        if not bool(torch.isfinite(core).all()):
+            raise ArtifactError(
+                f"MPO core {key} holds NaN or infinite values",
+                hint="the artifact is damaged or diverged in training: use an earlier one",
+            )
+        cores.append(core)
+    return cores
+
+
+def model_layout(path: Path, shapes: TensorShapes | None = None) -> ModelLayout:
+    """The module layout of the model that `path/config.json` describes; with `shapes` (the
+    weights it came with, from `tensor_shapes`), checked against them (an artifact's MPO modules
+    are checked by `check_mpo_records`). Stages always pass `shapes`.
 
     Reading it off a meta model means importing the `transformers` modeling stack (seconds),
     so the layout is cached, keyed by the config file's bytes and the versions of transformers,
-    mposurgeon and the layout format: the same config gives the same model class.
+    mposurgeon and the layout format: the same config gives the same model class. A config
+    that disagrees with the weights (layer counts, sizes) is refused, cached or not, and one
+    that describes a far larger model is refused while it is being built.
     """
     config_file = path / "config.json"
     try:
@@ -159,20 +205,63 @@ def model_layout(path: Path) -> ModelLayout:
             config_file.read_bytes(),
         )
     except OSError:
-        key = None  # no readable config: let transformers report it
+        key = None  # no readable config: read_config reports it
+    layout = None
     if key is not None and (record := read_record("layouts", key)) is not None:
-        try:
-            return ModelLayout.from_dict(record)
-        except ValueError:
-            pass  # a record from elsewhere or damaged: rebuild and overwrite it
-    from transformers import AutoConfig
+        with suppress(ValueError):  # a record from elsewhere or damaged: rebuilt below
+            layout = ModelLayout.from_dict(record)
+    if layout is None:
+        from mposurgeon.models.layout import build_meta_model, describe_model, read_config
 
-    from mposurgeon.models.layout import build_meta_model, describe_model
-
-    layout = describe_model(build_meta_model(AutoConfig.from_pretrained(path)))
-    if key is not None:
-        write_record("layouts", key, layout.to_dict())
+        layout = describe_model(build_meta_model(read_config(path), file_keys=shapes))
+        if key is not None:
+            write_record("layouts", key, layout.to_dict())
+    if shapes is not None:
+        check_layout_files(layout, shapes)
     return layout
+
+
+def check_no_dense_twin(records: Mapping[str, ModuleRecord], keys: Collection[str]) -> None:
+    """Refuse an MPO module whose weight is a dense tensor of the files (`keys`) as well."""
+    for name, rec in records.items():
+        if rec.weight_key in keys:
+            raise ArtifactError(
+                f"{MANIFEST_NAME} has an invalid field modules.{name}: its weight "
+                f"{rec.weight_key} is a dense tensor in the files as well",
+                hint="re-create the artifact with the stage that made it, or restore it",
+            )
+
+
+def check_mpo_records(
+    layout: ModelLayout, records: Mapping[str, ModuleRecord], shapes: TensorShapes
+) -> None:
+    """Every MPO module of an artifact is a module of its config's model with the kind (linear,
+    conv1d, embedding) and weight shape its record gives (merge orients the weight by them),
+    and its weight is not also a dense tensor of the files (`shapes`)."""
+    check_no_dense_twin(records, shapes)
+    keys = set(shapes) | {rec.weight_key for rec in records.values()}
+    to_file = file_key_mapper(layout, keys)
+    modules = {to_file(f"{m.name}.weight"): m for m in layout.modules}
+    for name, rec in records.items():
+        module = modules.get(rec.weight_key)
+        if module is None:
+            problem = (
+                f"the model of its config.json ({layout.class_name}) has no Linear, Conv1D or "
+                f"Embedding {name}"
+            )
+        elif module.kind != rec.kind:
+            problem = f"kind {rec.kind!r}, but {name} is a {module.kind} of {layout.class_name}"
+        elif tuple(rec.shape) != module.shape:
+            problem = (
+                f"shape {list(rec.shape)}, but config.json makes {name} "
+                f"{module.shape[0]}x{module.shape[1]}"
+            )
+        else:
+            continue
+        raise ArtifactError(
+            f"{MANIFEST_NAME} has an invalid field modules.{name}: {problem}",
+            hint="re-create the artifact with the stage that made it, or restore it",
+        )
 
 
 def plan_output(inp: StageInput, options: StageOptions, stage: str) -> Path:

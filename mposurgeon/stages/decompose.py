@@ -22,20 +22,23 @@ from mposurgeon.artifact.manifest import ModuleRecord
 from mposurgeon.artifact.naming import core_key
 from mposurgeon.artifact.store import atomic_directory
 from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
-from mposurgeon.errors import ShapeError, UsageError
+from mposurgeon.errors import ArtifactError, ShapeError, UsageError
 from mposurgeon.models.groups import Target, select_targets
 from mposurgeon.mpo.decomposition import decompose as decompose_matrix
 from mposurgeon.mpo.decomposition import to_matrix
 from mposurgeon.mpo.metrics import bonds_of, entanglement_entropy, num_params, relative_error
 from mposurgeon.mpo.shapes import MPOShape, parse_mode_spec, plan_shape, shape_from_modes
 from mposurgeon.stages.common import (
+    FLOAT_DTYPES,
     ProgressCallback,
     StageInput,
     StageOptions,
+    check_mpo_records,
     finish_artifact,
     model_layout,
     open_input,
     plan_output,
+    tensor_shapes,
     verified_input,
 )
 
@@ -156,12 +159,12 @@ def _write_decomposed(
 
 def _find_targets(inp: StageInput, opts: DecomposeOptions) -> tuple[list[Target], list[str]]:
     """The modules to decompose, and the requested ones that are already MPO (skipped)."""
-    layout = model_layout(inp.path)
-    with open_tensors(inp.path) as reader:
-        file_keys = set(reader.keys())
+    shapes = tensor_shapes(inp)
+    layout = model_layout(inp.path, shapes)
     done = inp.mpo_modules
+    check_mpo_records(layout, done, shapes)
     # Decomposed modules count as present so that groups still match them.
-    file_keys |= {rec.weight_key for rec in done.values()}
+    file_keys = set(shapes) | {rec.weight_key for rec in done.values()}
     layers, target_modules = opts.layers, opts.target_modules
     if layers is None and target_modules is None:
         selection = inp.selection
@@ -188,7 +191,22 @@ def _find_targets(inp: StageInput, opts: DecomposeOptions) -> tuple[list[Target]
             f"every selected module is already decomposed in {inp.path} ({len(skipped)})",
             hint="use `mposurgeon truncate` to change bond dimensions, or select other modules",
         )
+    _check_dtypes(inp.path, todo)
     return todo, skipped
+
+
+def _check_dtypes(source: Path, targets: list[Target]) -> None:
+    """Refuse targets whose stored weights are not floating point (from the file headers)."""
+    with open_tensors(source) as reader:
+        for target in targets:
+            dtype = reader.dtype(target.weight_key)
+            if dtype not in FLOAT_DTYPES.values():
+                name = str(dtype).removeprefix("torch.")
+                raise UsageError(
+                    f"{target.weight_key} holds {name} weights, which cannot be factorized "
+                    "(decompose takes float16, bfloat16, float32 and float64)",
+                    hint="leave it out with --exclude-modules, or convert the checkpoint to float",
+                )
 
 
 def _parse_specs(modes: list[str]) -> tuple[bool, list[tuple[tuple[int, ...], tuple[int, ...]]]]:
@@ -250,6 +268,13 @@ def _decompose_one(
 ) -> None:
     """Factorize one stored weight, add its cores to `writer`, fill `planned.record`."""
     target, shape = planned.target, planned.shape
+    if not bool(torch.isfinite(weight).all()):
+        bad = "NaN" if bool(torch.isnan(weight).any()) else "inf"
+        raise ArtifactError(
+            f"{target.weight_key} holds {bad} values and cannot be factorized; nothing was written",
+            hint="the checkpoint is damaged or diverged in training: use another one, or leave "
+            "the matrix out with --exclude-modules",
+        )
     matrix = weight.t() if target.kind == "conv1d" else weight
     out_dtype = weight.dtype if opts.dtype == "keep" else getattr(torch, opts.dtype)
     work_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32

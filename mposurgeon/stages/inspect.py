@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from mposurgeon.artifact.manifest import Manifest, ModuleRecord, load_artifact
-from mposurgeon.artifact.naming import CORE_KEY, core_key
+from mposurgeon.artifact.naming import CORE_KEY
 from mposurgeon.artifact.resolve import resolve_model
 from mposurgeon.artifact.tensors import TensorReader, open_tensors
 from mposurgeon.errors import UsageError
 from mposurgeon.mpo.decomposition import bond_spectra
 from mposurgeon.mpo.shapes import MPOShape
 from mposurgeon.plot import ModuleSpectra, plot_spectra, require_matplotlib
+from mposurgeon.stages.common import read_cores
 
 
 def inspect(
@@ -130,7 +131,7 @@ def module_spectra(reader: TensorReader, manifest: Manifest) -> list[ModuleSpect
     """Canonical bond spectra (divided by ||W||_F) of every MPO module, read from its cores."""
     result = []
     for rec in manifest.modules.values():
-        cores = [reader.get(core_key(rec.name, k)) for k in range(len(rec.out_modes))]
+        cores = read_cores(rec, reader)
         spectra = bond_spectra(cores)
         norm = float(spectra[0].square().sum().sqrt()) if spectra else 0.0
         shape = MPOShape(rec.out_dim, rec.in_dim, tuple(rec.out_modes), tuple(rec.in_modes))

@@ -20,12 +20,12 @@ from torch import nn
 from transformers import AutoConfig
 
 from mposurgeon.artifact.manifest import Manifest, ModuleRecord, load_artifact
-from mposurgeon.artifact.naming import core_key
 from mposurgeon.artifact.tensors import TensorReader, open_tensors
 from mposurgeon.errors import UsageError
 from mposurgeon.models.layers import ForwardMode
 from mposurgeon.models.surgery import MPOModuleState, install_mpo_layers, resolve_module_name
 from mposurgeon.mpo.shapes import MPOShape
+from mposurgeon.stages.common import read_cores
 
 #: task name -> transformers auto class (None: the class named in config.architectures).
 TASKS: dict[str, str | None] = {
@@ -74,7 +74,7 @@ def module_states(manifest: Manifest, reader: TensorReader) -> list[MPOModuleSta
 
 def _module_state(rec: ModuleRecord, reader: TensorReader) -> MPOModuleState:
     shape = MPOShape(rec.out_dim, rec.in_dim, tuple(rec.out_modes), tuple(rec.in_modes))
-    cores = [reader.get(core_key(rec.name, k)) for k in range(len(rec.out_modes))]
+    cores = read_cores(rec, reader)
     tied = tuple(re.sub(r"\.weight$", "", key) for key in rec.tied_keys)
     return MPOModuleState(name=rec.name, kind=rec.kind, shape=shape, cores=cores, tied_names=tied)
 

@@ -18,19 +18,24 @@ from pydantic import Field
 from transformers import AutoConfig, AutoTokenizer
 
 from mposurgeon.artifact.manifest import ModuleRecord
-from mposurgeon.artifact.naming import CORE_KEY, core_key
+from mposurgeon.artifact.naming import CORE_KEY
 from mposurgeon.artifact.store import atomic_directory, copy_model_files
 from mposurgeon.artifact.tensors import ShardedWriter, TensorReader, open_tensors
-from mposurgeon.errors import UsageError, VerificationError
+from mposurgeon.errors import ArtifactError, UsageError, VerificationError
 from mposurgeon.models.probe import OutputComparison, compare_outputs, model_output, sample_batch
 from mposurgeon.mpo.decomposition import to_matrix
 from mposurgeon.mpo.shapes import MPOShape
 from mposurgeon.stages.common import (
+    FLOAT_DTYPES,
     ProgressCallback,
     StageOptions,
+    check_mpo_records,
     finish_artifact,
+    model_layout,
     open_input,
     plan_output,
+    read_cores,
+    tensor_shapes,
     verified_input,
 )
 from mposurgeon.stages.load import load_model, model_class, quiet_transformers
@@ -75,11 +80,17 @@ def merge(
             hint="merge reads the output of decompose, truncate or train",
         )
     records = inp.mpo_modules
+    # Before any work: the config must match the tensors, and each module its kind in the
+    # model (merge orients the weight by it) and a float dtype to write.
+    shapes = tensor_shapes(inp)
+    check_mpo_records(model_layout(inp.path, shapes), records, shapes)
+    for rec in records.values():
+        _dtype_of(rec, opts.dtype)
     out = plan_output(inp, opts, "merge")
     comparison = None
     with atomic_directory(out, overwrite=opts.overwrite) as tmp, verified_input(inp):
         with open_tensors(inp.path) as reader, ShardedWriter(tmp, opts.max_shard_size) as writer:
-            _write_dense(reader, records, writer, opts, progress)
+            merged = _write_dense(reader, records, writer, opts, progress)
         copy_model_files(inp.path, tmp)
         if opts.verify:
             comparison = verify_merge(inp.path, tmp)
@@ -93,7 +104,7 @@ def merge(
             known_checksums=writer.checksums(),
             metrics=metrics,
         )
-    return MergeResult(output=out, merged_modules=len(records), comparison=comparison)
+    return MergeResult(output=out, merged_modules=merged, comparison=comparison)
 
 
 def _write_dense(
@@ -102,9 +113,11 @@ def _write_dense(
     writer: ShardedWriter,
     opts: MergeOptions,
     progress: ProgressCallback | None,
-) -> None:
-    """Stream every tensor to `writer`, contracting each module's cores at its first core."""
+) -> int:
+    """Stream every tensor to `writer`, contracting each module's cores at its first core;
+    return the number of modules merged."""
     keys = reader.keys()
+    merged = 0
     for i, key in enumerate(keys):
         match = CORE_KEY.fullmatch(key)
         if match is None:
@@ -115,22 +128,44 @@ def _write_dense(
         elif match["index"] == "0":
             rec = records.get(match["module"])
             if rec is None:
-                raise UsageError(f"{key} belongs to no module listed in mposurgeon.json")
+                raise ArtifactError(
+                    f"{key} belongs to no module listed in mposurgeon.json",
+                    hint="re-create the artifact with the stage that made it, or restore it",
+                )
             writer.add(rec.weight_key, dense_weight(rec, reader, opts.dtype))
+            merged += 1
         if progress:
             progress("merge", i + 1, len(keys))
+    if merged != len(records):  # a module without cores: the manifest lists what is not there
+        raise ArtifactError(
+            f"{len(records) - merged} MPO modules listed in mposurgeon.json have no cores in "
+            "the tensor files; nothing was written",
+            hint="re-create the artifact with the stage that made it, or restore it",
+        )
+    return merged
 
 
 def dense_weight(rec: ModuleRecord, reader: TensorReader, dtype: str = "auto") -> torch.Tensor:
     """The dense weight of one MPO module as the original checkpoint stored it."""
     shape = MPOShape(rec.out_dim, rec.in_dim, tuple(rec.out_modes), tuple(rec.in_modes))
-    cores = [reader.get(core_key(rec.name, k)) for k in range(len(rec.out_modes))]
+    cores = read_cores(rec, reader)
     work = torch.float64 if cores[0].dtype == torch.float64 else torch.float32
     matrix = to_matrix([c.to(work) for c in cores], shape)
     if rec.kind == "conv1d":
         matrix = matrix.t()
-    target = getattr(torch, rec.dtype if dtype == "auto" else dtype)
-    return matrix.to(target).contiguous()
+    return matrix.to(_dtype_of(rec, dtype)).contiguous()
+
+
+def _dtype_of(rec: ModuleRecord, dtype: str = "auto") -> torch.dtype:
+    """The dtype module `rec` is merged to: `dtype`, or for "auto" its recorded float dtype."""
+    name = rec.dtype if dtype == "auto" else dtype
+    if name not in FLOAT_DTYPES:
+        raise ArtifactError(
+            f"mposurgeon.json has an invalid field modules.{rec.name}.dtype: {name!r} is not "
+            f"one of {', '.join(FLOAT_DTYPES)}",
+            hint="re-create the artifact with the stage that made it, or pass merge --dtype",
+        )
+    return FLOAT_DTYPES[name]
 
 
 def verify_merge(artifact: Path, merged: Path) -> OutputComparison:

@@ -55,10 +55,12 @@ from mposurgeon.stages.common import (
     ProgressCallback,
     StageInput,
     StageOptions,
+    check_mpo_records,
     finish_artifact,
     model_layout,
     open_input,
     plan_output,
+    tensor_shapes,
 )
 from mposurgeon.stages.merge import dense_weight
 from mposurgeon.training.importance import choose_top_n, fisher_scores, weight_pattern
@@ -209,10 +211,10 @@ def select(
 
 def _candidates(inp: StageInput, opts: SelectOptions) -> tuple[list[Target], dict[str, str]]:
     """The matrices of the requested weight types, and each one's weight pattern."""
-    layout = model_layout(inp.path)
-    with open_tensors(inp.path) as reader:
-        file_keys = set(reader.keys())
-    file_keys |= {rec.weight_key for rec in inp.mpo_modules.values()}
+    shapes = tensor_shapes(inp)
+    layout = model_layout(inp.path, shapes)
+    check_mpo_records(layout, inp.mpo_modules, shapes)
+    file_keys = set(shapes) | {rec.weight_key for rec in inp.mpo_modules.values()}
     targets = select_targets(layout, file_keys, layers=opts.weight_types)
     patterns = {}
     kept = []

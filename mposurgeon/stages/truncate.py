@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from mposurgeon.artifact.manifest import ModuleRecord
+from mposurgeon.artifact.manifest import MANIFEST_NAME, ModuleRecord
 from mposurgeon.artifact.naming import CORE_KEY, core_key
 from mposurgeon.artifact.store import atomic_directory
 from mposurgeon.artifact.tensors import ShardedWriter, TensorReader, open_tensors
-from mposurgeon.errors import UsageError
+from mposurgeon.errors import ArtifactError, UsageError
 from mposurgeon.mpo.allocation import BondProblem, allocate, cap_bonds, min_params
 from mposurgeon.mpo.contract import mpo_rows
 from mposurgeon.mpo.decomposition import bond_spectra, to_matrix
@@ -42,9 +42,12 @@ from mposurgeon.stages.common import (
     ProgressCallback,
     StageInput,
     StageOptions,
+    check_no_dense_twin,
     finish_artifact,
     open_input,
     plan_output,
+    read_cores,
+    tensor_shapes,
     verified_input,
 )
 
@@ -192,6 +195,7 @@ def truncate(
     opts = options or TruncateOptions(**kwargs)
     inp = open_input(artifact, opts, defer_checksums=True)
     records = _mpo_records(inp)
+    check_no_dense_twin(records, tensor_shapes(inp))
     with verified_input(inp):  # the input is hashed while the spectra are computed
         problems: dict[str, BondProblem] = {}
         with open_tensors(inp.path) as reader:
@@ -208,6 +212,13 @@ def truncate(
         with atomic_directory(out, overwrite=opts.overwrite) as tmp:
             with ShardedWriter(tmp, opts.max_shard_size) as writer:
                 new_records = _write_truncated(inp.path, writer, records, plan, progress)
+            unmeasured = [m.name for m in plan.values() if m.changed and m.rel_error is None]
+            if unmeasured:  # its cores were not where the manifest says: publish nothing
+                raise ArtifactError(
+                    f"{MANIFEST_NAME} lists MPO module {unmeasured[0]}, whose cores the tensor "
+                    "files do not hold under that name; nothing was written",
+                    hint="re-create the artifact with the stage that made it, or restore it",
+                )
             finish_artifact(
                 tmp,
                 inp=inp,
@@ -267,13 +278,9 @@ def _mpo_records(inp: StageInput) -> dict[str, ModuleRecord]:
     return records
 
 
-def _cores(rec: ModuleRecord, reader: TensorReader) -> list[torch.Tensor]:
-    return [reader.get(core_key(rec.name, k)) for k in range(len(rec.out_modes))]
-
-
 def _problem(rec: ModuleRecord, reader: TensorReader) -> BondProblem:
     """The allocation problem of one module: its cores' canonical spectra, sites and bonds."""
-    cores = _cores(rec, reader)
+    cores = read_cores(rec, reader)
     return BondProblem.from_cores(cores, bond_spectra(cores))
 
 
@@ -399,7 +406,7 @@ def _truncate_one(
     rec: ModuleRecord, module: TruncatedModule, reader: TensorReader
 ) -> tuple[ModuleRecord, list[torch.Tensor]]:
     """Cut one module's cores to the planned bonds; fill `module` with what was measured."""
-    cores = _cores(rec, reader)
+    cores = read_cores(rec, reader)
     cut = truncate_cores(cores, max_bond=list(module.bonds[1:-1]))
     new = [core.contiguous() for core in cut.cores]
     shape = MPOShape(rec.out_dim, rec.in_dim, tuple(rec.out_modes), tuple(rec.in_modes))
