@@ -165,9 +165,15 @@ TensorShapes = Mapping[str, Sequence[int]]
 
 
 def tensor_shapes(inp: StageInput) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the input's files with its shape, read from the headers."""
-    with open_tensors(inp.path) as reader:
-        return {key: reader.shape(key) for key in reader.keys()}
+    """Every tensor of the input's files with its shape, read from the headers. A header that
+    cannot be read in an artifact whose checksums are still to be checked is reported as the
+    checksum mismatch it is (that error names the damaged file and explains the failure)."""
+    try:
+        with open_tensors(inp.path) as reader:
+            return {key: reader.shape(key) for key in reader.keys()}
+    except ArtifactError:
+        inp.wait_verified()
+        raise
 
 
 def read_cores(rec: ModuleRecord, reader: TensorReader) -> list[torch.Tensor]:
