@@ -73,7 +73,7 @@ def test_failed_gate_exits_3_naming_condition_and_value(bert: Path, tmp_path, ca
     result = run_cli(capsys, "run", _recipe(tmp_path, bert, stages))
     assert result.code == 3, result
     assert "max_params_ratio" in result.err and "measured 1" in result.err
-    assert "stage merge" in result.err
+    assert "error: stage 3 (merge): expect max_params_ratio" in result.err
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,8 @@
-"""`mposurgeon run`: run a YAML recipe of stages; exit 3 when an `expect:` gate fails."""
+"""`mposurgeon run`: run a YAML recipe of stages; exit 3 when an `expect:` gate fails.
+
+With `--json`, stdout gets one object whatever happens: the stages so far (a failed one marked
+"failed"), `ok`, and on failure the error (message, hint, exit code, type).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,10 @@ import typer
 from rich.table import Table
 
 from mposurgeon.cli import options as opt
+from mposurgeon.cli.entry import failure
 from mposurgeon.cli.inspect import render_report
 from mposurgeon.cli.render import print_json, progress_bar, stderr, stdout
+from mposurgeon.errors import MposurgeonError
 
 
 def run_command(
@@ -33,7 +39,7 @@ def run_command(
 
         mposurgeon run recipes/quickstart.yaml -w runs
     """
-    from mposurgeon.stages.recipe import gate_failure, run_recipe
+    from mposurgeon.stages.recipe import RecipeStageError, gate_failure, run_recipe
 
     with progress_bar(quiet or json_out) as progress:
 
@@ -41,30 +47,40 @@ def run_command(
             if status != "start" and not json_out:
                 stderr.print(f"{stage.label}: {status}", highlight=False)
 
-        report = run_recipe(
-            recipe,
-            workdir=workdir,
-            dry_run=dry_run,
-            force=force,
-            from_stage=from_stage,
-            events=events,
-            progress=progress,
-        )
+        try:
+            report = run_recipe(
+                recipe,
+                workdir=workdir,
+                dry_run=dry_run,
+                force=force,
+                from_stage=from_stage,
+                events=events,
+                progress=progress,
+            )
+        except RecipeStageError as exc:
+            if json_out:
+                print_json(_summary(exc.report, exc, exc.kind))
+            raise
     error = gate_failure(report)
     if json_out:
-        print_json(_summary(report, error))
+        print_json(_summary(report, error, type(error).__name__))
     else:
         _render(report, dry_run)
     if error is not None:
         raise error
 
 
-def _summary(report: Any, error: Any) -> dict[str, Any]:
+def _summary(report: Any, error: MposurgeonError | None, kind: str) -> dict[str, Any]:
+    """The JSON object of a run: the stages so far, `ok`, and the error if there was one."""
+    outcome = (
+        {"ok": True, "error": None}
+        if error is None
+        else failure(str(error), error.hint, error.exit_code, kind)
+    )
     return {
         "recipe": report.recipe,
         "workdir": report.workdir,
-        "ok": error is None,
-        "error": None if error is None else str(error),
+        **outcome,
         "stages": [
             {
                 "name": s.name,

@@ -12,12 +12,26 @@
 Each stage is one command with that command's options under the same names (`rel_tol` or
 `rel-tol`). Stage i reads the output of the last stage before it that wrote an artifact and
 writes `<workdir>/<recipe name>/<i>-<stage name>/`. A stage whose output exists with the same
-input (manifest sha256) and options is skipped, so a re-run resumes where it stopped.
+input (manifest sha256), options and data files (sha256 of `data`, `eval_data`, recorded in
+`<workdir>/<recipe name>/.state.json`) is skipped, so a re-run resumes where it stopped; once a
+stage runs, every later one runs too. Paths are made absolute (symbolic links resolved) when
+the recipe loads, so the same recipe gives the same plan whatever the spelling of its path.
+
+A recipe is untrusted input. It is at most `MAX_RECIPE_BYTES` of UTF-8 YAML, without aliases
+(`*name`: a recipe has no use for them, and they make "billion laughs" bombs) and nested at
+most `MAX_DEPTH` deep. Its file name (the recipe name) and every stage name are one safe path
+component (`SAFE_NAME`), so nothing it writes leaves `<workdir>/<recipe name>/` (checked again
+on the resolved output, against symbolic links). No stage output may be, lie inside or contain
+the recipe's model or a data file: a recipe never replaces its own input.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
+import os
+import re
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +43,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mposurgeon.artifact.manifest import MANIFEST_NAME, Manifest, manifest_sha256, read_manifest
-from mposurgeon.errors import ArtifactError, ModelNotFoundError, UsageError, VerificationError
+from mposurgeon.artifact.store import sha256_file
+from mposurgeon.errors import (
+    ArtifactError,
+    ModelNotFoundError,
+    MposurgeonError,
+    UsageError,
+    VerificationError,
+)
 from mposurgeon.stages.common import ProgressCallback, StageOptions, default_workdir
 
 #: stage kind -> (module, options class, function); `inspect` writes nothing and has no options.
@@ -43,6 +64,18 @@ STAGES: dict[str, tuple[str, str, str]] = {
 INSPECT = "inspect"
 #: options the runner sets itself: the chain of outputs is its business.
 RUNNER_OPTIONS = {"output", "workdir", "overwrite", "dry_run"}
+#: options naming files a stage reads: their sha256 is part of the skip key.
+DATA_OPTIONS = ("data", "eval_data")
+#: options holding paths, relative to the recipe file.
+PATH_OPTIONS = (*DATA_OPTIONS, "cache_dir")
+#: a recipe or stage name: one path component, not hidden, never "." or "..".
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+SAFE_NAME_RULE = "letters, digits, '.', '_' or '-', not starting with '.', at most 64"
+#: the largest recipe file read, and the deepest nesting of its YAML.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_DEPTH = 32
+#: the runner's record of the data each stage output was made from, in the recipe's directory.
+STATE_NAME = ".state.json"
 
 
 class Expectations(BaseModel):
@@ -109,7 +142,7 @@ class RecipeReport:
     recipe: str
     workdir: str
     stages: list[StageReport]
-    failed_gate: tuple[str, GateResult] | None = None
+    failed_gate: tuple[str, GateResult] | None = None  # (the stage's label, the gate)
 
 
 #: events(stage, status): called when a stage starts ("start") and ends (its status).
@@ -119,54 +152,123 @@ StageEvents = Callable[[RecipeStage, str], None]
 # --- loading and validating ------------------------------------------------------------------
 
 
-def load_recipe(path: str | Path, workdir: Path | None = None) -> Recipe:
-    """Parse and validate the whole recipe; errors name the stage and the key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelNotFoundError(f"no such recipe file: {path}")
+class _Refused(Exception):
+    """YAML that parses but that a recipe refuses (an alias, too deep)."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` without aliases and with at most `MAX_DEPTH` levels of nesting."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(f"line {line}: aliases (*{event.anchor}) are not allowed in a recipe")
+        if self._depth >= MAX_DEPTH:
+            raise _Refused(f"line {line}: nested deeper than {MAX_DEPTH} levels")
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _read_yaml(path: Path) -> Any:
+    """The recipe file parsed: bounded in size and depth, UTF-8, no aliases."""
+    name = _shown_path(path.name)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open("rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read recipe {_shown_path(path)}: {exc.strerror}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise UsageError(f"{name} is larger than {MAX_RECIPE_BYTES} bytes; not a recipe")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UsageError(f"{name} is not UTF-8 text (line {line})") from None
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader
+    except _Refused as exc:
+        raise UsageError(f"{name}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise UsageError(f"{path.name} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        first = (str(exc).splitlines() or ["unreadable"])[0]
+        raise UsageError(f"{name} is not valid YAML: {first}") from None
+    except RecursionError:  # nesting in a scalar's tags or the like: the loader's own limit
+        raise UsageError(f"{name}: nested too deeply") from None
+
+
+def load_recipe(path: str | Path, workdir: Path | None = None) -> Recipe:
+    """Parse and validate the whole recipe; errors name the stage and the key.
+
+    Paths are made absolute here, so the recipe's outputs and skip keys do not depend on how
+    its path was spelled; outputs are checked against the model and the data files."""
+    path = Path(os.path.abspath(path))
+    if not path.is_file():
+        raise ModelNotFoundError(f"no such recipe file: {_shown_path(path)}")
+    raw = _read_yaml(path)
+    where = _shown_path(path.name)
     if not isinstance(raw, dict):
-        raise UsageError(f"{path.name}: a recipe is a mapping with version, model and stages")
-    _check_keys(raw, {"version", "model", "workdir", "stages", "description"}, f"{path.name}")
-    if raw.get("version") != 1:
-        raise UsageError(f"{path.name}: version must be 1 (got {raw.get('version')!r})")
-    if not isinstance(raw.get("model"), str) or not raw["model"]:
-        raise UsageError(f"{path.name}: 'model' must name a model (path, hub id or alias)")
+        raise UsageError(f"{where}: a recipe is a mapping with version, model and stages")
+    _check_keys(raw, {"version", "model", "workdir", "stages", "description"}, where)
+    version = raw.get("version")
+    if type(version) is not int or version != 1:
+        raise UsageError(f"{where}: version must be 1 (got {_show(version)})")
+    if not isinstance(raw.get("model"), str) or not raw["model"].strip():
+        raise UsageError(f"{where}: 'model' must name a model (path, hub id or alias)")
+    _no_nul(raw["model"], f"{where}: 'model'")
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, list) or not stages_raw:
-        raise UsageError(f"{path.name}: 'stages' must be a non-empty list")
+        raise UsageError(f"{where}: 'stages' must be a non-empty list")
+    if not SAFE_NAME.fullmatch(path.stem):
+        raise UsageError(
+            f"{where}: the recipe name {_show(path.stem)} (its file name) is not one safe "
+            f"path component ({SAFE_NAME_RULE} characters)",
+            hint="rename the recipe file",
+        )
     base = path.parent
-    model = _relative_path(raw["model"], base)
-    chosen_workdir = workdir or (
-        _resolve_path(raw["workdir"], base) if raw.get("workdir") else default_workdir()
-    )
+    model = _model_path(raw["model"], base)
+    if workdir is not None:
+        chosen_workdir = _path(str(workdir), Path.cwd(), "--workdir")
+    elif raw.get("workdir") is not None:
+        chosen_workdir = _path(raw["workdir"], base, f"{where}: 'workdir'")
+    else:
+        chosen_workdir = _path(str(default_workdir()), Path.cwd(), "the default workdir")
     stages = [_stage(i, item, base) for i, item in enumerate(stages_raw, 1)]
     names = [s.name for s in stages]
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:
         raise UsageError(
-            f"{path.name}: stage names repeat: {', '.join(sorted(duplicates))}",
+            f"{where}: stage names repeat: {', '.join(sorted(duplicates))}",
             hint="give repeated stages a `name:`",
         )
-    return Recipe(path=path, model=model, workdir=chosen_workdir, stages=stages)
+    recipe = Recipe(path=path, model=model, workdir=chosen_workdir, stages=stages)
+    _check_outputs(recipe)
+    return recipe
 
 
 def _stage(index: int, item: Any, base: Path) -> RecipeStage:
     where = f"stage {index}"
     if not isinstance(item, dict):
         raise UsageError(f"{where}: expected a mapping like `decompose: {{...}}`")
+    for key in item:
+        if not isinstance(key, str):
+            raise UsageError(
+                f"{where}: key {_show(key)} is not a string; name a stage, 'name' or 'expect'"
+            )
     kinds = [k for k in item if k not in ("name", "expect")]
     if len(kinds) != 1:
-        raise UsageError(f"{where}: name exactly one stage (found {', '.join(kinds) or 'none'})")
+        found = ", ".join(_show(k) for k in kinds) or "none"
+        raise UsageError(f"{where}: name exactly one stage (found {found})")
     kind = kinds[0]
     if kind not in STAGES and kind != INSPECT:
         raise UsageError(
-            f"{where}: unknown stage {kind!r}{_did_you_mean(kind, [*STAGES, INSPECT])}"
+            f"{where}: unknown stage {_show(kind)}{_did_you_mean(kind, [*STAGES, INSPECT])}"
         )
-    name = str(item.get("name") or kind)
+    name = _stage_name(item.get("name"), kind, where)
     where = f"stage {index} ({name})"
     options = item[kind] or {}
     if not isinstance(options, dict):
@@ -178,7 +280,7 @@ def _stage(index: int, item: Any, base: Path) -> RecipeStage:
     if kind == INSPECT:
         _check_keys(options, {"verify_checksums"}, where)
     else:
-        options = _resolve_paths(options, base)
+        options = _resolve_paths(options, base, where)
         _validate_options(kind, options, where)
     try:
         expect = Expectations.model_validate(item.get("expect") or {})
@@ -186,6 +288,22 @@ def _stage(index: int, item: Any, base: Path) -> RecipeStage:
         message = _first_error(exc, list(Expectations.model_fields))
         raise UsageError(f"{where}: expect: {message}") from None
     return RecipeStage(index=index, name=name, kind=kind, options=options, expect=expect)
+
+
+def _stage_name(value: Any, kind: str, where: str) -> str:
+    """A stage's `name:` (default: its kind), one safe path component."""
+    if value is None:
+        return kind
+    if not isinstance(value, str):
+        raise UsageError(f"{where}: 'name' must be a string (got {type(value).__name__})")
+    _no_nul(value, f"{where}: 'name'")
+    if not SAFE_NAME.fullmatch(value):
+        raise UsageError(
+            f"{where}: 'name' {_show(value)} is not one safe path component "
+            f"({SAFE_NAME_RULE} characters)",
+            hint="a stage's name becomes the name of its output directory",
+        )
+    return value
 
 
 def options_class(kind: str) -> type[StageOptions]:
@@ -208,8 +326,8 @@ def _first_error(exc: ValidationError, fields: list[str]) -> str:
     err = exc.errors()[0]
     key = ".".join(str(p) for p in err.get("loc", ()))
     if err.get("type") == "extra_forbidden":
-        return f"unknown option '{key}'{_did_you_mean(key, fields)}"
-    return f"option '{key}': {err.get('msg')}"
+        return f"unknown option {_show(key)}{_did_you_mean(key, fields)}"
+    return f"option {_show(key)}: {' '.join(str(err.get('msg')).split())}"
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
@@ -217,33 +335,128 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def _check_keys(mapping: dict[str, Any], allowed: set[str], where: str) -> None:
+def _check_keys(mapping: dict[Any, Any], allowed: set[str], where: str) -> None:
     for key in mapping:
         if key not in allowed:
-            raise UsageError(f"{where}: unknown key '{key}'{_did_you_mean(key, sorted(allowed))}")
+            hint = _did_you_mean(key, sorted(allowed)) if isinstance(key, str) else ""
+            raise UsageError(f"{where}: unknown key {_show(key)}{hint}")
 
 
-def _resolve_path(value: str, base: Path) -> Path:
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else base / path
+def _show(value: Any, limit: int = 40) -> str:
+    """A short one-line rendering of a value from the recipe for a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _relative_path(value: str, base: Path) -> str:
-    """A model given as a path relative to the recipe file, if it exists there."""
-    candidate = base / value
-    return str(candidate) if not Path(value).is_absolute() and candidate.exists() else value
+def _shown_path(path: Path | str) -> str:
+    """A path for a message, with control characters escaped (one line whatever its name)."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
-def _resolve_paths(options: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Data files and the like are relative to the recipe file."""
+def _no_nul(value: str, what: str) -> None:
+    if "\0" in value:
+        raise UsageError(f"{what} contains a NUL character")
+
+
+def _path(value: Any, base: Path, what: str) -> Path:
+    """`value` as an absolute path with symbolic links resolved, relative to `base`."""
+    if not isinstance(value, str) or not value.strip():
+        raise UsageError(f"{what} must be a path (got {_show(value)})")
+    _no_nul(value, what)
+    try:
+        return (base / Path(value).expanduser()).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise UsageError(f"{what}: {_show(value)} is not a usable path ({exc})") from None
+
+
+def _model_path(value: str, base: Path) -> str:
+    """The model: a path relative to the recipe file if it exists there, else an existing path
+    made absolute (as the resolver makes them), else as given (a hub id or alias)."""
+    try:
+        given = Path(value).expanduser()
+    except RuntimeError:  # ~user of an unknown user: not a local path
+        given = Path(value)
+    for candidate in [given] if given.is_absolute() else [base / given, given]:
+        try:
+            if candidate.exists():
+                return os.path.abspath(candidate)
+        except (OSError, ValueError):
+            continue
+    return value
+
+
+def _resolve_paths(options: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
+    """Data files and the like are relative to the recipe file; made absolute here."""
     out = dict(options)
-    for key in ("data", "eval_data", "cache_dir"):
+    for key in PATH_OPTIONS:
         if isinstance(out.get(key), str):
-            out[key] = str(_resolve_path(out[key], base))
+            out[key] = str(_path(out[key], base, f"{where}: option '{key}'"))
     return out
 
 
+def _local_model(model: str) -> Path | None:
+    """The recipe's model as a resolved local path, or None (a hub id or alias)."""
+    path = Path(model)
+    try:
+        return path.resolve() if path.is_absolute() and path.exists() else None
+    except OSError:
+        return None
+
+
+def _check_outputs(recipe: Recipe) -> None:
+    """Refuse, before any work, an output that leaves the recipe's directory or that is, lies
+    inside or contains what the recipe reads (its model, a data file): `run` replaces it."""
+    reads: list[tuple[str, Path]] = []
+    model = _local_model(recipe.model)
+    if model is not None:
+        reads.append(("the recipe's model", model))
+    for stage in recipe.stages:
+        for key in DATA_OPTIONS:
+            if isinstance(stage.options.get(key), str):
+                reads.append((f"{stage.label}'s {key} file", Path(stage.options[key])))
+    for stage in recipe.stages:
+        if stage.kind == INSPECT:
+            continue
+        out = _output_dir(recipe, stage)
+        resolved = out.resolve()
+        for what, path in reads:
+            shown, output = _shown_path(path), _shown_path(out)
+            if resolved == path:
+                problem = f"output {output} is {what}"
+            elif path in resolved.parents:
+                problem = f"output {output} lies inside {what} {shown}"
+            elif resolved in path.parents:
+                problem = f"{what} {shown} lies inside the output {output}, which `run` replaces"
+            else:
+                continue
+            raise UsageError(
+                f"{stage.label}: {problem}",
+                hint="a recipe never replaces what it reads: choose another workdir or path",
+            )
+
+
 # --- running ---------------------------------------------------------------------------------
+
+
+class RecipeStageError(MposurgeonError):
+    """A stage failed: the message starts with `stage N (name): `, the exit code and hint are
+    the original error's, and `report` holds the stages so far, the failed one last."""
+
+    def __init__(self, stage: RecipeStage, cause: Exception, report: RecipeReport) -> None:
+        if isinstance(cause, MposurgeonError):
+            message, hint, code = str(cause), cause.hint, cause.exit_code
+        else:
+            first = (str(cause).splitlines() or [""])[0]
+            message = f"internal error: {type(cause).__name__}: {first}"
+            hint, code = "re-run with --debug for the traceback", 1
+        if not message.startswith(f"{stage.label}: "):
+            message = f"{stage.label}: {message}"
+        super().__init__(message, hint)
+        self.exit_code = code
+        self.kind = type(cause).__name__
+        self.cause = cause
+        self.report = report
 
 
 def run_recipe(
@@ -256,15 +469,18 @@ def run_recipe(
     events: StageEvents | None = None,
     progress: ProgressCallback | None = None,
 ) -> RecipeReport:
-    """Run (or plan) every stage of the recipe at `path`; stop at the first failed gate."""
+    """Run (or plan) every stage of the recipe at `path`; stop at the first failed gate.
+
+    An error in a stage is raised as `RecipeStageError`, which carries the report so far."""
     recipe = load_recipe(path, workdir)
     if from_stage is not None and from_stage not in [s.name for s in recipe.stages]:
         names = [s.name for s in recipe.stages]
         raise UsageError(
-            f"--from {from_stage}: no such stage{_did_you_mean(from_stage, names)}",
+            f"--from {_show(from_stage)}: no such stage{_did_you_mean(from_stage, names)}",
             hint=f"stages: {', '.join(names)}",
         )
     report = RecipeReport(recipe=str(recipe.path), workdir=str(recipe.workdir), stages=[])
+    state = _read_state(recipe)
     current = recipe.model
     rerun = force
     base_params: int | None = None
@@ -273,41 +489,65 @@ def run_recipe(
         out = None if stage.kind == INSPECT else _output_dir(recipe, stage)
         entry = StageReport(stage.name, stage.kind, "planned", current, str(out) if out else None)
         report.stages.append(entry)
-        up_to_date = out is not None and not rerun and _up_to_date(out, stage, current)
-        if dry_run:
-            entry.status = "skipped" if up_to_date else "planned"
+        try:
+            digests = _data_digests(stage)
+            up_to_date = (
+                out is not None and not rerun and _up_to_date(out, stage, current, digests, state)
+            )
+            # A stage that runs makes every later one run: the same plan for a dry run.
+            rerun = rerun or (out is not None and not up_to_date)
+            if dry_run:
+                entry.status = "skipped" if up_to_date else "planned"
+                if out is not None:
+                    current = str(out)
+                continue
+            if events:
+                events(stage, "start")
+            start = time.perf_counter()
+            if up_to_date:
+                entry.status = "skipped"
+            else:
+                entry.result = _execute(stage, current, out, progress)
+                entry.status = "ran"
+                if out is not None:
+                    _record_state(recipe, out, digests)
+            entry.seconds = time.perf_counter() - start
             if out is not None:
                 current = str(out)
-            continue
-        if events:
-            events(stage, "start")
-        start = time.perf_counter()
-        if up_to_date:
-            entry.status = "skipped"
-        else:
-            entry.result = _execute(stage, current, out, progress)
-            entry.status = "ran"
-        entry.seconds = time.perf_counter() - start
-        if out is not None:
-            current = str(out)
-        if base_params is None:
-            base_params = _total_params(recipe.model)
-        entry.metrics = _measure(stage, current, entry.result, base_params)
-        entry.gates = _gates(stage.expect, entry.metrics)
+            if base_params is None:
+                base_params = _total_params(recipe.model)
+            entry.metrics = _measure(stage, current, entry.result, base_params)
+            entry.gates = _gates(stage.expect, entry.metrics)
+        except Exception as exc:
+            entry.status = "failed"
+            if events:
+                events(stage, "failed")
+            raise RecipeStageError(stage, exc, report) from exc
         if events:
             events(stage, entry.status)
         if progress:
             progress("recipe", stage.index, len(recipe.stages))
         failed = next((g for g in entry.gates if not g.ok), None)
         if failed is not None:
-            report.failed_gate = (stage.name, failed)
+            report.failed_gate = (stage.label, failed)
             entry.status = "failed"
             break
     return report
 
 
 def _output_dir(recipe: Recipe, stage: RecipeStage) -> Path:
-    return recipe.workdir / recipe.name / f"{stage.index:02d}-{stage.name}"
+    """`<workdir>/<recipe name>/<NN>-<stage name>`, checked to resolve to a directory right
+    there (a symbolic link in its place could send the replaced directory anywhere)."""
+    root = recipe.workdir / recipe.name
+    out = root / f"{stage.index:02d}-{stage.name}"
+    resolved = out.resolve()
+    if resolved != root.resolve() / out.name:
+        raise UsageError(
+            f"{stage.label}: output {_shown_path(out)} resolves to {_shown_path(resolved)}, "
+            f"outside {_shown_path(root)}",
+            hint=f"remove the symbolic link {_shown_path(out)}",
+        )
+    return out
 
 
 def _input_identity(model: str) -> str | None:
@@ -316,10 +556,39 @@ def _input_identity(model: str) -> str | None:
     return manifest_sha256(path) if (path / MANIFEST_NAME).is_file() else None
 
 
-def _up_to_date(out: Path, stage: RecipeStage, current: str) -> bool:
-    """The stage's output exists and was made from the same input with the same options."""
+def _data_digests(stage: RecipeStage) -> dict[str, str | None]:
+    """The sha256 of every data file the stage reads (None: unreadable now)."""
+    digests: dict[str, str | None] = {}
+    for key in DATA_OPTIONS:
+        value = stage.options.get(key)
+        if isinstance(value, str):
+            try:
+                digests[key] = sha256_file(Path(value))
+            except OSError:
+                digests[key] = None
+    return digests
+
+
+def _up_to_date(
+    out: Path,
+    stage: RecipeStage,
+    current: str,
+    digests: dict[str, str | None],
+    state: dict[str, Any],
+) -> bool:
+    """The stage's output exists and was made from the same input, with the same options and
+    from data files with the same contents (as the runner's state file recorded)."""
+    recorded_state = state.get(out.name)
+    if (
+        not isinstance(recorded_state, dict)
+        or None in digests.values()
+        or recorded_state.get("data") != digests
+    ):
+        return False
     try:
         manifest = read_manifest(out)
+        if recorded_state.get("manifest_sha256") != manifest_sha256(out):
+            return False
     except (ArtifactError, OSError):
         return False
     if manifest.stage != stage.kind:
@@ -335,6 +604,38 @@ def _up_to_date(out: Path, stage: RecipeStage, current: str) -> bool:
     if parent_sha is not None:
         return manifest.parent is not None and manifest.parent.manifest_sha256 == parent_sha
     return manifest.parent is None and _same_base(manifest, current)
+
+
+def _state_file(recipe: Recipe) -> Path:
+    return recipe.workdir / recipe.name / STATE_NAME
+
+
+def _read_state(recipe: Recipe) -> dict[str, Any]:
+    """The runner's records by output directory name; {} when missing or unreadable."""
+    try:
+        data = json.loads(_state_file(recipe).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    stages = data.get("stages") if isinstance(data, dict) else None
+    return stages if isinstance(stages, dict) else {}
+
+
+def _record_state(recipe: Recipe, out: Path, digests: dict[str, str | None]) -> None:
+    """Record what `out` was made from (its manifest sha256, the data files' sha256), written
+    atomically beside the outputs; the artifact itself is left as the stage wrote it."""
+    stages = _read_state(recipe)
+    stages[out.name] = {"manifest_sha256": manifest_sha256(out), "data": digests}
+    path = _state_file(recipe)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{STATE_NAME}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"format": 1, "stages": stages}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _same_base(manifest: Manifest, current: str) -> bool:
@@ -418,9 +719,9 @@ def gate_failure(report: RecipeReport) -> VerificationError | None:
     """The error `run` exits with when a gate failed (exit code 3), else None."""
     if report.failed_gate is None:
         return None
-    stage, gate = report.failed_gate
+    label, gate = report.failed_gate
     measured = "not measured" if gate.measured is None else f"{gate.measured:.6g}"
     return VerificationError(
-        f"stage {stage}: expect {gate.condition}: {gate.limit:g} failed (measured {measured})",
+        f"{label}: expect {gate.condition}: {gate.limit:g} failed (measured {measured})",
         hint="the stage's output is kept for inspection; later stages did not run",
     )
