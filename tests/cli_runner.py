@@ -24,3 +24,15 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: object) -> CliResult:
     captured = capsys.readouterr()
     code = exit_info.value.code
     return CliResult(code if isinstance(code, int) else 1, captured.out, captured.err)
+
+
+def assert_one_line_error(result: CliResult, code: int, *needles: str) -> str:
+    """The command failed with exit `code` and one `error: ...` line on stderr holding every
+    needle (no traceback, no internal error); return that line."""
+    assert result.code == code, result
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
+    assert "Traceback" not in result.err and "internal error" not in result.err, result.err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]

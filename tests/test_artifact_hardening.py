@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 import torch
-from cli_runner import run_cli
 
 from mposurgeon.artifact.manifest import MANIFEST_NAME, load_artifact, read_manifest
 from mposurgeon.artifact.resolve import resolve_model
@@ -34,6 +33,7 @@ from mposurgeon.artifact.tensors import open_tensors
 from mposurgeon.errors import ArtifactError, ModelNotFoundError
 from mposurgeon.stages.common import StageOptions, open_input, plan_output
 from mposurgeon.stages.decompose import decompose
+from tests.cli_runner import assert_one_line_error, run_cli
 
 FFN = "encoder.layer.0.intermediate.dense"
 
@@ -60,16 +60,6 @@ def _copy(artifact: Path, tmp_path: Path, edit: Callable[[dict[str, Any]], None]
 _DEEP = "<nested 100000 levels deep>"  # too deep for json.dumps: spliced into the text
 
 
-def _one_line_error(result: Any, *needles: str) -> str:
-    assert result.code == 1, (result.code, result.err)
-    lines = result.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
-    assert "internal error" not in lines[0]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
 def _no_output(workdir: Path) -> None:
     leftovers = [p for p in workdir.rglob("*") if p.is_file()] if workdir.exists() else []
     assert leftovers == []
@@ -91,7 +81,7 @@ def test_base_name_cannot_send_the_output_outside_the_workdir(
     art = _copy(artifact, tmp_path, edit)
     workdir = tmp_path / "deep" / "er" / "wd"
     result = run_cli(capsys, "merge", art, "-w", workdir)
-    _one_line_error(result, "base.name")
+    assert_one_line_error(result, 1, "base.name")
     assert not victim.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # nothing written anywhere
 
@@ -121,7 +111,7 @@ def test_symlinked_tokenizer_file_is_refused_even_when_checksummed(
     art = _copy(artifact, tmp_path, edit)
     (art / "vocab.txt").symlink_to(secret)
     result = run_cli(capsys, "merge", art, "-o", tmp_path / "out")
-    _one_line_error(result, "vocab.txt", "symbolic link")
+    assert_one_line_error(result, 1, "vocab.txt", "symbolic link")
     assert not (tmp_path / "out").exists()
 
 
@@ -131,7 +121,7 @@ def test_unlisted_tokenizer_file_is_refused_and_never_copied(
     art = _copy(artifact, tmp_path, lambda data: None)
     (art / "tokenizer_config.json").write_text('{"planted": true}')
     result = run_cli(capsys, "merge", art, "-o", tmp_path / "out")
-    _one_line_error(result, "tokenizer_config.json", "not listed")
+    assert_one_line_error(result, 1, "tokenizer_config.json", "not listed")
     assert not (tmp_path / "out").exists()
     # and the copy step itself never takes an unlisted file from an artifact
     dst = tmp_path / "dst"
@@ -236,9 +226,9 @@ def test_damaged_manifest_is_one_line_naming_the_field(
     art = _copy(artifact, tmp_path, edit)
     before = {p.name: p.read_bytes() for p in art.iterdir()}
     for command in (["inspect", art], ["merge", art, "-w", tmp_path / "wd"]):
-        _one_line_error(run_cli(capsys, *command), field)
+        assert_one_line_error(run_cli(capsys, *command), 1, field)
     result = run_cli(capsys, "truncate", art, "--param-ratio", "0.9", "-w", tmp_path / "wd")
-    _one_line_error(result, field)
+    assert_one_line_error(result, 1, field)
     _no_output(tmp_path / "wd")
     assert {p.name: p.read_bytes() for p in art.iterdir()} == before  # input untouched
 
@@ -303,7 +293,8 @@ def test_no_space_left_names_the_file_in_the_output(
     monkeypatch.setattr(Path, "write_text", full)
     out = tmp_path / "out"
     result = run_cli(capsys, "merge", artifact, "-o", out)
-    line = _one_line_error(result, f"no space left on device writing {out / MANIFEST_NAME}")
+    needle = f"no space left on device writing {out / MANIFEST_NAME}"
+    line = assert_one_line_error(result, 1, needle)
     assert ".tmp-" not in line
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
@@ -315,7 +306,7 @@ def test_read_only_output_directory(artifact: Path, tmp_path: Path, capsys) -> N
     parent.chmod(0o555)
     try:
         result = run_cli(capsys, "merge", artifact, "-o", parent / "out")
-        _one_line_error(result, "cannot write", "permission denied")
+        assert_one_line_error(result, 1, "cannot write", "permission denied")
     finally:
         parent.chmod(0o755)
 

@@ -15,18 +15,9 @@ import pytest
 import torch
 
 from mposurgeon.artifact.manifest import read_manifest
-from tests.cli_runner import CliResult, run_cli
+from tests.cli_runner import assert_one_line_error, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _one_line_error(result: CliResult, code: int, *needles: str) -> None:
-    assert result.code == code, result
-    lines = [line for line in result.err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
-    assert "Traceback" not in result.err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def _snapshot(directory: Path) -> dict[str, bytes]:
@@ -155,24 +146,24 @@ def test_help_has_examples_and_does_not_import_torch() -> None:
 
 def test_missing_path(tmp_path: Path, capsys) -> None:
     result = run_cli(capsys, "decompose", tmp_path / "nope", "-o", tmp_path / "o")
-    _one_line_error(result, 4, "nope")
+    assert_one_line_error(result, 4, "nope")
     assert not (tmp_path / "o").exists()
 
 
 def test_hub_id_not_in_offline_cache(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = run_cli(capsys, "decompose", "acme/missing-model", "--cache-dir", tmp_path)
-    _one_line_error(result, 4, "acme/missing-model", "hf download")
+    assert_one_line_error(result, 4, "acme/missing-model", "hf download")
 
 
 def test_unknown_group_lists_valid_groups(bert: Path, capsys, tmp_path) -> None:
     result = run_cli(capsys, "decompose", bert, "--layers", "FFN_3", "-o", tmp_path / "o")
-    _one_line_error(result, 2, "FFN_3", "FFN_1", "attention")
+    assert_one_line_error(result, 2, "FFN_3", "FFN_1", "attention")
 
 
 def test_group_matching_nothing_lists_modules(bert: Path, capsys, tmp_path) -> None:
     result = run_cli(capsys, "decompose", bert, "--layers", "lm_head", "-o", tmp_path / "o")
-    _one_line_error(result, 2, "lm_head", "intermediate.dense")
+    assert_one_line_error(result, 2, "lm_head", "intermediate.dense")
 
 
 def test_non_factorizable_explicit_modes(bert: Path, capsys, tmp_path) -> None:
@@ -187,13 +178,13 @@ def test_non_factorizable_explicit_modes(bert: Path, capsys, tmp_path) -> None:
         "-o",
         tmp_path / "o",
     )
-    _one_line_error(result, 2, "4,4,4")
+    assert_one_line_error(result, 2, "4,4,4")
     assert not (tmp_path / "o").exists()
 
 
 def test_option_out_of_range_is_a_usage_error(bert: Path, capsys, tmp_path) -> None:
     result = run_cli(capsys, "decompose", bert, "--num-cores", "1", "-o", tmp_path / "o")
-    _one_line_error(result, 2, "num-cores")
+    assert_one_line_error(result, 2, "num-cores")
 
 
 def test_truncated_safetensors(bert: Path, tmp_path: Path, capsys) -> None:
@@ -203,7 +194,7 @@ def test_truncated_safetensors(bert: Path, tmp_path: Path, capsys) -> None:
     weights.write_bytes(weights.read_bytes()[:-100])
     before = _snapshot(broken)
     result = run_cli(capsys, "decompose", broken, "-o", tmp_path / "o")
-    _one_line_error(result, 1, "model.safetensors")
+    assert_one_line_error(result, 1, "model.safetensors")
     assert not (tmp_path / "o").exists() and _snapshot(broken) == before
 
 
@@ -213,7 +204,7 @@ def test_corrupted_safetensors_header(bert: Path, tmp_path: Path, capsys) -> Non
     data = bytearray((broken / "model.safetensors").read_bytes())
     data[8:16] = b"\x00garbage"
     (broken / "model.safetensors").write_bytes(bytes(data))
-    _one_line_error(run_cli(capsys, "inspect", broken), 1, "model.safetensors")
+    assert_one_line_error(run_cli(capsys, "inspect", broken), 1, "model.safetensors")
 
 
 def test_tampered_artifact_is_refused(artifact: Path, tmp_path: Path, capsys) -> None:
@@ -222,7 +213,7 @@ def test_tampered_artifact_is_refused(artifact: Path, tmp_path: Path, capsys) ->
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     result = run_cli(capsys, "merge", artifact, "-o", tmp_path / "m")
-    _one_line_error(result, 1, "model.safetensors", "checksum")
+    assert_one_line_error(result, 1, "model.safetensors", "checksum")
     assert not (tmp_path / "m").exists()
     # --no-verify skips hashing (for huge files the user trusts)
     assert run_cli(capsys, "merge", artifact, "-o", tmp_path / "m", "--no-verify", "-q").code == 0
@@ -235,7 +226,7 @@ def test_unreadable_artifact_reports_the_checksum(artifact: Path, tmp_path: Path
     weights.write_bytes(weights.read_bytes()[:-64])
     for command in (["merge"], ["truncate", "--max-bond", "2"], ["decompose", "--layers", "FFN_2"]):
         result = run_cli(capsys, command[0], artifact, *command[1:], "-o", tmp_path / "o")
-        _one_line_error(result, 1, "model.safetensors", "checksum")
+        assert_one_line_error(result, 1, "model.safetensors", "checksum")
         assert not (tmp_path / "o").exists()
 
 
@@ -246,7 +237,7 @@ def test_dry_runs_verify_the_artifact(artifact: Path, capsys) -> None:
     weights.write_bytes(bytes(data))
     for command in (["truncate", "--max-bond", "2"], ["decompose", "--layers", "FFN_2"]):
         result = run_cli(capsys, command[0], artifact, *command[1:], "--dry-run")
-        _one_line_error(result, 1, "model.safetensors", "checksum")
+        assert_one_line_error(result, 1, "model.safetensors", "checksum")
 
 
 def test_newer_format_version_is_refused(artifact: Path, capsys) -> None:
@@ -254,7 +245,7 @@ def test_newer_format_version_is_refused(artifact: Path, capsys) -> None:
     data = json.loads(path.read_text())
     data["format_version"] = 7
     path.write_text(json.dumps(data))
-    _one_line_error(run_cli(capsys, "inspect", artifact), 1, "format_version 7")
+    assert_one_line_error(run_cli(capsys, "inspect", artifact), 1, "format_version 7")
 
 
 def test_existing_nonempty_output_is_untouched(bert: Path, tmp_path: Path, capsys) -> None:
@@ -262,7 +253,7 @@ def test_existing_nonempty_output_is_untouched(bert: Path, tmp_path: Path, capsy
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     result = run_cli(capsys, "decompose", bert, "-o", out)
-    _one_line_error(result, 1, "taken", "--overwrite")
+    assert_one_line_error(result, 1, "taken", "--overwrite")
     assert _snapshot(out) == {"precious.txt": b"keep me"}
     assert run_cli(capsys, "decompose", bert, "-o", out, "--overwrite", "-q").code == 0
     assert not (out / "precious.txt").exists() and (out / "mposurgeon.json").exists()
@@ -273,12 +264,12 @@ def test_output_equal_to_input_is_refused(artifact: Path, capsys) -> None:
     result = run_cli(
         capsys, "decompose", artifact, "-o", artifact, "--overwrite", "--layers", "FFN_2"
     )
-    _one_line_error(result, 1)
+    assert_one_line_error(result, 1)
     assert _snapshot(artifact) == before
 
 
 def test_merge_of_a_plain_checkpoint_is_refused(bert: Path, tmp_path: Path, capsys) -> None:
-    _one_line_error(
+    assert_one_line_error(
         run_cli(capsys, "merge", bert, "-o", tmp_path / "m"), 2, "not a mposurgeon artifact"
     )
 
@@ -294,7 +285,7 @@ def test_merge_verify_failure_exits_3_and_writes_nothing(artifact, tmp_path, cap
 
     monkeypatch.setattr(merge_stage, "dense_weight", perturbed)
     result = run_cli(capsys, "merge", artifact, "-o", tmp_path / "m", "--verify")
-    _one_line_error(result, 3, "differ")
+    assert_one_line_error(result, 3, "differ")
     assert not (tmp_path / "m").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 

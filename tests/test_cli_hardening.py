@@ -18,7 +18,7 @@ import pytest
 
 from mposurgeon.cli import render
 from mposurgeon.errors import ModelNotFoundError
-from tests.cli_runner import CliResult, run_cli
+from tests.cli_runner import assert_one_line_error, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -31,16 +31,6 @@ def _strict_json(text: str) -> Any:
         raise ValueError(f"invalid JSON constant {constant}")
 
     return json.loads(text, parse_constant=refuse)
-
-
-def _one_line(result: CliResult, code: int, *needles: str) -> str:
-    assert result.code == code, result
-    lines = [line for line in result.err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
-    assert "Traceback" not in result.err and "internal error" not in result.err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 @pytest.fixture
@@ -64,7 +54,7 @@ def bert(tiny_model_dir) -> Path:
 )
 def test_usage_errors_exit_2_with_clicks_message(capsys, args: list[str], needles) -> None:
     result = run_cli(capsys, *args)
-    line = _one_line(result, 2, *needles)
+    line = assert_one_line_error(result, 2, *needles)
     assert "--help" in line  # the hint says where to look
     assert result.out == ""
 
@@ -154,7 +144,7 @@ def test_write_faults_are_one_line(bert: Path, tmp_path, capsys, monkeypatch, co
 
     monkeypatch.setattr("mposurgeon.stages.inspect.inspect", fail)
     result = run_cli(capsys, "inspect", bert)
-    _one_line(result, 1, needle, str(target))
+    assert_one_line_error(result, 1, needle, str(target))
 
 
 def test_write_fault_found_in_the_exception_chain(bert: Path, tmp_path, capsys, monkeypatch):
@@ -166,7 +156,7 @@ def test_write_fault_found_in_the_exception_chain(bert: Path, tmp_path, capsys, 
 
     monkeypatch.setattr("mposurgeon.stages.inspect.inspect", fail)
     result = run_cli(capsys, "inspect", bert, "--json")
-    _one_line(result, 1, "no space left on device writing", str(tmp_path / "shard"))
+    assert_one_line_error(result, 1, "no space left on device writing", str(tmp_path / "shard"))
     assert _strict_json(result.out)["error"]["exit_code"] == 1
 
 
@@ -215,7 +205,7 @@ def test_inspect_json_of_a_nan_error_is_valid_json(bert: Path, tmp_path, capsys)
 
 def test_json_error_object_for_a_user_error(tmp_path: Path, capsys) -> None:
     result = run_cli(capsys, "inspect", tmp_path / "nope", "--json")
-    _one_line(result, 4, "nope")
+    assert_one_line_error(result, 4, "nope")
     data = _strict_json(result.out)
     assert data["ok"] is False
     error = data["error"]

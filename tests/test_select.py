@@ -14,20 +14,12 @@ import mposurgeon
 from mposurgeon.artifact.manifest import read_manifest
 from mposurgeon.artifact.tensors import open_tensors
 from mposurgeon.mpo.shapes import plan_shape
-from tests.cli_runner import CliResult, run_cli
+from tests.cli_runner import assert_one_line_error, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "data" / "sentiment-train.jsonl"
 # Fast Fisher settings on MiniLM: a few short batches.
 FAST = ("--max-batches", "3", "--max-length", "32", "--batch-size", "8", "-q")
-
-
-def _one_line_error(result: CliResult, code: int, *needles: str) -> None:
-    assert result.code == code, result
-    lines = [line for line in result.err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 @pytest.fixture
@@ -215,7 +207,7 @@ def test_top_n_zero_chooses_nothing_and_decompose_says_so(bert: Path, tmp_path: 
     sel = mposurgeon.select(bert, output=tmp_path / "s", top_n=0, method="magnitude")
     assert sel.chosen == [] and len(sel.scores) == 12
     result = run_cli(capsys, "decompose", sel.output, "-o", tmp_path / "d")
-    _one_line_error(result, 2, "chose no module")
+    assert_one_line_error(result, 2, "chose no module")
     assert not (tmp_path / "d").exists()
 
 
@@ -238,7 +230,7 @@ def test_top_n_zero_chooses_nothing_and_decompose_says_so(bert: Path, tmp_path: 
 )
 def test_bad_options(bert: Path, tmp_path: Path, capsys, args: tuple, code: int, needle: str):
     out = tmp_path / "out"
-    _one_line_error(run_cli(capsys, "select", bert, "-o", out, *args), code, needle)
+    assert_one_line_error(run_cli(capsys, "select", bert, "-o", out, *args), code, needle)
     assert not out.exists()
 
 
@@ -256,7 +248,7 @@ def test_bad_data_files(bert: Path, tmp_path: Path, capsys, content: str, needle
     data, out = tmp_path / "bad.jsonl", tmp_path / "out"
     data.write_text(content, encoding="utf-8")
     result = run_cli(capsys, "select", bert, "-o", out, "--top-n", "1", "--data", data)
-    _one_line_error(result, 1, needle)
+    assert_one_line_error(result, 1, needle)
     assert not out.exists()
 
 
@@ -264,16 +256,16 @@ def test_single_label_data_is_refused(bert: Path, tmp_path: Path, capsys) -> Non
     data, out = tmp_path / "one.jsonl", tmp_path / "out"
     data.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n')
     result = run_cli(capsys, "select", bert, "-o", out, "--top-n", "1", "--data", data)
-    _one_line_error(result, 1, "one.jsonl", "one label")
+    assert_one_line_error(result, 1, "one.jsonl", "one label")
     assert not out.exists()
 
 
 def test_missing_model_and_existing_output(bert: Path, tmp_path: Path, capsys) -> None:
     result = run_cli(capsys, "select", tmp_path / "nope", "--top-n", "1", "-m", "magnitude")
-    _one_line_error(result, 4)
+    assert_one_line_error(result, 4)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     result = run_cli(capsys, "select", bert, "-o", out, "--top-n", "1", "-m", "magnitude")
-    _one_line_error(result, 1, "--overwrite")
+    assert_one_line_error(result, 1, "--overwrite")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]

@@ -20,21 +20,11 @@ from safetensors.torch import load_file, save_file
 
 import mposurgeon
 from mposurgeon.artifact.manifest import read_manifest, write_manifest
-from tests.cli_runner import CliResult, run_cli
+from tests.cli_runner import assert_one_line_error, run_cli
 
 TinyDir = Callable[[str], Path]
 FFN = "encoder.layer.0.intermediate.dense"
 FFN_WEIGHT = FFN + ".weight"
-
-
-def _one_line_error(result: CliResult, code: int, *needles: str) -> str:
-    assert result.code == code, result
-    lines = [line for line in result.err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
-    assert "internal error" not in lines[0], lines[0]
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def _snapshot(directory: Path) -> dict[str, bytes]:
@@ -48,7 +38,7 @@ def _refused(capsys: pytest.CaptureFixture[str], source: Path, code: int, *args:
     out = source.parent / "out"
     before = _snapshot(source)
     result = run_cli(capsys, *args, source, "-o", out)
-    line = _one_line_error(result, code)
+    line = assert_one_line_error(result, code)
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".out")]
     assert _snapshot(source) == before
@@ -329,5 +319,5 @@ def test_inspect_plot_of_nan_cores(
     pytest.importorskip("matplotlib")
     artifact = _with_tensors(bert_mpo, tmp_path, _nan_core)
     result = run_cli(capsys, "inspect", artifact, "--plot", tmp_path / "spectra.png")
-    _one_line_error(result, 1, FFN + ".mpo.core.1")
+    assert_one_line_error(result, 1, FFN + ".mpo.core.1")
     assert not (tmp_path / "spectra.png").exists()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mposurgeon.artifact.manifest import read_manifest
-from tests.cli_runner import CliResult, run_cli
+from tests.cli_runner import assert_one_line_error, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "data" / "sentiment-train.jsonl"
@@ -24,14 +24,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _one_line_error(result: CliResult, code: int, *needles: str) -> None:
-    assert result.code == code, result
-    lines = [line for line in result.err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +46,7 @@ def test_lightweight_needs_mpo_modules(
     out = tmp_path / "out"
     base = tiny_classifier_dir("bert")
     result = run_cli(capsys, "train", base, "-o", out, "--mode", "lightweight", "--data", TRAIN)
-    _one_line_error(result, 2, "--mode lightweight", "has none", "hint: decompose it first")
+    assert_one_line_error(result, 2, "--mode lightweight", "has none", "hint: decompose it first")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -65,7 +57,7 @@ def test_overparam_needs_mpo_modules_a_selection_or_dynamic(
     result = run_cli(
         capsys, "train", base, "-o", tmp_path / "o", "--mode", "overparam", "--data", TRAIN
     )
-    _one_line_error(result, 2, "no MPO modules and no selection", "--dynamic")
+    assert_one_line_error(result, 2, "no MPO modules and no selection", "--dynamic")
     assert not (tmp_path / "o").exists()
 
 
@@ -90,7 +82,7 @@ def test_dynamic_needs_a_top_n_that_split_num_divides(
     result = run_cli(
         capsys, "train", base, "-o", out, "--mode", "overparam", "--data", TRAIN, *flags
     )
-    _one_line_error(result, 2, needle)
+    assert_one_line_error(result, 2, needle)
     assert not out.exists()
 
 
@@ -101,17 +93,17 @@ def test_bad_data_names_the_line(
     data.write_text('{"text": "good", "label": "a"}\n{"text": "no label"}\n', encoding="utf-8")
     out = tmp_path / "o"
     result = run_cli(capsys, "train", tiny_mpo, "-o", out, "--mode", "lightweight", "--data", data)
-    _one_line_error(result, 1, "d.jsonl line 2", "missing 'label'")
+    assert_one_line_error(result, 1, "d.jsonl line 2", "missing 'label'")
     data.write_text('{"text": "good", "label": "a"}\n{"text": oops}\n', encoding="utf-8")
     result = run_cli(capsys, "train", tiny_mpo, "-o", out, "--mode", "lightweight", "--data", data)
-    _one_line_error(result, 1, "d.jsonl line 2", "invalid JSON")
+    assert_one_line_error(result, 1, "d.jsonl line 2", "invalid JSON")
     result = run_cli(
         capsys, "train", tiny_mpo, "-o", out, "--mode", "lightweight", "--data", TRAIN,
         "--eval-data", data,
     )  # fmt: skip
-    _one_line_error(result, 1, "d.jsonl line 2")
+    assert_one_line_error(result, 1, "d.jsonl line 2")
     result = run_cli(capsys, "train", tiny_mpo, "-o", out, "--mode", "sideways", "--data", TRAIN)
-    _one_line_error(result, 2, "--mode")
+    assert_one_line_error(result, 2, "--mode")
     assert not out.exists()
 
 

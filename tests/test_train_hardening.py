@@ -14,7 +14,7 @@ import torch
 
 import mposurgeon
 from mposurgeon.stages.train import TrainingInterrupted
-from tests.cli_runner import CliResult, run_cli
+from tests.cli_runner import assert_one_line_error, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "data" / "sentiment-train.jsonl"
@@ -30,15 +30,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def _one_line_error(result: CliResult, code: int, *needles: str) -> str:
-    assert result.code == code, result
-    lines = [line for line in result.err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
 # -- item 6: a checkpoint without (a fitting) tokenizer --------------------------------------
 
 
@@ -50,7 +41,7 @@ def test_a_checkpoint_without_tokenizer_files_is_refused_before_training(
     base = tiny_model_dir("bert")
     out = tmp_path / "o"
     result = run_cli(capsys, "train", base, "-o", out, *SHORT, "--save-every", "1")
-    _one_line_error(result, 2, f"{base} has no tokenizer files", "hint: copy the tokenizer")
+    assert_one_line_error(result, 2, f"{base} has no tokenizer files", "hint: copy the tokenizer")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -61,7 +52,7 @@ def test_an_artifact_without_tokenizer_files_is_refused(
     mposurgeon.decompose(tiny_model_dir("gpt2"), output=source, layers=["FFN_1"])
     out = tmp_path / "o"
     result = run_cli(capsys, "train", source, "-o", out, *SHORT)
-    _one_line_error(result, 2, "has no tokenizer files", "decompose")
+    assert_one_line_error(result, 2, "has no tokenizer files", "decompose")
     assert not out.exists()
 
 
@@ -74,7 +65,7 @@ def test_a_tokenizer_that_knows_none_of_the_words_is_refused(
     (base / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     out = tmp_path / "o"
     result = run_cli(capsys, "train", base, "-o", out, *SHORT)
-    _one_line_error(result, 2, "sentiment-train.jsonl", "unknown token")
+    assert_one_line_error(result, 2, "sentiment-train.jsonl", "unknown token")
     assert not out.exists()
 
 
@@ -104,7 +95,7 @@ def test_non_finite_and_out_of_range_options_are_usage_errors(
 ) -> None:
     out = tmp_path / "o"
     result = run_cli(capsys, "train", tiny_classifier_dir("bert"), "-o", out, *SHORT, flag, value)
-    _one_line_error(result, 2, flag)
+    assert_one_line_error(result, 2, flag)
     assert not out.exists()
 
 
@@ -135,7 +126,7 @@ def test_a_diverging_run_stops_and_writes_nothing(
         capsys, "train", tiny_classifier_dir("bert"), "-o", out, *SHORT, "--lr", "1e10",
         "--max-grad-norm", "1e30", *extra,
     )  # fmt: skip
-    _one_line_error(result, 3, "training diverged", "step", "nothing was written", "--lr")
+    assert_one_line_error(result, 3, "training diverged", "step", "nothing was written", "--lr")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -155,7 +146,7 @@ def test_a_resumed_run_that_diverges_keeps_the_checkpoint_it_resumed_from(
     result = run_cli(
         capsys, "train", base, "-o", out, *SHORT, "--save-every", "1", "--lr", "1e10", "--resume"
     )
-    _one_line_error(result, 3, "training diverged", f"kept in {partial}")
+    assert_one_line_error(result, 3, "training diverged", f"kept in {partial}")
     assert not out.exists() and (partial / "checkpoint" / "state.json").is_file()
 
 
@@ -241,7 +232,7 @@ def test_a_damaged_checkpoint_is_named_with_how_to_start_over(
     damage(partial / name)
     before = {p.relative_to(partial): p.read_bytes() for p in partial.rglob("*") if p.is_file()}
     result = run_cli(capsys, "train", tiny_classifier_dir("bert"), "-o", out, *RESUMED, "--resume")
-    line = _one_line_error(result, 1, "damaged", str(partial), Path(name).name, "--overwrite")
+    line = assert_one_line_error(result, 1, "damaged", str(partial), Path(name).name, "--overwrite")
     assert "hint:" in line
     assert not out.exists()  # no artifact, and the damaged checkpoint is left as it was
     after = {p.relative_to(partial): p.read_bytes() for p in partial.rglob("*") if p.is_file()}
@@ -263,7 +254,7 @@ def test_a_damaged_checkpoint_in_the_workdir_is_named(
     shutil.copytree(interrupted, partial)
     (partial / "run.json").write_text("{oops", encoding="utf-8")
     result = run_cli(capsys, "train", base, "-w", tmp_path / "wd", *RESUMED, "--resume")
-    _one_line_error(result, 1, "damaged", "run.json", str(partial))
+    assert_one_line_error(result, 1, "damaged", "run.json", str(partial))
 
 
 def test_start_over_as_the_hint_says(

@@ -17,17 +17,9 @@ from mposurgeon.artifact.manifest import read_manifest, write_manifest
 from mposurgeon.artifact.naming import core_key
 from mposurgeon.artifact.tensors import open_tensors
 from mposurgeon.mpo import MPOShape, decompose, relative_error, to_matrix
-from tests.cli_runner import CliResult, run_cli
+from tests.cli_runner import assert_one_line_error, run_cli
 
 LAYERS = ["FFN_1", "FFN_2", "attention"]
-
-
-def _one_line_error(result: CliResult, code: int, *needles: str) -> None:
-    assert result.code == code, result
-    lines = [line for line in result.err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def _nothing_written(out: Path) -> None:
@@ -253,7 +245,7 @@ def test_artifact_without_mpo_modules(tiny_art: Path, tmp_path: Path, capsys) ->
     merged = tmp_path / "merged"
     assert run_cli(capsys, "merge", tiny_art, "-o", merged, "-q").code == 0
     out = tmp_path / "o"
-    _one_line_error(
+    assert_one_line_error(
         run_cli(capsys, "truncate", merged, "-o", out, "--max-bond", "2"),
         2,
         "no MPO modules",
@@ -265,7 +257,7 @@ def test_artifact_without_mpo_modules(tiny_art: Path, tmp_path: Path, capsys) ->
 def test_plain_checkpoint_is_refused(tiny_model_dir, tmp_path: Path, capsys) -> None:
     out = tmp_path / "o"
     result = run_cli(capsys, "truncate", tiny_model_dir("bert"), "-o", out, "--max-bond", "2")
-    _one_line_error(result, 2, "not a mposurgeon artifact", "decompose")
+    assert_one_line_error(result, 2, "not a mposurgeon artifact", "decompose")
     _nothing_written(out)
 
 
@@ -289,7 +281,7 @@ def test_plain_checkpoint_is_refused(tiny_model_dir, tmp_path: Path, capsys) -> 
 def test_bad_options_are_usage_errors(tiny_art: Path, tmp_path: Path, capsys, args, needles):
     out = tmp_path / "o"
     before = _snapshot(tiny_art)
-    _one_line_error(run_cli(capsys, "truncate", tiny_art, "-o", out, *args), 2, *needles)
+    assert_one_line_error(run_cli(capsys, "truncate", tiny_art, "-o", out, *args), 2, *needles)
     _nothing_written(out)
     assert _snapshot(tiny_art) == before
 
@@ -297,7 +289,7 @@ def test_bad_options_are_usage_errors(tiny_art: Path, tmp_path: Path, capsys, ar
 def test_missing_path(tmp_path: Path, capsys) -> None:
     out = tmp_path / "o"
     result = run_cli(capsys, "truncate", tmp_path / "nope", "-o", out, "--max-bond", "2")
-    _one_line_error(result, 4, "nope")
+    assert_one_line_error(result, 4, "nope")
     _nothing_written(out)
 
 
@@ -306,7 +298,7 @@ def test_existing_output_is_untouched(tiny_art: Path, tmp_path: Path, capsys) ->
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     result = run_cli(capsys, "truncate", tiny_art, "-o", out, "--max-bond", "2")
-    _one_line_error(result, 1, "taken", "--overwrite")
+    assert_one_line_error(result, 1, "taken", "--overwrite")
     assert _snapshot(out) == {"precious.txt": b"keep me"}
 
 
@@ -317,5 +309,5 @@ def test_tampered_artifact_is_refused(tiny_art: Path, tmp_path: Path, capsys) ->
     weights.write_bytes(bytes(data))
     out = tmp_path / "o"
     result = run_cli(capsys, "truncate", tiny_art, "-o", out, "--max-bond", "2")
-    _one_line_error(result, 1, "model.safetensors", "checksum")
+    assert_one_line_error(result, 1, "model.safetensors", "checksum")
     _nothing_written(out)
