@@ -58,3 +58,11 @@ class OutputError(MposurgeonError):
     def __init__(self, message: str, hint: str | None = None, path: object = None) -> None:
         super().__init__(message, hint)
         self.path = path
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """The message of `err` on one line, at most `limit` characters (libraries such as
+    transformers write messages of several lines)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    text = text or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -204,7 +204,7 @@ MANIFEST_FAULTS = {
     "record without cores": (_extra_record, "modules.encoder.layer.0.output.dense"),
     "cores without record": (_orphan_cores, f"{FFN}.mpo.core.0"),
     "metrics nested deeply": (_nested(200), "metrics"),
-    "metrics nested past recursion": (_top("metrics", _DEEP), "nests JSON deeper"),
+    "metrics nested past recursion": (_top("metrics", _DEEP), "nested too deeply"),
     "metrics a list": (_top("metrics", [1, 2]), "metrics"),
     "metrics steps a string": (_top("metrics", {"steps": "many"}), "metrics.steps"),
     "train metrics incomplete": (_top("metrics", {"mode": "full", "steps": 3}), "metrics.epochs"),

@@ -5,6 +5,7 @@ nothing is written."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -70,6 +71,30 @@ def test_a_tokenizer_that_knows_none_of_the_words_is_refused(
 
 
 # -- item 7: non-finite options, a diverging run ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda config: [config], "is not a JSON object"),
+        (lambda config: {**config, "model_type": "no-such-model"}, "model_type 'no-such-model'"),
+        (lambda config: {**config, "num_hidden_layers": 1_000_000}, "num_hidden_layers=1000000"),
+        (lambda config: {**config, "num_hidden_layers": 3}, "does not match the weights"),
+    ],
+    ids=["a list", "unknown model type", "a million layers", "3 layers over 2"],
+)
+def test_a_bad_config_is_one_line_before_anything_is_built(
+    tiny_classifier_dir, tmp_path: Path, capsys, edit, needle: str
+) -> None:
+    """train reads config.json through the same checks as the other stages (it once built a
+    meta model of a million layers, and reported a list as an internal error)."""
+    source = tmp_path / "model"
+    shutil.copytree(tiny_classifier_dir("bert"), source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps(edit(config)))
+    result = run_cli(capsys, "train", source, *SHORT, "-o", tmp_path / "out")
+    assert_one_line_error(result, 1, "config.json", needle)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import threading
@@ -26,6 +25,7 @@ from pydantic_core import PydanticCustomError, to_jsonable_python
 from typing_extensions import Required, TypedDict
 
 from mposurgeon._version import __version__
+from mposurgeon.artifact.jsonfile import read_json_object
 from mposurgeon.artifact.naming import CORE_KEY, core_key
 from mposurgeon.artifact.store import (
     MANIFEST_NAME,
@@ -424,25 +424,12 @@ def _bad(path: Path, what: str) -> ArtifactError:
 def read_manifest(directory: Path) -> Manifest:
     """Read and validate `directory/mposurgeon.json`, migrating older format versions."""
     path = Path(directory) / MANIFEST_NAME
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if not path.is_file():
         raise ArtifactError(
             f"no {MANIFEST_NAME} in {directory}: not an mposurgeon artifact",
             hint="pass an artifact directory written by an mposurgeon stage",
-        ) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise _bad(path, f"cannot be read ({err})") from err
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise _bad(
-            path, f"is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
-        ) from None
-    except RecursionError:
-        raise _bad(path, f"nests JSON deeper than {MAX_DEPTH} levels") from None
-    if not isinstance(data, dict):
-        raise _bad(path, "is not a JSON object")
+        )
+    data = read_json_object(path, lambda what: _bad(path, what))
     if (deep := _too_deep(data)) is not None:
         raise _bad(path, f"has an invalid field {deep}: nested deeper than {MAX_DEPTH} levels")
     if data.get("format") != FORMAT:

@@ -9,18 +9,15 @@ skip building the model, and with it importing the `transformers` modeling stack
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
-from mposurgeon.errors import ArtifactError, UsageError
+from mposurgeon.errors import ArtifactError, UsageError, one_line
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -102,88 +99,7 @@ class ModelLayout:
 
 
 CONFIG_NAME = "config.json"
-_CONFIG_HINT = "restore the config.json saved with these weights"
-
-#: Config fields that hold sizes or counts (never negative); ids, indices and windows excepted.
-_SIZE_FIELD = re.compile(r"size|dim|layers?$|heads|vocab|embd|positions|experts|^n_|^num_|^d_")
-_NOT_SIZE_FIELD = re.compile(r"_ids?$|_idx$|index|window|token")
-
-
-def _config_error(path: Path, what: str, hint: str = _CONFIG_HINT) -> ArtifactError:
-    return ArtifactError(f"{path / CONFIG_NAME} {what}", hint=hint)
-
-
-def read_config(path: Path) -> PretrainedConfig:
-    """The `transformers` config of the checkpoint in directory `path`, checked first: the file
-    must be a JSON object with a known `model_type` and no negative size. Every problem is an
-    ArtifactError of one line naming config.json and the field."""
-    from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    path = Path(path)
-    try:
-        text = (path / CONFIG_NAME).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise _config_error(
-            path, "is missing", hint="a checkpoint directory holds the config.json of its model"
-        ) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise _config_error(path, f"cannot be read ({err})") from err
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise _config_error(
-            path, f"is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
-        ) from None
-    except RecursionError:
-        raise _config_error(path, "is not valid JSON (nested too deeply)") from None
-    if not isinstance(data, dict):
-        raise _config_error(path, f"is not a JSON object (it holds a {type(data).__name__})")
-    model_type = data.get("model_type")
-    if model_type is None:
-        raise _config_error(
-            path, "has no model_type field", hint='add one, e.g. "model_type": "bert"'
-        )
-    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        custom = " (its auto_map names custom code, which mposurgeon never runs)"
-        raise _config_error(
-            path,
-            f"has model_type {model_type!r}, which transformers does not know"
-            + (custom if "auto_map" in data else ""),
-            hint="check config.json, or upgrade transformers",
-        )
-    if (bad := _negative_size(data)) is not None:
-        raise _config_error(path, f"has {bad[0]} {bad[1]}: a size or count is never negative")
-    try:
-        return AutoConfig.from_pretrained(path)
-    except Exception as err:  # transformers and huggingface_hub raise many kinds
-        what = f"is not a valid {model_type} config: {_first_line(err)}"
-        raise _config_error(path, what) from err
-
-
-def _negative_size(data: Mapping[str, Any], prefix: str = "") -> tuple[str, int] | None:
-    """The first (field, value) of `data` (or of a nested config) that is a negative size."""
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and len(prefix) < 200:
-            if (bad := _negative_size(value, name + ".")) is not None:
-                return bad
-        elif (
-            isinstance(value, int)
-            and not isinstance(value, bool)
-            and value < 0
-            and _SIZE_FIELD.search(key)
-            and not _NOT_SIZE_FIELD.search(key)
-        ):
-            return name, value
-    return None
-
-
-def _first_line(err: BaseException) -> str:
-    """The error's message on one line (transformers' messages run over several)."""
-    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-    text = text or type(err).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+CONFIG_HINT = "restore the config.json saved with these weights"
 
 
 class _TooLarge(Exception):
@@ -250,15 +166,15 @@ def build_meta_model(
         raise ArtifactError(
             f"{CONFIG_NAME} describes a far larger model than its weights: over {limit:,} "
             f"parameters for {len(file_keys):,} tensors{_suspects(config, file_keys)}",
-            hint=_CONFIG_HINT,
+            hint=CONFIG_HINT,
         ) from None
     except (UsageError, KeyboardInterrupt):
         raise
     except Exception as err:  # a config transformers accepted but cannot build a model from
         raise ArtifactError(
             f"{CONFIG_NAME} describes no model transformers can build "
-            f"({type(err).__name__}: {_first_line(err)})",
-            hint=_CONFIG_HINT,
+            f"({type(err).__name__}: {one_line(err)})",
+            hint=CONFIG_HINT,
         ) from err
     return model.eval()
 
@@ -314,7 +230,7 @@ def check_layout_files(layout: ModelLayout, shapes: Mapping[str, Sequence[int]])
             raise ArtifactError(
                 f"{CONFIG_NAME} does not match the weights: it makes {key} "
                 f"{module.shape[0]}x{module.shape[1]}, the files hold {stored}",
-                hint=_CONFIG_HINT,
+                hint=CONFIG_HINT,
             )
     model_blocks = {to_file(b) for p in layout.parameters for b in _blocks(p)}
     file_blocks = {b for key in shapes for b in _blocks(key)}
@@ -327,13 +243,13 @@ def check_layout_files(layout: ModelLayout, shapes: Mapping[str, Sequence[int]])
         raise ArtifactError(
             f"{CONFIG_NAME} does not match the weights: it describes {missing[0]}, which the "
             f"files do not hold{_more(missing)}",
-            hint=_CONFIG_HINT,
+            hint=CONFIG_HINT,
         )
     if extra:
         raise ArtifactError(
             f"{CONFIG_NAME} does not match the weights: the files hold {extra[0]}, which it does "
             f"not describe{_more(extra)}",
-            hint=_CONFIG_HINT,
+            hint=CONFIG_HINT,
         )
 
 

@@ -217,7 +217,8 @@ def model_layout(path: Path, shapes: TensorShapes | None = None) -> ModelLayout:
         with suppress(ValueError):  # a record from elsewhere or damaged: rebuilt below
             layout = ModelLayout.from_dict(record)
     if layout is None:
-        from mposurgeon.models.layout import build_meta_model, describe_model, read_config
+        from mposurgeon.artifact.config import read_config
+        from mposurgeon.models.layout import build_meta_model, describe_model
 
         layout = describe_model(build_meta_model(read_config(path), file_keys=shapes))
         if key is not None:

@@ -77,9 +77,11 @@ from mposurgeon.stages.common import (
     StageInput,
     StageOptions,
     finish_artifact,
+    model_layout,
     open_input,
     plan_output,
     stage_options_record,
+    tensor_shapes,
 )
 from mposurgeon.stages.decompose import mpo_record
 from mposurgeon.training.data import TextDataset, encode, read_dataset
@@ -201,6 +203,7 @@ def train(
     """
     opts = options or TrainOptions(**kwargs)  # type: ignore[arg-type]
     inp = open_input(model, opts)
+    model_layout(inp.path, tensor_shapes(inp))  # config.json read, checked against the weights
     _check_mode(inp, opts)
     train_data = read_dataset(opts.data)
     if len(train_data.labels) < 2:

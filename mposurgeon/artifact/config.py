@@ -1,0 +1,80 @@
+"""A checkpoint's `config.json`, read and checked before `transformers` builds anything from it.
+
+`transformers` reports a broken config in messages of many lines, or not at all (a negative
+size, a JSON list); here every problem is one line naming config.json and the field.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mposurgeon.artifact.jsonfile import read_json_object
+from mposurgeon.errors import ArtifactError, one_line
+from mposurgeon.models.layout import CONFIG_HINT, CONFIG_NAME
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+#: Config fields that hold sizes or counts (never negative); ids, indices and windows excepted.
+_SIZE_FIELD = re.compile(r"size|dim|layers?$|heads|vocab|embd|positions|experts|^n_|^num_|^d_")
+_NOT_SIZE_FIELD = re.compile(r"_ids?$|_idx$|index|window|token")
+
+
+def _config_error(path: Path, what: str, hint: str = CONFIG_HINT) -> ArtifactError:
+    return ArtifactError(f"{path / CONFIG_NAME} {what}", hint=hint)
+
+
+def read_config(path: Path) -> PretrainedConfig:
+    """The `transformers` config of the checkpoint in directory `path`, checked first: the file
+    must be a JSON object with a known `model_type` and no negative size. Every problem is an
+    ArtifactError of one line naming config.json and the field."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file():
+        raise _config_error(
+            path, "is missing", hint="a checkpoint directory holds the config.json of its model"
+        )
+    data = read_json_object(path / CONFIG_NAME, lambda what: _config_error(path, what))
+    model_type = data.get("model_type")
+    if model_type is None:
+        raise _config_error(
+            path, "has no model_type field", hint='add one, e.g. "model_type": "bert"'
+        )
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        custom = " (its auto_map names custom code, which mposurgeon never runs)"
+        raise _config_error(
+            path,
+            f"has model_type {model_type!r}, which transformers does not know"
+            + (custom if "auto_map" in data else ""),
+            hint="check config.json, or upgrade transformers",
+        )
+    if (bad := _negative_size(data)) is not None:
+        raise _config_error(path, f"has {bad[0]} {bad[1]}: a size or count is never negative")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as err:  # transformers and huggingface_hub raise many kinds
+        what = f"is not a valid {model_type} config: {one_line(err)}"
+        raise _config_error(path, what) from err
+
+
+def _negative_size(data: Mapping[str, Any], prefix: str = "") -> tuple[str, int] | None:
+    """The first (field, value) of `data` (or of a nested config) that is a negative size."""
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and len(prefix) < 200:
+            if (bad := _negative_size(value, name + ".")) is not None:
+                return bad
+        elif (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and value < 0
+            and _SIZE_FIELD.search(key)
+            and not _NOT_SIZE_FIELD.search(key)
+        ):
+            return name, value
+    return None
