@@ -278,3 +278,15 @@ def tiny_classifier_dir(
         return cache[arch]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models train far faster on one thread (and the suite runs on 2 shared cores):
+    training test modules use it with `pytestmark = pytest.mark.usefixtures(...)`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,7 +3,7 @@ over-parameterized selection (static and dynamic), merge of the trained artifact
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +26,13 @@ from mposurgeon.training.data import encode, read_dataset
 from mposurgeon.training.loop import model_inputs
 from tests.conftest import ARCHITECTURES
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "data" / "sentiment-train.jsonl"
 EVAL = REPO / "data" / "sentiment-eval.jsonl"
 LAYERS = ["FFN_1", "FFN_2", "attention"]
 DECODERS = {"gpt2", "bloom", "llama", "llama-tied"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models train far faster on one thread (and the suite runs on 2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ short lightweight run on the real MiniLM."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,17 +13,11 @@ import torch
 from mposurgeon.artifact.manifest import read_manifest
 from tests.cli_runner import assert_one_line_error, run_cli
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "data" / "sentiment-train.jsonl"
 EVAL = REPO / "data" / "sentiment-eval.jsonl"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

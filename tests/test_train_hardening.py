@@ -7,28 +7,21 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
 import mposurgeon
 from mposurgeon.stages.train import TrainingInterrupted
 from tests.cli_runner import assert_one_line_error, run_cli
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "data" / "sentiment-train.jsonl"
 #: A short full fine-tuning run of the tiny BERT classifier (about a second).
 SHORT = ("--mode", "full", "--data", TRAIN, "--max-steps", "3", "--batch-size", "8")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- item 6: a checkpoint without (a fitting) tokenizer --------------------------------------

@@ -217,27 +217,14 @@ def train(
     warnings = _data_warnings(train_data, opts)
 
     with launch_accelerator() as accelerator:
-        return _train_with(accelerator, inp, opts, train_data, eval_data, warnings, progress)
-
-
-def _train_with(
-    accelerator: Accelerator,
-    inp: StageInput,
-    opts: TrainOptions,
-    train_data: TextDataset,
-    eval_data: TextDataset | None,
-    warnings: list[str],
-    progress: ProgressCallback | None,
-) -> TrainResult:
-    """The training run of `train` once its inputs are read, in every process of the launch."""
-    out, partial = _plan_in_main_process(accelerator, inp, opts)
-    try:
-        return _train_planned(
-            accelerator, inp, opts, train_data, eval_data, warnings, progress, out, partial
-        )
-    except BaseException:
-        release_claim(out)  # a versioned directory claimed for this run and never published
-        raise
+        out, partial = _plan_in_main_process(accelerator, inp, opts)
+        try:
+            return _train_with(
+                accelerator, inp, opts, train_data, eval_data, warnings, progress, out, partial
+            )
+        except BaseException:
+            release_claim(out)  # a versioned directory claimed for this run, never published
+            raise
 
 
 def _plan_in_main_process(
@@ -265,7 +252,7 @@ def _plan_in_main_process(
     return planned
 
 
-def _train_planned(
+def _train_with(
     accelerator: Accelerator,
     inp: StageInput,
     opts: TrainOptions,
@@ -276,7 +263,8 @@ def _train_planned(
     out: Path,
     partial: Path,
 ) -> TrainResult:
-    """Build the model, train it and write the artifact into the planned directories."""
+    """The training run of `train` once its inputs are read and its output planned, in every
+    process of the launch: build the model, train it, write the artifact to `out`."""
     setup = classification_model(
         inp.path,
         is_artifact=inp.manifest is not None,
