@@ -16,6 +16,7 @@ import torch
 
 from benchmarks import (
     bench_decompose,
+    bench_defaults,
     bench_memory,
     bench_process,
     bench_scaling,
@@ -32,18 +33,25 @@ SUITES = {
     "truncation": bench_truncation.run,
     "train": bench_train.run,
 }
+#: Suites run only when named (`python -m benchmarks defaults`: about 35 minutes on 2 cores);
+#: their rows are kept from the previous results.json otherwise.
+OPTIONAL_SUITES = {
+    "defaults": bench_defaults.run,
+}
 
 
 def main(argv: list[str]) -> None:
-    unknown = [name for name in argv if name not in SUITES]
+    every = SUITES | OPTIONAL_SUITES
+    unknown = [name for name in argv if name not in every]
     if unknown:
-        sys.exit(f"unknown suite {unknown[0]!r}; suites: {', '.join(SUITES)}")
+        sys.exit(f"unknown suite {unknown[0]!r}; suites: {', '.join(every)}")
     chosen = argv or list(SUITES)
-    by_suite = _previous_rows() if argv else {}
+    previous = _previous_rows()
+    by_suite = previous if argv else {k: v for k, v in previous.items() if k in OPTIONAL_SUITES}
     for name in chosen:
         print(f"running {name} ...", file=sys.stderr)
-        by_suite[name] = [row | {"suite": name} for row in SUITES[name]()]
-    rows = [row for name in SUITES for row in by_suite.get(name, [])]
+        by_suite[name] = [row | {"suite": name} for row in every[name]()]
+    rows = [row for name in every for row in by_suite.get(name, [])]
     env = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -63,7 +71,7 @@ def _previous_rows() -> dict[str, list[dict[str, Any]]]:
         return {}
     by_suite: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        if row.get("suite") in SUITES:
+        if row.get("suite") in SUITES or row.get("suite") in OPTIONAL_SUITES:
             by_suite.setdefault(row["suite"], []).append(row)
     return by_suite
 

@@ -158,3 +158,20 @@ def test_minilm_lightweight_short_run(
     as_json = json.loads(run_cli(capsys, "inspect", out, "--json").out)
     assert as_json["metrics"] == metrics
     assert as_json["params"]["trainable"] == metrics["trainable_params"]
+
+
+@pytest.mark.parametrize("mode", ["full", "lightweight", "overparam"])
+def test_each_mode_trains_at_its_measured_default_lr(
+    tiny_mpo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str
+) -> None:
+    """Without --lr, a mode trains at its own default (benchmarks/bench_defaults.py): the
+    lightweight cores need far larger steps than dense fine-tuning (2e-5 left them untrained)."""
+    from mposurgeon.training.defaults import DEFAULT_LR
+
+    out = tmp_path / "out"
+    flags = ("--mode", mode, "--data", TRAIN, "--max-steps", "1", "--json")
+    result = run_cli(capsys, "train", tiny_mpo, "-o", out, *flags)
+    assert result.code == 0, result
+    assert json.loads(result.out)["metrics"]["lr"] == DEFAULT_LR[mode]
+    assert read_manifest(out).options["lr"] == DEFAULT_LR[mode]
+    assert DEFAULT_LR["lightweight"] > DEFAULT_LR["full"]

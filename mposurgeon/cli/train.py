@@ -9,6 +9,7 @@ import typer
 
 from mposurgeon.cli import options as opt
 from mposurgeon.cli.render import fmt_int, print_json, progress_bar, stderr, stdout
+from mposurgeon.training.defaults import default_lr_help
 
 
 def train_command(
@@ -34,7 +35,10 @@ def train_command(
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", help="Stop after N optimizer steps.")
     ] = None,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 2e-5,
+    lr: Annotated[
+        float | None,
+        typer.Option("--lr", help=f"Peak learning rate (default per mode: {default_lr_help()})."),
+    ] = None,
     mpo_lr: Annotated[
         float | None, typer.Option("--mpo-lr", help="Learning rate of MPO cores (default --lr).")
     ] = None,

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
@@ -85,6 +85,7 @@ from mposurgeon.stages.common import (
 )
 from mposurgeon.stages.decompose import mpo_record
 from mposurgeon.training.data import TextDataset, encode, read_dataset
+from mposurgeon.training.defaults import DEFAULT_LR
 from mposurgeon.training.loop import (
     CHECKPOINT,
     DamagedCheckpoint,
@@ -143,7 +144,12 @@ class TrainOptions(StageOptions):
     mode: Mode = Field(description="lightweight (MPOP), overparam (OPF) or full")
     epochs: int = Field(3, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after N steps (overrides epochs)")
-    lr: float = Field(2e-5, gt=0, allow_inf_nan=False)
+    lr: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="peak learning rate (default: the mode's, training/defaults.py DEFAULT_LR)",
+    )
     mpo_lr: float | None = Field(
         None, gt=0, allow_inf_nan=False, description="learning rate of MPO cores (default lr)"
     )
@@ -169,6 +175,18 @@ class TrainOptions(StageOptions):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _mode_lr(self) -> TrainOptions:
+        """Without `lr`, the mode's measured default (so the manifest records the rate used)."""
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.mode]
+        return self
+
+    @property
+    def peak_lr(self) -> float:
+        """The learning rate this run uses (`lr`, filled in from the mode's default)."""
+        return DEFAULT_LR[self.mode] if self.lr is None else self.lr
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -391,7 +409,7 @@ def _loop_config(opts: TrainOptions) -> LoopConfig:
         mode=opts.mode,
         epochs=opts.epochs,
         max_steps=opts.max_steps,
-        lr=opts.lr,
+        lr=opts.peak_lr,
         mpo_lr=opts.mpo_lr,
         batch_size=opts.batch_size,
         grad_accum=opts.grad_accum,
@@ -910,8 +928,8 @@ def _metrics(
         "total_params": count.total,
         "trainable_fraction": count.fraction,
         "seed": opts.seed,
-        "lr": opts.lr,
-        "mpo_lr": opts.mpo_lr if opts.mpo_lr is not None else opts.lr,
+        "lr": opts.peak_lr,
+        "mpo_lr": opts.mpo_lr if opts.mpo_lr is not None else opts.peak_lr,
         "batch_size": opts.batch_size,
         "num_processes": num_processes,
         "train_rows": len(run.train_rows),
