@@ -107,7 +107,7 @@ def train_command(
     Example:
 
         mposurgeon train mposurgeon-out/minilm/v1-decompose --mode lightweight
-        --data data/sentiment-train.jsonl --eval-data data/sentiment-eval.jsonl --lr 1e-3
+        --data data/sentiment-train.jsonl --eval-data data/sentiment-eval.jsonl
     """
     from mposurgeon.stages.train import TrainingInterrupted, TrainOptions, train
 
