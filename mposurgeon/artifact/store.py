@@ -38,6 +38,16 @@ MODEL_FILES = (
     "chat_template.jinja",
 )
 
+#: The files that hold a tokenizer's vocabulary: a checkpoint with none of them has no tokenizer.
+VOCABULARY_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+)
+
 _VERSION_RE = re.compile(r"^v(\d+)-")
 
 # -- write errors ----------------------------------------------------------------------------

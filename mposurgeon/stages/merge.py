@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from mposurgeon.artifact.manifest import ModuleRecord
 from mposurgeon.artifact.naming import CORE_KEY
-from mposurgeon.artifact.store import atomic_directory, copy_model_files
+from mposurgeon.artifact.store import VOCABULARY_FILES, atomic_directory, copy_model_files
 from mposurgeon.artifact.tensors import ShardedWriter, TensorReader, open_tensors
 from mposurgeon.errors import ArtifactError, UsageError, VerificationError
 from mposurgeon.models.probe import OutputComparison, compare_outputs, model_output, sample_batch
@@ -191,8 +191,7 @@ def verify_merge(artifact: Path, merged: Path) -> OutputComparison:
 
 def _tokenizer(directory: Path) -> object | None:
     """The checkpoint's tokenizer if it ships one, else None (random ids are used)."""
-    names = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model")
-    if not any((directory / n).exists() for n in names):
+    if not any((directory / n).exists() for n in VOCABULARY_FILES):
         return None
     try:
         return AutoTokenizer.from_pretrained(directory)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+from mposurgeon.artifact.store import VOCABULARY_FILES
 from mposurgeon.errors import UsageError
 from mposurgeon.stages.load import load_model, quiet_transformers
 
@@ -26,18 +27,6 @@ class ClassifierSetup:
     model: nn.Module
     tokenizer: Any
     pad_token_set: str | None
-
-
-#: Files that hold a tokenizer's vocabulary (one of them is needed; `tokenizer_config.json`
-#: alone is not a tokenizer).
-VOCABULARY_FILES = (
-    "tokenizer.json",
-    "vocab.txt",
-    "vocab.json",
-    "spiece.model",
-    "tokenizer.model",
-    "sentencepiece.bpe.model",
-)
 
 
 def load_tokenizer(path: Path, *, is_artifact: bool = False) -> Any:
