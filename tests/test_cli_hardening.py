@@ -129,8 +129,8 @@ def test_console_script_is_the_entry_module() -> None:
     [
         (errno.ENOSPC, "no space left on device writing"),
         (errno.EDQUOT, "disk quota exceeded writing"),
-        (errno.EFBIG, "file too large writing"),
-        (errno.EROFS, "read-only file system writing"),
+        (errno.EFBIG, "file size limit exceeded writing"),
+        (errno.EROFS, ": read-only file system"),
         (errno.EACCES, "permission denied on"),
         (errno.EPERM, "operation not permitted on"),
     ],

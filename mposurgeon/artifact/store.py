@@ -94,6 +94,22 @@ def write_error(path: Path | str, err: OSError | int) -> OutputError:
     )
 
 
+def os_fault_error(err: OSError) -> OutputError | None:
+    """The one-line error for a disk-full, size-limit, read-only or permission fault `err`
+    raised anywhere (the CLI's last resort), else None. A permission fault may come from a
+    read, so its message names the file without saying "write"."""
+    path = err.filename if err.filename is not None else "the output"
+    if err.errno in _WRITE_ERRNOS:
+        return write_error(path, err)
+    if err.errno in _DENIED_ERRNOS:
+        return OutputError(
+            f"{os.strerror(err.errno).lower()} on {path}",
+            hint="check the permissions, or write elsewhere with -o / -w",
+            path=Path(str(path)),
+        )
+    return None
+
+
 def is_write_only_error(err: OSError) -> bool:
     """True for an OSError that only a write raises (no space, size limit, read-only FS)."""
     return err.errno in _WRITE_ERRNOS

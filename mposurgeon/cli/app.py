@@ -19,6 +19,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from mposurgeon._version import __version__
+from mposurgeon.artifact.store import os_fault_error
 from mposurgeon.cli.decompose import decompose_command
 from mposurgeon.cli.entry import INTERRUPTED, failure
 from mposurgeon.cli.inspect import inspect_command
@@ -81,21 +82,6 @@ def _click_exceptions() -> tuple[type[Exception], type[Exception]]:
 
 ClickException, ClickUsageError = _click_exceptions()
 
-# Write faults the user can do something about: errno -> (message, hint).
-_NO_SPACE = "free some space or write elsewhere with -o"
-_WRITE_FAULTS = {
-    errno.ENOSPC: ("no space left on device writing {file}", _NO_SPACE),
-    errno.EDQUOT: ("disk quota exceeded writing {file}", _NO_SPACE),
-    errno.EFBIG: ("file too large writing {file}", "raise the file-size limit (ulimit -f)"),
-    errno.EROFS: ("read-only file system writing {file}", "write elsewhere with -o"),
-    # Not necessarily a write: a file may be unreadable too.
-    errno.EACCES: ("permission denied on {file}", "check the permissions, or use -o elsewhere"),
-    errno.EPERM: (
-        "operation not permitted on {file}",
-        "check the permissions, or use -o elsewhere",
-    ),
-}
-
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     """`exc` and the exceptions it was raised from or while handling, innermost last."""
@@ -107,13 +93,11 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
-def _write_fault(exc: BaseException) -> tuple[str, str] | None:
-    """Message and hint for a disk-full, size-limit, read-only or permission fault behind `exc`."""
+def _write_fault(exc: BaseException) -> MposurgeonError | None:
+    """The error for a disk-full, size-limit, read-only or permission fault behind `exc`."""
     for cause in _chain(exc):
-        if isinstance(cause, OSError) and cause.errno in _WRITE_FAULTS:
-            message, hint = _WRITE_FAULTS[cause.errno]
-            file = cause.filename if cause.filename is not None else "the output"
-            return message.format(file=file), hint
+        if isinstance(cause, OSError) and (fault := os_fault_error(cause)) is not None:
+            return fault
     return None
 
 
@@ -203,7 +187,7 @@ def _run(args: list[str], debug: bool, json_out: bool) -> None:
             _fail(json_out, 2, "ValidationError", message, "see the command's --help")
         fault = _write_fault(exc)
         if fault is not None:
-            _fail(json_out, 1, "OSError", *fault)
+            _fail(json_out, fault.exit_code, "OSError", str(fault), fault.hint)
         _fail(
             json_out,
             1,

@@ -185,8 +185,9 @@ class TrainOptions(StageOptions):
 
     @property
     def peak_lr(self) -> float:
-        """The learning rate this run uses (`lr`, filled in from the mode's default)."""
-        return DEFAULT_LR[self.mode] if self.lr is None else self.lr
+        """`lr` as a float: validation has filled it in from the mode's default."""
+        assert self.lr is not None
+        return self.lr
 
 
 class TrainingInterrupted(KeyboardInterrupt):
