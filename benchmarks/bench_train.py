@@ -76,7 +76,7 @@ def build(mode: str, artifact: Path) -> tuple[torch.nn.Module, torch.optim.Optim
     AdamW over the mode's trainable parameters, and a seeded batch of BATCH x SEQ tokens."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from mposurgeon.stages.load import load_model
+    from mposurgeon.artifact.load import load_model
     from mposurgeon.training.params import parameter_groups, set_trainable
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -20,7 +20,8 @@ import torch
 
 from benchmarks.common import best_time, minilm_dir, minilm_encoder_matrices
 from mposurgeon.mpo.allocation import BondProblem, allocate
-from mposurgeon.mpo.decomposition import decompose, to_matrix, truncate
+from mposurgeon.mpo.contract import to_matrix
+from mposurgeon.mpo.decomposition import decompose, truncate
 from mposurgeon.mpo.metrics import num_params, relative_error
 from mposurgeon.mpo.shapes import plan_shape
 

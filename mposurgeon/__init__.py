@@ -8,7 +8,9 @@ The public Python API mirrors the CLI: each stage takes the same options as its 
     >>> report = mposurgeon.inspect(merged.output)
 
 Names are imported lazily, so `import mposurgeon` (and `mposurgeon --help`) stays fast and
-does not import torch.
+does not import torch. The stages and their options classes come from the one list of stages,
+`mposurgeon.stages.registry.STAGES`; the imports for type checkers below mirror it (a test
+keeps them in step).
 """
 
 from __future__ import annotations
@@ -17,49 +19,33 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from mposurgeon._version import __version__
+from mposurgeon.stages.registry import STAGES as _STAGES
 
-if TYPE_CHECKING:
-    from mposurgeon.stages.decompose import DecomposeOptions, decompose
-    from mposurgeon.stages.inspect import inspect
-    from mposurgeon.stages.load import load_model
-    from mposurgeon.stages.merge import MergeOptions, merge
-    from mposurgeon.stages.recipe import run_recipe
-    from mposurgeon.stages.select import SelectOptions, select
-    from mposurgeon.stages.train import TrainOptions, train
-    from mposurgeon.stages.truncate import TruncateOptions, truncate
+if TYPE_CHECKING:  # what `_LAZY` names, for type checkers and editors
+    from mposurgeon.artifact.load import load_model as load_model
+    from mposurgeon.stages.decompose import DecomposeOptions as DecomposeOptions
+    from mposurgeon.stages.decompose import decompose as decompose
+    from mposurgeon.stages.inspect import inspect as inspect
+    from mposurgeon.stages.merge import MergeOptions as MergeOptions
+    from mposurgeon.stages.merge import merge as merge
+    from mposurgeon.stages.recipe import run_recipe as run_recipe
+    from mposurgeon.stages.select import SelectOptions as SelectOptions
+    from mposurgeon.stages.select import select as select
+    from mposurgeon.stages.train import TrainOptions as TrainOptions
+    from mposurgeon.stages.train import train as train
+    from mposurgeon.stages.truncate import TruncateOptions as TruncateOptions
+    from mposurgeon.stages.truncate import truncate as truncate
 
-_LAZY = {
-    "decompose": "mposurgeon.stages.decompose",
-    "DecomposeOptions": "mposurgeon.stages.decompose",
-    "merge": "mposurgeon.stages.merge",
-    "MergeOptions": "mposurgeon.stages.merge",
-    "inspect": "mposurgeon.stages.inspect",
-    "load_model": "mposurgeon.stages.load",
-    "select": "mposurgeon.stages.select",
-    "SelectOptions": "mposurgeon.stages.select",
-    "train": "mposurgeon.stages.train",
-    "TrainOptions": "mposurgeon.stages.train",
-    "truncate": "mposurgeon.stages.truncate",
-    "TruncateOptions": "mposurgeon.stages.truncate",
+#: public name -> the module that defines it: every stage and its options class, and the rest
+#: of the API (the model with MPO layers in place, the recipe runner).
+_LAZY: dict[str, str] = {
+    **{stage.name: stage.module for stage in _STAGES},
+    **{stage.options: stage.module for stage in _STAGES if stage.options is not None},
+    "load_model": "mposurgeon.artifact.load",
     "run_recipe": "mposurgeon.stages.recipe",
 }
 
-__all__ = [
-    "DecomposeOptions",
-    "MergeOptions",
-    "SelectOptions",
-    "TrainOptions",
-    "TruncateOptions",
-    "__version__",
-    "decompose",
-    "inspect",
-    "load_model",
-    "merge",
-    "run_recipe",
-    "select",
-    "train",
-    "truncate",
-]
+__all__ = ["__version__", *sorted(_LAZY)]
 
 
 def __getattr__(name: str) -> Any:

@@ -10,8 +10,8 @@ from transformers import AutoConfig
 
 import mposurgeon
 from mposurgeon.artifact.manifest import read_manifest
+from mposurgeon.models.auto import model_class, quiet_transformers
 from mposurgeon.models.probe import model_output, sample_batch
-from mposurgeon.stages.load import model_class, quiet_transformers
 from tests.conftest import ARCHITECTURES
 
 LAYERS = ["FFN_1", "FFN_2", "attention", "embeddings"]

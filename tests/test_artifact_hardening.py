@@ -207,7 +207,7 @@ MANIFEST_FAULTS = {
     "metrics nested past recursion": (_top("metrics", _DEEP), "nested too deeply"),
     "metrics a list": (_top("metrics", [1, 2]), "metrics"),
     "metrics steps a string": (_top("metrics", {"steps": "many"}), "metrics.steps"),
-    "train metrics incomplete": (_top("metrics", {"mode": "full", "steps": 3}), "metrics.epochs"),
+    "train metrics incomplete": (_top("metrics", {"method": "full", "steps": 3}), "metrics.epochs"),
     "selection chosen a number": (_top("selection", {"chosen": 5}), "selection.chosen"),
     "selection scores not numbers": (
         _top("selection", {"scores": {FFN: "high"}, "chosen": [FFN]}),

@@ -17,7 +17,6 @@ from mposurgeon.artifact.manifest import (
     BackgroundChecksums,
     BaseInfo,
     Manifest,
-    ModuleRecord,
     load_artifact,
     manifest_sha256,
     new_manifest,
@@ -28,9 +27,10 @@ from mposurgeon.artifact.manifest import (
 from mposurgeon.artifact.store import HashCancelled
 from mposurgeon.artifact.tensors import ShardedWriter
 from mposurgeon.errors import ArtifactError
+from mposurgeon.methods.mpo.record import MPORecord
 
 
-def _record(**changes: Any) -> ModuleRecord:
+def _record(**changes: Any) -> MPORecord:
     fields: dict[str, Any] = dict(
         name="encoder.layer.0.intermediate.dense",
         kind="linear",
@@ -53,7 +53,7 @@ def _record(**changes: Any) -> ModuleRecord:
         entropy=[1.5, 1.2],
     )
     fields.update(changes)
-    return ModuleRecord(**fields)
+    return MPORecord(**fields)
 
 
 def _base() -> BaseInfo:
@@ -87,7 +87,8 @@ def test_round_trip(tmp_path: Path) -> None:
     assert set(written.files) == {"config.json", "model.safetensors"}
     raw = json.loads((art / MANIFEST_NAME).read_text())
     assert raw["format"] == FORMAT == "mposurgeon-artifact"
-    assert raw["format_version"] == FORMAT_VERSION == 1
+    assert raw["format_version"] == FORMAT_VERSION == 2
+    assert raw["modules"]["encoder.layer.0.intermediate.dense"]["method"] == "mpo"
     assert raw["options"]["out"] == "/tmp/x"  # paths serialize as strings
     assert raw["created_at"].endswith("Z")
     assert (art / MANIFEST_NAME).read_text().startswith('{\n  "')  # indent 2
@@ -196,7 +197,7 @@ def test_newer_format_version_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError) as info:
         read_manifest(art)
     assert str(info.value) == (
-        "artifact format_version 7 is newer than this mposurgeon supports (1)"
+        "artifact format_version 7 is newer than this mposurgeon supports (2)"
     )
     assert info.value.hint == "upgrade mposurgeon: pip install -U mposurgeon"
 

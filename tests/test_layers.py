@@ -8,6 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from mposurgeon.models.layers import MPOCores, MPOEmbedding, MPOLinear
+from mposurgeon.models.orientation import as_matrix
 from mposurgeon.models.surgery import MPOModuleState, install_mpo_layers
 from mposurgeon.mpo.decomposition import decompose
 from mposurgeon.mpo.shapes import plan_shape
@@ -78,7 +79,7 @@ def test_install_replaces_conv1d_and_ties_shared_cores() -> None:
     ids = torch.tensor([1, 2, 49])
     expected = (model.wte(ids), model.lm_head(x), model.c_fc(x))
     emb = _cores(model.wte.weight.detach())
-    fc = _cores(model.c_fc.weight.detach().t())
+    fc = _cores(as_matrix(model.c_fc.weight.detach(), "conv1d"))
     states = [
         MPOModuleState("wte", "embedding", emb.shape, emb.cores, tied_names=("lm_head",)),
         MPOModuleState("c_fc", "conv1d", fc.shape, fc.cores),

@@ -17,6 +17,7 @@ from mposurgeon.mpo import (
     decompose,
     entanglement_entropy,
     error_bound,
+    measured_error,
     num_params,
     plan_shape,
     reconstruct_split,
@@ -303,6 +304,24 @@ def test_relative_error() -> None:
     assert relative_error(a, a) == 0.0
     assert relative_error(a, torch.zeros(1, 2)) == pytest.approx(1.0)
     assert relative_error(a, a * 1.1) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("block", [None, 7, 1])  # whole, blocks of rows, one entry at a time
+def test_measured_error_of_two_mpos(block: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    shape = SHAPES["padded"]
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(shape.out_dim, shape.in_dim, generator=gen, dtype=torch.float64)
+    full = decompose(w.float(), shape).cores
+    cut = truncate(full, max_bond=2).cores
+    if block is not None:
+        monkeypatch.setattr("mposurgeon.mpo.metrics._ERROR_BLOCK", block)
+    before, after = ([c.double() for c in cores] for cores in (full, cut))
+    expected = relative_error(to_matrix(before, shape), to_matrix(after, shape))  # float64
+    assert measured_error(full, cut, shape) == pytest.approx(expected, rel=1e-12)
+    assert measured_error(full, full, shape) == 0.0
+    zero = [torch.zeros_like(c) for c in full]
+    assert measured_error(zero, zero, shape) == 0.0
+    assert measured_error(zero, full, shape) == math.inf
 
 
 def _naive_matrix(cores: list[torch.Tensor]) -> torch.Tensor:

@@ -49,7 +49,7 @@ def test_fisher_top2_of_ffn1_and_attention_then_decompose(
     assert result.code == 0, result
     selection = read_manifest(sel).selection
     assert selection is not None
-    chosen, patterns, scores = selection["chosen"], selection["patterns"], selection["scores"]
+    chosen, patterns, scores = selection.chosen, selection.patterns, selection.scores
     # 6 layers x (FFN_1 + q, k, v, o) candidates, named as the files hold them (no `bert.`)
     with open_tensors(minilm_dir) as reader:
         keys = set(reader.keys())
@@ -62,8 +62,8 @@ def test_fisher_top2_of_ffn1_and_attention_then_decompose(
         mine = [n for n in chosen if patterns[n] == pattern]
         rest = [s for n, s in scores.items() if patterns[n] == pattern and n not in chosen]
         assert len(mine) == 2 and min(scores[n] for n in mine) >= max(rest)
-    assert selection["data"]["path"] == str(TRAIN.resolve())
-    assert len(selection["data"]["sha256"]) == 64 and selection["schedule"] is None
+    assert selection.data is not None and selection.data.path == str(TRAIN.resolve())
+    assert len(selection.data.sha256 or "") == 64 and selection.schedule is None
     # the tensors pass through unchanged: no scoring head is saved
     assert load_file(sel / "model.safetensors").keys() == keys
 
@@ -156,7 +156,7 @@ def test_magnitude_and_entropy_exact_values(bert: Path, tmp_path: Path) -> None:
     bond2 = torch.linalg.svdvals(tensor.reshape(i1 * j1 * i2 * j2, -1))
     expected = (_entropy(bond1) + _entropy(bond2)) / 2
     assert ent.scores[name] == pytest.approx(expected, rel=1e-9)
-    assert ent.selection["method"] == "entropy" and len(ent.scores) == 2 * 6
+    assert ent.selection.method == "entropy" and len(ent.scores) == 2 * 6
 
 
 def test_data_free_scores_of_mpo_modules_match_their_dense_matrices(
@@ -193,14 +193,17 @@ def test_dynamic_schedule(bert: Path, tmp_path: Path, capsys) -> None:
         and schedule["rounds"][1]["chosen"] is None
     )
     assert len(data["chosen"]) == 6  # 1 per pattern: FFN_1, FFN_2, q, k, v, o
-    assert read_manifest(out).selection == {k: data[k] for k in read_manifest(out).selection}
+    recorded = read_manifest(out).selection
+    assert recorded is not None
+    assert recorded.model_dump(mode="json") == {k: data[k] for k in recorded.model_fields_set}
 
     later = mposurgeon.select(
         bert, output=tmp_path / "later", top_n=2, method="magnitude", split_num=2
     )
-    assert later.selection["schedule"]["epochs"] is None
-    assert [r["epoch"] for r in later.selection["schedule"]["rounds"]] == [None, None]
-    assert later.selection["schedule"]["rounds"][0]["chosen"] == data["chosen"]
+    schedule = later.selection.schedule
+    assert schedule is not None and schedule.epochs is None
+    assert [r.epoch for r in schedule.rounds] == [None, None]
+    assert schedule.rounds[0].chosen == data["chosen"]
 
 
 def test_top_n_zero_chooses_nothing_and_decompose_says_so(bert: Path, tmp_path: Path, capsys):

@@ -20,8 +20,9 @@ from transformers import (
 import mposurgeon
 from mposurgeon.artifact.manifest import read_manifest
 from mposurgeon.errors import UsageError
-from mposurgeon.stages import train as train_stage
+from mposurgeon.progress import ProgressCallback
 from mposurgeon.stages.train import TrainingInterrupted
+from mposurgeon.training import dynamic as dynamic_module
 from mposurgeon.training.data import encode, read_dataset
 from mposurgeon.training.loop import model_inputs
 from tests.conftest import ARCHITECTURES
@@ -206,7 +207,7 @@ def test_same_seed_same_weights_other_seed_other_weights(
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-def _stop_at(step: int) -> Callable[[str, int, int], None]:
+def _stop_at(step: int) -> ProgressCallback:
     def progress(description: str, done: int, total: int) -> None:
         if description.startswith("train") and done == step:
             raise KeyboardInterrupt
@@ -288,7 +289,7 @@ def test_overparam_on_a_select_artifact_decomposes_the_choice_in_place(
     assert list(manifest.modules) == [f"bert.{chosen[0]}"]
     rec = manifest.modules[f"bert.{chosen[0]}"]
     assert rec.trainable == [0, 1, 2, 3, 4] and rec.rel_error is None
-    assert manifest.selection is not None and manifest.selection["chosen"] == [f"bert.{chosen[0]}"]
+    assert manifest.selection is not None and manifest.selection.chosen == [f"bert.{chosen[0]}"]
     original = load_file(base / "model.safetensors")
     assert rec.params > original[f"{chosen[0]}.weight"].numel()  # over-parameterized
 
@@ -302,20 +303,21 @@ def dynamic_run(
     """A dynamic run (2 rounds of 1 matrix per pattern, at epochs 0 and 1) with the cores of
     every matrix as they were right after its decomposition."""
     snapshots: dict[str, list[torch.Tensor]] = {}
-    original = train_stage.decompose_in_place
+    original = dynamic_module.decompose_in_place
 
     def recording(model: torch.nn.Module, names: Any, num_cores: int = 5) -> Any:
         done = original(model, names, num_cores)
-        for dec in done:
-            snapshots[dec.name] = [c.detach().clone() for c in dec.cores]
+        for name in done:
+            cores = model.get_submodule(name).mpo.core
+            snapshots[name] = [c.detach().clone() for c in cores]
         return done
 
-    train_stage.decompose_in_place = recording  # type: ignore[assignment]
+    dynamic_module.decompose_in_place = recording  # type: ignore[assignment]
     try:
         out = tmp_path_factory.mktemp("dynamic") / "out"
         result = mposurgeon.train(tiny_classifier_dir("bert"), output=out, **DYNAMIC)
     finally:
-        train_stage.decompose_in_place = original  # type: ignore[assignment]
+        dynamic_module.decompose_in_place = original  # type: ignore[assignment]
     return {"result": result, "snapshots": snapshots, "base": tiny_classifier_dir("bert")}
 
 
@@ -336,9 +338,10 @@ def test_dynamic_selection_trains_every_core_chosen_in_every_round(
 ) -> None:
     out = dynamic_run["result"].output
     selection = read_manifest(out).selection
-    rounds = selection["schedule"]["rounds"]
-    assert [r["epoch"] for r in rounds] == [0, 1]
-    first, second = (set(r["chosen"]) for r in rounds)
+    assert selection is not None and selection.schedule is not None
+    rounds = selection.schedule.rounds
+    assert [r.epoch for r in rounds] == [0, 1]
+    first, second = (set(r.chosen or []) for r in rounds)
     assert len(first) == len(second) == 6 and not first & second  # FFN_1, FFN_2, q, k, v, o
     modules = read_manifest(out).modules
     assert set(modules) == first | second == set(dynamic_run["snapshots"])
@@ -371,8 +374,8 @@ def test_dynamic_run_resumes_across_a_selection_round(
 def test_evaluation_rebuilds_each_mpo_weight_once(
     decomposed: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from mposurgeon.methods.mpo.state import mpo_cores
     from mposurgeon.models import layers
-    from mposurgeon.training.params import mpo_cores
 
     model = mposurgeon.load_model(decomposed("bert"), forward_mode="reconstruct")
     held = mpo_cores(model)
@@ -415,7 +418,8 @@ def test_overparam_follows_a_dynamic_select_schedule(
         tmp_path / "sel", output=out, data=TRAIN, mode="overparam", epochs=2, batch_size=64
     )
     selection = read_manifest(out).selection
-    rounds = selection["schedule"]["rounds"]
-    assert rounds[0]["chosen"] == [f"bert.{n}" for n in sel.chosen]
-    assert len(rounds[1]["chosen"]) == 1 and rounds[1]["chosen"] != rounds[0]["chosen"]
-    assert set(read_manifest(out).modules) == {*rounds[0]["chosen"], *rounds[1]["chosen"]}
+    assert selection is not None and selection.schedule is not None
+    first, second = (r.chosen or [] for r in selection.schedule.rounds)
+    assert first == [f"bert.{n}" for n in sel.chosen]
+    assert len(second) == 1 and second != first
+    assert set(read_manifest(out).modules) == {*first, *second}

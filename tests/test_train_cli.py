@@ -40,7 +40,7 @@ def test_lightweight_needs_mpo_modules(
     out = tmp_path / "out"
     base = tiny_classifier_dir("bert")
     result = run_cli(capsys, "train", base, "-o", out, "--mode", "lightweight", "--data", TRAIN)
-    assert_one_line_error(result, 2, "--mode lightweight", "has none", "hint: decompose it first")
+    assert_one_line_error(result, 2, "--method lightweight", "has none", "hint: decompose it first")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -143,7 +143,7 @@ def test_minilm_lightweight_short_run(
     torch.set_num_threads(1)
     assert result.code == 0, result
     metrics = json.loads(result.out)["metrics"]
-    assert metrics["mode"] == "lightweight" and metrics["steps"] == 3
+    assert metrics["method"] == "lightweight" and metrics["steps"] == 3
     assert 0 < metrics["trainable_fraction"] < 0.25  # BERT shapes: central cores dominate
     assert metrics["eval"][-1]["step"] == 3 and 0 <= metrics["eval_accuracy"] <= 1
     manifest = read_manifest(out)
@@ -160,18 +160,21 @@ def test_minilm_lightweight_short_run(
     assert as_json["params"]["trainable"] == metrics["trainable_params"]
 
 
-@pytest.mark.parametrize("mode", ["full", "lightweight", "overparam"])
-def test_each_mode_trains_at_its_measured_default_lr(
-    tiny_mpo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str
+@pytest.mark.parametrize("method", ["full", "lightweight", "overparam"])
+def test_each_method_trains_at_its_measured_default_lr(
+    tiny_mpo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], method: str
 ) -> None:
-    """Without --lr, a mode trains at its own default (benchmarks/bench_defaults.py): the
-    lightweight cores need far larger steps than dense fine-tuning (2e-5 left them untrained)."""
-    from mposurgeon.training.defaults import DEFAULT_LR
+    """Without --lr, a method trains at its config's default (benchmarks/bench_defaults.py):
+    the lightweight cores need far larger steps than dense fine-tuning (2e-5 left them
+    untrained)."""
+    from mposurgeon.methods.registry import method_config
 
+    default = method_config(method).default("lr")
     out = tmp_path / "out"
-    flags = ("--mode", mode, "--data", TRAIN, "--max-steps", "1", "--json")
+    flags = ("--method", method, "--data", TRAIN, "--max-steps", "1", "--json")
     result = run_cli(capsys, "train", tiny_mpo, "-o", out, *flags)
     assert result.code == 0, result
-    assert json.loads(result.out)["metrics"]["lr"] == DEFAULT_LR[mode]
-    assert read_manifest(out).options["lr"] == DEFAULT_LR[mode]
-    assert DEFAULT_LR["lightweight"] > DEFAULT_LR["full"]
+    metrics = json.loads(result.out)["metrics"]
+    assert metrics["lr"] == default and metrics["method_options"]["lr"] == default
+    assert read_manifest(out).options["lr"] == default
+    assert method_config("lightweight").default("lr") > method_config("full").default("lr")

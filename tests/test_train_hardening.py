@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import mposurgeon
+from mposurgeon.progress import ProgressCallback
 from mposurgeon.stages.train import TrainingInterrupted
 from tests.cli_runner import assert_one_line_error, run_cli
 
@@ -171,7 +172,7 @@ def test_a_resumed_run_that_diverges_keeps_the_checkpoint_it_resumed_from(
 # -- item 16: damaged --resume checkpoints ---------------------------------------------------
 
 
-def _stop_at(step: int) -> Callable[[str, int, int], None]:
+def _stop_at(step: int) -> ProgressCallback:
     def progress(description: str, done: int, total: int) -> None:
         if description.startswith("train") and done == step:
             raise KeyboardInterrupt

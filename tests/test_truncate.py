@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 
 import mposurgeon
 from mposurgeon.artifact.manifest import read_manifest, write_manifest
-from mposurgeon.artifact.naming import core_key
 from mposurgeon.artifact.tensors import open_tensors
-from mposurgeon.mpo import MPOShape, decompose, relative_error, to_matrix
+from mposurgeon.methods.mpo.record import core_key
+from mposurgeon.mpo import MPOShape, decompose, modes_of, relative_error, to_matrix
 from tests.cli_runner import assert_one_line_error, run_cli
 
 LAYERS = ["FFN_1", "FFN_2", "attention"]
@@ -39,9 +39,8 @@ def _matrices(artifact: Path) -> dict[str, torch.Tensor]:
     out = {}
     with open_tensors(artifact) as reader:
         for name, rec in manifest.modules.items():
-            shape = MPOShape(rec.out_dim, rec.in_dim, tuple(rec.out_modes), tuple(rec.in_modes))
-            cores = [reader.get(core_key(name, k)).double() for k in range(len(rec.out_modes))]
-            out[name] = to_matrix(cores, shape)
+            cores = [reader.get(key).double() for key in rec.core_keys()]
+            out[name] = to_matrix(cores, rec.mpo_shape)
     return out
 
 
@@ -190,8 +189,7 @@ def _gauge(cores: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _canonical(cores: list[torch.Tensor]) -> list[torch.Tensor]:
     """A fresh TT-SVD (canonical form) of the matrix the cores represent."""
-    out_modes = tuple(c.shape[1] for c in cores)
-    in_modes = tuple(c.shape[2] for c in cores)
+    out_modes, in_modes = modes_of(cores)
     shape = MPOShape(math.prod(out_modes), math.prod(in_modes), out_modes, in_modes)
     return decompose(to_matrix(cores, shape), shape).cores
 

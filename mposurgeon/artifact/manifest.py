@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
@@ -16,17 +14,20 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     NonNegativeInt,
+    PlainValidator,
     PositiveInt,
+    SerializeAsAny,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
-from pydantic_core import PydanticCustomError, to_jsonable_python
-from typing_extensions import Required, TypedDict
+from pydantic_core import to_jsonable_python
+from typing_extensions import TypedDict
 
 from mposurgeon._version import __version__
 from mposurgeon.artifact.jsonfile import read_json_object
-from mposurgeon.artifact.naming import CORE_KEY, core_key
 from mposurgeon.artifact.store import (
     MANIFEST_NAME,
     MODEL_FILES,
@@ -37,10 +38,15 @@ from mposurgeon.artifact.store import (
 )
 from mposurgeon.artifact.tensors import open_tensors
 from mposurgeon.errors import ArtifactError
+from mposurgeon.methods.records import ModuleName, ModuleRecord
+from mposurgeon.methods.records import field_error as _field_error
+from mposurgeon.methods.registry import method_names, record_class
 
 FORMAT = "mposurgeon-artifact"
-FORMAT_VERSION = 1
-__all__ = ["MANIFEST_NAME"]  # re-exported: defined in `store`, which writes it too
+FORMAT_VERSION = 2
+#: Re-exported: MANIFEST_NAME is defined in `store` (which writes it too), the records in
+#: `methods` (each method owns its record class).
+__all__ = ["MANIFEST_NAME", "ModuleRecord"]
 
 #: Files whose presence changes what a loader reads: they must all be listed in `files`.
 TENSOR_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -52,104 +58,31 @@ JsonDict = Annotated[dict[str, Any], BeforeValidator(to_jsonable_python)]
 #: How deep a manifest's JSON may nest (the deepest a stage writes is about 6).
 MAX_DEPTH = 32
 
-#: Float dtypes a module's original weight may have (what merge casts back to).
-FloatDtype = Literal["float16", "bfloat16", "float32", "float64"]
-
-_MODULE_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
-
-
-def _module_name(value: str) -> str:
-    """A dotted module path like `encoder.layer.0.output.dense`: no `/`, no empty parts."""
-    if not _MODULE_NAME.fullmatch(value):
-        raise ValueError(
-            f"{value!r} is not a dotted module name (letters, digits, _ and - between dots)"
-        )
-    return value
-
-
-#: A module (or tensor) name: a dotted path, never a file path.
-ModuleName = Annotated[str, AfterValidator(_module_name)]
-
-
-def _field_error(field: str, text: str) -> PydanticCustomError:
-    """A validation error about `field` (relative to the record being validated)."""
-    return PydanticCustomError("manifest_field", "{field}: {text}", {"field": field, "text": text})
-
 
 class _Record(BaseModel):
     # Newer minor versions may add fields: keep them instead of failing, but validate known ones.
     model_config = ConfigDict(extra="allow")
 
 
-class ModuleRecord(_Record):
-    """One transformed weight matrix: where it came from and its MPO structure.
+def _module_record(value: Any) -> ModuleRecord:
+    """A module record as the class of the method that owns it (`method`) validates it."""
+    if isinstance(value, ModuleRecord):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError("a module record is a JSON object")
+    method = value.get("method")
+    cls = record_class(method) if isinstance(method, str) else None
+    if cls is None:
+        known = ", ".join(n for n in method_names() if record_class(n) is not None)
+        raise _field_error(
+            "method",
+            f"{method!r} is not a method this mposurgeon knows ({known}): upgrade mposurgeon",
+        )
+    return cls.model_validate(value)
 
-    Dimensions are counts of rows/columns; `shape` is the weight as stored in the original
-    file (Conv1D stores (in, out)); modes multiply to the padded dimensions
-    (`prod(out_modes) == out_dim + out_padding`).
-    """
 
-    name: ModuleName
-    kind: Literal["linear", "conv1d", "embedding"]
-    weight_key: ModuleName
-    shape: list[PositiveInt]
-    dtype: FloatDtype
-    out_dim: PositiveInt
-    in_dim: PositiveInt
-    out_modes: list[PositiveInt]
-    in_modes: list[PositiveInt]
-    out_padding: NonNegativeInt
-    in_padding: NonNegativeInt
-    bonds: list[PositiveInt]
-    central_index: int
-    trainable: list[int] = []
-    rel_error: float | None = None
-    predicted_error: float | None = None
-    params: NonNegativeInt
-    dense_params: NonNegativeInt
-    entropy: list[float] = []
-    tied_keys: list[ModuleName] = []
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ModuleRecord:
-        n = len(self.out_modes)
-        problems: list[tuple[str, str]] = []
-        if len(self.in_modes) != n or n == 0:
-            problems.append(
-                (
-                    "in_modes",
-                    f"out_modes {self.out_modes} and in_modes {self.in_modes} differ in length",
-                )
-            )
-        if len(self.bonds) != n + 1:
-            problems.append(("bonds", f"{self.bonds} should have {n + 1} entries"))
-        elif self.bonds[0] != 1 or self.bonds[-1] != 1:
-            problems.append(("bonds", f"{self.bonds} should start and end with 1"))
-        if not 0 <= self.central_index < max(n, 1):
-            problems.append(("central_index", f"{self.central_index} is not a core index"))
-        if any(not 0 <= i < n for i in self.trainable):
-            problems.append(("trainable", f"{self.trainable} names cores outside 0..{n - 1}"))
-        if self.out_modes and math.prod(self.out_modes) != self.out_dim + self.out_padding:
-            problems.append(
-                ("out_modes", f"{self.out_modes} do not multiply to out_dim + out_padding")
-            )
-        if self.in_modes and math.prod(self.in_modes) != self.in_dim + self.in_padding:
-            problems.append(("in_modes", f"{self.in_modes} do not multiply to in_dim + in_padding"))
-        # Conv1D stores its weight as (in, out); linear and embedding weights as (out, in).
-        conv1d = self.kind == "conv1d"
-        stored = [self.in_dim, self.out_dim] if conv1d else [self.out_dim, self.in_dim]
-        if self.shape != stored:
-            order = "[in_dim, out_dim]" if conv1d else "[out_dim, in_dim]"
-            problems.append(
-                ("shape", f"{self.shape} is not {order} = {stored} of a {self.kind} weight")
-            )
-        if self.weight_key != f"{self.name}.weight":
-            problems.append(("weight_key", f"{self.weight_key!r} is not {self.name + '.weight'!r}"))
-        if problems:
-            field, first = problems[0]
-            more = "".join(f"; {f} {text}" for f, text in problems[1:])
-            raise _field_error(field, first + more)
-        return self
+#: A module record of any registered method.
+AnyModuleRecord = Annotated[SerializeAsAny[ModuleRecord], PlainValidator(_module_record)]
 
 
 class BaseInfo(_Record):
@@ -192,39 +125,61 @@ class _Open(TypedDict, total=False):
     __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
 
 
-class _DataRef(_Open, total=False):
-    path: str
-    sha256: str
+class _Recorded(_Record):
+    """A record that writes back the keys it was given (read or built with), no defaults
+    filled in: a manifest read and written again keeps its shape."""
+
+    @model_serializer(mode="wrap")
+    def _given_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        return {key: value for key, value in data.items() if key in self.model_fields_set}
 
 
-class _Round(_Open, total=False):
-    round: int
-    epoch: int | None
-    chosen: list[ModuleName] | None
+class DataRef(_Recorded):
+    """A data file a selection was scored on."""
+
+    path: str | None = None
+    sha256: str | None = None
 
 
-class _Schedule(_Open, total=False):
-    split_num: Required[PositiveInt]
-    per_round: Required[NonNegativeInt]
-    epochs: int | None
-    interval: int | None
-    rounds: Required[list[_Round]]
+class SelectionRound(_Recorded):
+    """One round of a dynamic selection: its epoch, and what it chose (None: not yet)."""
+
+    round: int | None = None
+    epoch: int | None = None
+    chosen: list[ModuleName] | None = None
 
 
-class SelectionRecord(_Open, total=False):
-    """The manifest's `selection` (written by `select` and dynamic `train`): what its readers
-    (decompose, train, inspect) rely on."""
+class SelectionSchedule(_Recorded):
+    """The rounds of a dynamic selection (`split_num` > 1)."""
 
-    method: str | None
-    weight_types: list[str]
-    top_n: NonNegativeInt | None
-    split_num: PositiveInt | None
-    seed: int | None
-    data: _DataRef | None
-    scores: dict[ModuleName, float]
-    patterns: dict[ModuleName, str]
-    chosen: list[ModuleName]
-    schedule: _Schedule | None
+    split_num: PositiveInt
+    per_round: NonNegativeInt
+    epochs: int | None = None
+    interval: int | None = None
+    rounds: list[SelectionRound]
+
+
+class SelectionRecord(_Recorded):
+    """The manifest's `selection` (written by `select` and dynamic `train`): which matrices
+    were chosen (`chosen`, by module name), by what `method`, their `scores` and weight
+    `patterns`; read by decompose, train and inspect."""
+
+    method: str | None = None
+    weight_types: list[str] = []
+    top_n: NonNegativeInt | None = None
+    split_num: PositiveInt | None = None
+    seed: int | None = None
+    data: DataRef | None = None
+    scores: dict[ModuleName, float] = {}
+    patterns: dict[ModuleName, str] = {}
+    chosen: list[ModuleName] = []
+    schedule: SelectionSchedule | None = None
+
+    @property
+    def has_choice(self) -> bool:
+        """Whether the record says what was chosen (`chosen` given, possibly empty)."""
+        return "chosen" in self.model_fields_set
 
 
 class _LossPoint(_Open, total=False):
@@ -243,7 +198,7 @@ class MetricsRecord(_Open, total=False):
     """The manifest's `metrics` (written by `train`, and `merge --verify`): the types of the
     figures that inspect, recipes and gates read."""
 
-    mode: str
+    method: str
     steps: NonNegativeInt
     epochs: float
     final_loss: float | None
@@ -257,19 +212,19 @@ class MetricsRecord(_Open, total=False):
     trainable_fraction: float | None
     seed: int | None
     lr: float | None
-    mpo_lr: float | None
+    method_options: dict[str, Any] | None
     batch_size: PositiveInt | None
     num_processes: PositiveInt | None
     train_rows: NonNegativeInt | None
     eval_rows: NonNegativeInt | None
     resumed_from_step: int | None
-    mpo_modules: NonNegativeInt | None
+    modules: NonNegativeInt | None
     verify: _Verify | None
 
 
 #: The figures a train stage always records, read together by `inspect`.
 _TRAIN_METRICS = (
-    "mode",
+    "method",
     "steps",
     "epochs",
     "trainable_params",
@@ -294,7 +249,8 @@ def _complete_metrics(metrics: MetricsRecord) -> MetricsRecord:
 
 
 class Manifest(_Record):
-    """Contents of `mposurgeon.json` (format version 1)."""
+    """Contents of `mposurgeon.json` (format version 2: every module record names the method
+    that owns it)."""
 
     format: Literal["mposurgeon-artifact"]
     format_version: int
@@ -305,9 +261,9 @@ class Manifest(_Record):
     base: BaseInfo
     parent: ParentInfo | None
     lineage: list[LineageEntry]
-    modules: dict[str, ModuleRecord]
+    modules: dict[str, AnyModuleRecord]
     files: dict[str, str]
-    selection: Annotated[SelectionRecord, BeforeValidator(to_jsonable_python)] | None = None
+    selection: SelectionRecord | None = None
     metrics: (
         Annotated[
             MetricsRecord,
@@ -328,7 +284,28 @@ class Manifest(_Record):
 
 
 #: Upgrades of the raw JSON: MIGRATIONS[v] turns a version-v manifest into version v + 1.
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 knew only MPO modules and three training modes: each record becomes owned by
+    the `mpo` method; train metrics name the method (`mode`), its options (`mpo_lr`), and
+    count the modules (`mpo_modules`)."""
+    modules = data.get("modules")
+    if isinstance(modules, dict):
+        data["modules"] = {
+            k: {"method": "mpo", **v} if isinstance(v, dict) else v for k, v in modules.items()
+        }
+    metrics = data.get("metrics")
+    if isinstance(metrics, dict) and "mode" in metrics:
+        metrics = dict(metrics)
+        metrics["method"] = metrics.pop("mode")
+        options = {"lr": metrics.get("lr"), "mpo_lr": metrics.pop("mpo_lr", None)}
+        metrics["method_options"] = options
+        if "mpo_modules" in metrics:
+            metrics["modules"] = metrics.pop("mpo_modules")
+        data["metrics"] = metrics
+    return data
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
 
 
 def _migrate(data: dict[str, Any], version: int) -> dict[str, Any]:
@@ -589,38 +566,35 @@ class BackgroundChecksums:
 
 
 def check_cores(directory: Path, manifest: Manifest) -> None:
-    """Every module record has all its cores in the tensor files, with the shapes its bonds
-    and modes give, and every core in the files belongs to a record (headers only)."""
+    """Every module record has all its tensors in the files, with the shapes the record gives,
+    and every tensor named as some method's state belongs to a record (headers only)."""
     records = manifest.modules
     where = Path(directory) / MANIFEST_NAME
     try:
         reader = open_tensors(directory)
     except ArtifactError:
         return  # a damaged tensor file: the checksum check (or the stage's read) reports it
+    classes = {cls for name in method_names() if (cls := record_class(name)) is not None}
+    owned: set[str] = set()
     with reader:
         keys = set(reader.keys())
         for name, rec in records.items():
-            for k in range(len(rec.out_modes)):
-                key = core_key(name, k)
-                expected = (rec.bonds[k], rec.out_modes[k], rec.in_modes[k], rec.bonds[k + 1])
+            for key, expected in rec.tensor_shapes().items():
+                owned.add(key)
                 if key not in keys:
                     raise ArtifactError(
-                        f"{where} has an invalid field modules.{name}: its core {key} "
+                        f"{where} has an invalid field modules.{name}: its tensor {key} "
                         "is not in the tensor files",
                         hint=_DAMAGED_HINT,
                     )
-                if tuple(reader.shape(key)) != expected:
+                if tuple(reader.shape(key)) != tuple(expected):
                     raise ArtifactError(
-                        f"{where} has an invalid field modules.{name}: core {key} has "
+                        f"{where} has an invalid field modules.{name}: tensor {key} has "
                         f"shape {list(reader.shape(key))}, the record says {list(expected)}",
                         hint=_DAMAGED_HINT,
                     )
-        for key in sorted(keys):
-            match = CORE_KEY.fullmatch(key)
-            if match is None:
-                continue
-            rec = records.get(match["module"])
-            if rec is None or int(match["index"]) >= len(rec.out_modes):
+        for key in sorted(keys - owned):
+            if any(cls.tensor_owner(key) is not None for cls in classes):
                 raise ArtifactError(
                     f"{key} in the tensor files belongs to no module of {where}",
                     hint=_DAMAGED_HINT,

@@ -12,7 +12,7 @@ import os
 import pickle
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -71,7 +71,7 @@ def _corrupted(path: Path, reason: object) -> ArtifactError:
     )
 
 
-class TensorReader:
+class TensorReader(Mapping[str, torch.Tensor]):
     """Lazy, read-only view of the tensors of one checkpoint (one or several files).
 
     Safetensors files stay memory-mapped until `close()`; a legacy `pytorch_model.bin` is loaded
@@ -217,6 +217,10 @@ class TensorReader:
         for dim in self.shape(key):
             numel *= dim
         return numel * self.dtype(key).itemsize
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        """`get(key)`: a reader is a read-only mapping of tensor name to tensor."""
+        return self.get(key)
 
     def get(self, key: str) -> torch.Tensor:
         """Load tensor `key` (a CPU tensor backed by the file's memory map where possible)."""

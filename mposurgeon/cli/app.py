@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok, 1 error, 2 usage error, 3 verification failure, 4 model not found,
 130 interrupted. Errors are one line on stderr; `--debug` (anywhere on the command line) or
-MPOSURGEON_DEBUG=1 shows the full traceback. Nothing here imports torch: each command imports
+MPOSURGEON_DEBUG=1 shows the full traceback. The commands are those of the stages in
+`mposurgeon.stages.registry.STAGES`, then `run`. Nothing here imports torch: each command imports
 its stage when it runs, so `mposurgeon --help` stays fast.
 """
 
@@ -14,22 +15,18 @@ import signal
 import sys
 import traceback
 from collections.abc import Iterator
+from importlib import import_module
 from typing import Annotated, NoReturn
 
 import typer
 
 from mposurgeon._version import __version__
 from mposurgeon.artifact.store import os_fault_error
-from mposurgeon.cli.decompose import decompose_command
 from mposurgeon.cli.entry import INTERRUPTED, failure
-from mposurgeon.cli.inspect import inspect_command
-from mposurgeon.cli.merge import merge_command
 from mposurgeon.cli.render import json_written, print_error, print_json, reset_json
 from mposurgeon.cli.run import run_command
-from mposurgeon.cli.select import select_command
-from mposurgeon.cli.train import train_command
-from mposurgeon.cli.truncate import truncate_command
 from mposurgeon.errors import MposurgeonError
+from mposurgeon.stages.registry import STAGES
 
 app = typer.Typer(
     name="mposurgeon",
@@ -41,13 +38,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.command("decompose")(decompose_command)
-app.command("truncate")(truncate_command)
-app.command("select")(select_command)
-app.command("train")(train_command)
-app.command("merge")(merge_command)
-app.command("inspect")(inspect_command)
-app.command("run")(run_command)
+
+
+def _add_commands() -> None:
+    """One command per stage, its CLI module's `<name>_command`, in the stages' order; then run."""
+    for stage in STAGES:
+        app.command(stage.name)(getattr(import_module(stage.command_module), stage.command))
+    app.command("run")(run_command)
+
+
+_add_commands()
 
 
 def _version(value: bool) -> None:

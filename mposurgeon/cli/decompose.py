@@ -11,9 +11,9 @@ from mposurgeon.cli import options as opt
 from mposurgeon.cli.render import fmt_int, module_table, print_json, progress_bar, stdout
 
 
+@opt.shared_flags(*opt.STAGE_FLAGS)
 def decompose_command(
     model: Annotated[str, typer.Argument(help="HF model dir, artifact dir, or hub id.")],
-    output: opt.Output = None,
     layers: Annotated[
         str | None,
         typer.Option(
@@ -48,15 +48,8 @@ def decompose_command(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List targets, modes, bonds and sizes; write nothing.")
     ] = False,
-    workdir: opt.Workdir = None,
-    overwrite: opt.Overwrite = False,
-    revision: opt.Revision = None,
-    offline: opt.Offline = None,
-    cache_dir: opt.CacheDir = None,
-    no_verify: opt.NoVerify = False,
-    max_shard_size: opt.MaxShardSize = "5GB",
-    json_out: opt.Json = False,
-    quiet: opt.Quiet = False,
+    *,
+    flags: opt.StageFlags,
 ) -> None:
     """Factorize weight matrices into MPO cores (lossless unless --max-bond/--rel-tol).
 
@@ -76,11 +69,9 @@ def decompose_command(
         rel_tol=rel_tol,
         dtype=dtype,
         dry_run=dry_run,
-        **opt.stage_kwargs(
-            output, workdir, overwrite, revision, offline, cache_dir, no_verify, max_shard_size
-        ),
+        **flags.stage_kwargs(),
     )
-    with progress_bar(quiet or json_out) as progress:
+    with progress_bar(flags.no_progress) as progress:
         result = decompose(model, options, progress=progress)
     rows = [_row(m) for m in result.modules]
     summary: dict[str, Any] = {
@@ -90,7 +81,7 @@ def decompose_command(
         "skipped_already_mpo": result.skipped,
         "params": {"mpo": result.mpo_params, "dense_equivalent": result.dense_params},
     }
-    if json_out:
+    if flags.json_out:
         print_json(summary)
         return
     if dry_run:

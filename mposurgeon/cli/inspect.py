@@ -11,18 +11,14 @@ from mposurgeon.cli import options as opt
 from mposurgeon.cli.render import fmt_int, module_table, print_json, stdout
 
 
+@opt.shared_flags(*opt.HUB_FLAGS, "no_verify", "json_out")
 def inspect_command(
     path: Annotated[
         str, typer.Argument(help="Artifact, HF model dir, .safetensors file or hub id.")
     ],
-    json_out: opt.Json = False,
     all_modules: Annotated[
         bool, typer.Option("--all", help="List dense matrices too, not only MPO modules.")
     ] = False,
-    no_verify: opt.NoVerify = False,
-    revision: opt.Revision = None,
-    offline: opt.Offline = None,
-    cache_dir: opt.CacheDir = None,
     plot: Annotated[
         Path | None,
         typer.Option(
@@ -30,6 +26,8 @@ def inspect_command(
             help="Also draw every MPO module's bond spectra into this PNG (needs matplotlib).",
         ),
     ] = None,
+    *,
+    flags: opt.StageFlags,
 ) -> None:
     """Show modules, modes, bonds, parameters, errors, entropy and lineage.
 
@@ -41,13 +39,13 @@ def inspect_command(
 
     report = inspect(
         path,
-        verify=not no_verify,
-        revision=revision,
-        offline=offline,
-        cache_dir=cache_dir,
+        verify=not flags.no_verify,
+        revision=flags.revision,
+        offline=flags.offline,
+        cache_dir=flags.cache_dir,
         plot=plot,
     )
-    if json_out:
+    if flags.json_out:
         print_json(report)
         return
     render_report(report, all_modules)

@@ -10,9 +10,9 @@ from mposurgeon.cli import options as opt
 from mposurgeon.cli.render import print_json, progress_bar, stdout
 
 
+@opt.shared_flags(*opt.ARTIFACT_STAGE_FLAGS)
 def merge_command(
     artifact: Annotated[str, typer.Argument(help="Artifact directory (decompose/train output).")],
-    output: opt.Output = None,
     dtype: Annotated[
         str,
         typer.Option(
@@ -26,12 +26,8 @@ def merge_command(
             help="Run the factorized and the merged model on sample input; exit 3 if they differ.",
         ),
     ] = False,
-    workdir: opt.Workdir = None,
-    overwrite: opt.Overwrite = False,
-    no_verify: opt.NoVerify = False,
-    max_shard_size: opt.MaxShardSize = "5GB",
-    json_out: opt.Json = False,
-    quiet: opt.Quiet = False,
+    *,
+    flags: opt.StageFlags,
 ) -> None:
     """Contract MPO cores back into dense weights: a plain checkpoint `from_pretrained` loads.
 
@@ -44,9 +40,9 @@ def merge_command(
     options = MergeOptions(
         dtype=dtype,
         verify=verify,
-        **opt.stage_kwargs(output, workdir, overwrite, None, None, None, no_verify, max_shard_size),
+        **flags.stage_kwargs(),
     )
-    with progress_bar(quiet or json_out) as progress:
+    with progress_bar(flags.no_progress) as progress:
         result = merge(artifact, options, progress=progress)
     cmp = result.comparison
     summary = {
@@ -61,7 +57,7 @@ def merge_command(
             "max_abs_value": cmp.max_abs_value,
         },
     }
-    if json_out:
+    if flags.json_out:
         print_json(summary)
         return
     stdout.print(f"merged {result.merged_modules} MPO modules into dense weights")

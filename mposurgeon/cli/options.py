@@ -1,9 +1,15 @@
-"""Typer option types shared by the commands (one definition per flag)."""
+"""Typer option types shared by the commands (one definition per flag), and `shared_flags`,
+which adds the flags the stage commands share to a command and hands it one `StageFlags`.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -44,6 +50,107 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on std
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
+@dataclass(frozen=True)
+class StageFlags:
+    """The flags the stage commands share, as parsed (a flag a command lacks has its default)."""
+
+    output: Path | None = None
+    workdir: Path | None = None
+    overwrite: bool = False
+    revision: str | None = None
+    offline: bool | None = None
+    cache_dir: Path | None = None
+    no_verify: bool = False
+    max_shard_size: str = "5GB"
+    json_out: bool = False
+    quiet: bool = False
+
+    @property
+    def no_progress(self) -> bool:
+        """Whether progress bars are off (`-q`, or `--json`: stdout is the object)."""
+        return self.quiet or self.json_out
+
+    def stage_kwargs(self) -> dict[str, object]:
+        """The common stage options as keyword arguments (an unset workdir left to its default)."""
+        kwargs: dict[str, object] = {
+            "output": self.output,
+            "overwrite": self.overwrite,
+            "revision": self.revision,
+            "offline": self.offline,
+            "cache_dir": self.cache_dir,
+            "verify_checksums": not self.no_verify,
+            "max_shard_size": self.max_shard_size,
+        }
+        if self.workdir is not None:
+            kwargs["workdir"] = self.workdir
+        return kwargs
+
+
+#: Each shared flag's Typer type; its default is `StageFlags`'.
+_FLAG_TYPES: dict[str, Any] = {
+    "output": Output,
+    "workdir": Workdir,
+    "overwrite": Overwrite,
+    "revision": Revision,
+    "offline": Offline,
+    "cache_dir": CacheDir,
+    "no_verify": NoVerify,
+    "max_shard_size": MaxShardSize,
+    "json_out": Json,
+    "quiet": Quiet,
+}
+#: Every shared flag, in the order `--help` lists them: a stage that reads a model or artifact
+#: (a hub id too) and writes an artifact takes them all.
+STAGE_FLAGS: tuple[str, ...] = tuple(f.name for f in fields(StageFlags))
+#: The flags that resolve a hub id (`--revision`, `--offline`, `--cache-dir`).
+HUB_FLAGS: tuple[str, ...] = ("revision", "offline", "cache_dir")
+#: The flags of a stage whose input is an artifact directory (no hub flags).
+ARTIFACT_STAGE_FLAGS: tuple[str, ...] = tuple(f for f in STAGE_FLAGS if f not in HUB_FLAGS)
+
+
+def shared_flags(*names: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Add the shared flags `names` (of `STAGE_FLAGS`) to a command, after its own parameters.
+
+    The command declares a keyword-only `flags: StageFlags` instead of the flags themselves and
+    receives them in it. Typer reads the parameters from the `__signature__` set here.
+
+        @shared_flags(*ARTIFACT_STAGE_FLAGS)
+        def merge_command(artifact: ..., dtype: ... = "auto", *, flags: StageFlags) -> None:
+    """
+    unknown = [n for n in names if n not in _FLAG_TYPES]
+    if unknown:
+        raise ValueError(f"not shared flags: {unknown}")
+    defaults = StageFlags()
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        own = inspect.signature(command, eval_str=True)
+        if "flags" not in own.parameters:
+            raise TypeError(f"{command.__name__} needs a keyword-only `flags: StageFlags`")
+        clash = [n for n in names if n in own.parameters]
+        if clash:
+            raise TypeError(f"{command.__name__} declares shared flags itself: {clash}")
+        added = [
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=getattr(defaults, name),
+                annotation=_FLAG_TYPES[name],
+            )
+            for name in names
+        ]
+        kept = [p for p in own.parameters.values() if p.name != "flags"]
+
+        @functools.wraps(command)
+        def run(**kwargs: Any) -> None:
+            given = {name: kwargs.pop(name) for name in names}
+            command(**kwargs, flags=StageFlags(**given))
+
+        run.__signature__ = own.replace(parameters=[*kept, *added])  # type: ignore[attr-defined]
+        return run
+
+    return decorate
+
+
 def stage_kwargs(
     output: Path | None,
     workdir: Path | None,
@@ -54,16 +161,15 @@ def stage_kwargs(
     no_verify: bool,
     max_shard_size: str,
 ) -> dict[str, object]:
-    """The common stage options as keyword arguments (unset ones left to their defaults)."""
-    kwargs: dict[str, object] = {
-        "output": output,
-        "overwrite": overwrite,
-        "revision": revision,
-        "offline": offline,
-        "cache_dir": cache_dir,
-        "verify_checksums": not no_verify,
-        "max_shard_size": max_shard_size,
-    }
-    if workdir is not None:
-        kwargs["workdir"] = workdir
-    return kwargs
+    """`StageFlags.stage_kwargs` for a command that declares the flags itself (only `train`,
+    until it takes `shared_flags`; then this goes)."""
+    return StageFlags(
+        output=output,
+        workdir=workdir,
+        overwrite=overwrite,
+        revision=revision,
+        offline=offline,
+        cache_dir=cache_dir,
+        no_verify=no_verify,
+        max_shard_size=max_shard_size,
+    ).stage_kwargs()

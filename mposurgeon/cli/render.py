@@ -6,7 +6,7 @@ import json
 import math
 import numbers
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,6 +20,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+
+from mposurgeon.progress import ProgressCallback
 
 
 class _Console(Console):
@@ -78,7 +80,7 @@ def print_error(message: str, hint: str | None = None) -> None:
 
 
 @contextmanager
-def progress_bar(quiet: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+def progress_bar(quiet: bool) -> Iterator[ProgressCallback | None]:
     """A progress callback drawing a rich bar on stderr; None when quiet or not a terminal."""
     if quiet or not stderr.is_terminal:
         yield None

@@ -20,9 +20,9 @@ from mposurgeon.cli.render import print_json, progress_bar, stderr, stdout
 from mposurgeon.errors import MposurgeonError
 
 
+@opt.shared_flags("workdir", "json_out", "quiet")
 def run_command(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
-    workdir: opt.Workdir = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan (what would run or be skipped).")
     ] = False,
@@ -30,8 +30,8 @@ def run_command(
     from_stage: Annotated[
         str | None, typer.Option("--from", help="Re-run from this stage (by name) on.")
     ] = None,
-    json_out: opt.Json = False,
-    quiet: opt.Quiet = False,
+    *,
+    flags: opt.StageFlags,
 ) -> None:
     """Run a recipe: stages chained through versioned artifacts, resumable, with CI gates.
 
@@ -41,16 +41,16 @@ def run_command(
     """
     from mposurgeon.stages.recipe import RecipeStageError, gate_failure, run_recipe
 
-    with progress_bar(quiet or json_out) as progress:
+    with progress_bar(flags.no_progress) as progress:
 
         def events(stage: Any, status: str) -> None:
-            if status != "start" and not json_out:
+            if status != "start" and not flags.json_out:
                 stderr.print(f"{stage.label}: {status}", highlight=False)
 
         try:
             report = run_recipe(
                 recipe,
-                workdir=workdir,
+                workdir=flags.workdir,
                 dry_run=dry_run,
                 force=force,
                 from_stage=from_stage,
@@ -58,11 +58,11 @@ def run_command(
                 progress=progress,
             )
         except RecipeStageError as exc:
-            if json_out:
+            if flags.json_out:
                 print_json(_summary(exc.report, exc, exc.kind))
             raise
     error = gate_failure(report)
-    if json_out:
+    if flags.json_out:
         print_json(_summary(report, error, type(error).__name__))
     else:
         _render(report, dry_run)

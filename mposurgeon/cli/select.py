@@ -12,6 +12,7 @@ from mposurgeon.cli import options as opt
 from mposurgeon.cli.render import print_json, progress_bar, stdout
 
 
+@opt.shared_flags(*opt.STAGE_FLAGS)
 def select_command(
     model: Annotated[str, typer.Argument(help="HF model dir, artifact dir, or hub id.")],
     top_n: Annotated[
@@ -69,16 +70,8 @@ def select_command(
     seed: Annotated[
         int, typer.Option("--seed", help="Seeds the scoring head and the data order.")
     ] = 0,
-    output: opt.Output = None,
-    workdir: opt.Workdir = None,
-    overwrite: opt.Overwrite = False,
-    revision: opt.Revision = None,
-    offline: opt.Offline = None,
-    cache_dir: opt.CacheDir = None,
-    no_verify: opt.NoVerify = False,
-    max_shard_size: opt.MaxShardSize = "5GB",
-    json_out: opt.Json = False,
-    quiet: opt.Quiet = False,
+    *,
+    flags: opt.StageFlags,
 ) -> None:
     """Score weight matrices and record the top N per weight pattern (decompose follows it).
 
@@ -102,14 +95,12 @@ def select_command(
         num_cores=num_cores,
         seed=seed,
         **kwargs,
-        **opt.stage_kwargs(
-            output, workdir, overwrite, revision, offline, cache_dir, no_verify, max_shard_size
-        ),
+        **flags.stage_kwargs(),
     )
-    with progress_bar(quiet or json_out) as progress:
+    with progress_bar(flags.no_progress) as progress:
         result = select(model, options, progress=progress)
     sel = result.selection
-    if json_out:
+    if flags.json_out:
         print_json(
             {
                 "output": str(result.output),

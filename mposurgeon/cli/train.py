@@ -9,7 +9,7 @@ import typer
 
 from mposurgeon.cli import options as opt
 from mposurgeon.cli.render import fmt_int, print_json, progress_bar, stderr, stdout
-from mposurgeon.training.defaults import default_lr_help
+from mposurgeon.methods.registry import method_names, methods_help
 
 
 def train_command(
@@ -17,15 +17,17 @@ def train_command(
     data: Annotated[
         Path, typer.Option("--data", "-d", help="Training data: JSONL/CSV with text and label.")
     ],
-    mode: Annotated[
-        str,
+    method: Annotated[
+        str | None,
         typer.Option(
-            "--mode",
-            "-m",
-            help="lightweight (MPOP: central cores frozen), overparam (OPF: all cores) "
-            "or full (dense fine-tuning of everything).",
+            "--method",
+            help=f"The fine-tuning method: {', '.join(method_names(training=True))} (above).",
         ),
-    ],
+    ] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option("--mode", "-m", help="Older name of --method: full, lightweight, overparam."),
+    ] = None,
     eval_data: Annotated[
         Path | None,
         typer.Option("--eval-data", help="Labelled eval data: accuracy and macro-F1."),
@@ -37,7 +39,7 @@ def train_command(
     ] = None,
     lr: Annotated[
         float | None,
-        typer.Option("--lr", help=f"Peak learning rate (default per mode: {default_lr_help()})."),
+        typer.Option("--lr", help="Peak learning rate (default: the method's, listed above)."),
     ] = None,
     mpo_lr: Annotated[
         float | None, typer.Option("--mpo-lr", help="Learning rate of MPO cores (default --lr).")
@@ -90,8 +92,9 @@ def train_command(
         typer.Option("--weight-types", help="--dynamic: comma list of FFN_1, FFN_2, attention."),
     ] = None,
     num_cores: Annotated[
-        int, typer.Option("--num-cores", help="Cores of matrices decomposed during training.")
-    ] = 5,
+        int | None,
+        typer.Option("--num-cores", help="overparam: cores of matrices decomposed in place (5)."),
+    ] = None,
     workdir: opt.Workdir = None,
     overwrite: opt.Overwrite = False,
     revision: opt.Revision = None,
@@ -102,11 +105,13 @@ def train_command(
     json_out: opt.Json = False,
     quiet: opt.Quiet = False,
 ) -> None:
-    """Fine-tune for sequence classification: lightweight (MPOP), overparam (OPF) or full.
+    """Fine-tune for sequence classification with a method (lightweight, overparam, full, ...).
+
+    {methods}
 
     Example:
 
-        mposurgeon train mposurgeon-out/minilm/v1-decompose --mode lightweight
+        mposurgeon train mposurgeon-out/minilm/v1-decompose --method lightweight
         --data data/sentiment-train.jsonl --eval-data data/sentiment-eval.jsonl
     """
     from mposurgeon.stages.train import TrainingInterrupted, TrainOptions, train
@@ -114,7 +119,8 @@ def train_command(
     options = TrainOptions(
         data=data,
         eval_data=eval_data,
-        mode=mode,  # type: ignore[arg-type]
+        method=method,  # type: ignore[arg-type]
+        mode=mode,
         epochs=epochs,
         max_steps=max_steps,
         lr=lr,
@@ -161,6 +167,12 @@ def train_command(
     _render(result.output, result.metrics)
 
 
+# The registered methods, one line each, in `train --help`.
+train_command.__doc__ = (train_command.__doc__ or "").replace(
+    "{methods}", "\n\n    ".join(["Methods (--method):", *methods_help()])
+)
+
+
 def _render(output: Path, m: dict[str, Any]) -> None:
     for line in metrics_lines(m):
         stdout.print(line)
@@ -173,7 +185,7 @@ def metrics_lines(m: dict[str, Any]) -> list[str]:
     final = "-" if m.get("final_loss") is None else f"{m['final_loss']:.4f}"
     epochs = f"{m['epochs']:g} epoch" + ("" if m["epochs"] == 1 else "s")
     lines = [
-        f"trained {m['steps']} steps ({epochs}, mode {m['mode']}"
+        f"trained {m['steps']} steps ({epochs}, method {m['method']}"
         + (f", resumed at step {resumed}" if resumed is not None else "")
         + (f", {m['num_processes']} processes" if (m.get("num_processes") or 1) > 1 else "")
         + f"): final loss {final}",

@@ -11,9 +11,9 @@ from mposurgeon.cli import options as opt
 from mposurgeon.cli.render import fmt_bonds, fmt_err, fmt_int, print_json, progress_bar, stdout
 
 
+@opt.shared_flags(*opt.ARTIFACT_STAGE_FLAGS)
 def truncate_command(
     artifact: Annotated[str, typer.Argument(help="Artifact directory with MPO modules.")],
-    output: opt.Output = None,
     max_bond: Annotated[
         int | None, typer.Option("--max-bond", help="Cap every bond of every MPO module.")
     ] = None,
@@ -44,12 +44,8 @@ def truncate_command(
         bool,
         typer.Option("--dry-run", help="Show planned bonds, sizes and errors; write nothing."),
     ] = False,
-    workdir: opt.Workdir = None,
-    overwrite: opt.Overwrite = False,
-    no_verify: opt.NoVerify = False,
-    max_shard_size: opt.MaxShardSize = "5GB",
-    json_out: opt.Json = False,
-    quiet: opt.Quiet = False,
+    *,
+    flags: opt.StageFlags,
 ) -> None:
     """Lower MPO bond dimensions without data (optimal SVD cuts in canonical form).
 
@@ -65,9 +61,9 @@ def truncate_command(
         param_ratio=param_ratio,
         bond_pattern=bond_pattern or [],
         dry_run=dry_run,
-        **opt.stage_kwargs(output, workdir, overwrite, None, None, None, no_verify, max_shard_size),
+        **flags.stage_kwargs(),
     )
-    with progress_bar(quiet or json_out) as progress:
+    with progress_bar(flags.no_progress) as progress:
         result = truncate(artifact, options, progress=progress)
     rows = [_row(m) for m in result.modules]
     before, after, dense = result.params_before, result.params_after, result.dense_params
@@ -87,7 +83,7 @@ def truncate_command(
         "max_predicted_error": max((r["predicted_error"] for r in rows), default=0.0),
         "max_rel_error": None if dry_run else max((r["rel_error"] for r in rows), default=0.0),
     }
-    if json_out:
+    if flags.json_out:
         print_json(summary)
         return
     if dry_run:

@@ -34,7 +34,8 @@ from typing import Literal
 from torch import nn
 
 from mposurgeon.errors import UsageError
-from mposurgeon.models.layout import Kind, ModelLayout, as_layout, file_key_mapper
+from mposurgeon.models.layout import ModelLayout, as_layout, file_key_mapper
+from mposurgeon.models.orientation import Kind, matrix_dims
 
 GROUPS: tuple[str, ...] = ("FFN_1", "FFN_2", "attention", "embeddings", "pooler", "lm_head")
 
@@ -242,7 +243,7 @@ def candidate_modules(model: nn.Module | ModelLayout, file_keys: Collection[str]
         seen.add(weight_key)
         tied = ties.tied_away(_join(module.name, "weight"), keys, to_file)
         shape = module.shape
-        out_dim, in_dim = (shape[1], shape[0]) if module.kind == "conv1d" else shape
+        out_dim, in_dim = matrix_dims(shape, module.kind)
         bias_key = None
         if module.has_bias:
             bias_key = ties.file_key(_join(module.name, "bias"), keys, to_file)

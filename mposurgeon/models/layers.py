@@ -27,8 +27,8 @@ from mposurgeon.mpo.contract import (
     mpo_rows,
     reconstruct_flops,
     rows_flops,
+    to_matrix,
 )
-from mposurgeon.mpo.decomposition import to_matrix
 from mposurgeon.mpo.shapes import MPOShape
 
 ForwardMode = Literal["auto", "reconstruct", "contract"]

@@ -12,17 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from mposurgeon.errors import ArtifactError, UsageError, one_line
+from mposurgeon.models.orientation import KINDS, Kind
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
-
-Kind = Literal["linear", "conv1d", "embedding"]
 
 #: Version of the `to_dict` form; bump it when the fields or their meaning change.
 LAYOUT_FORMAT = 1
@@ -83,7 +82,7 @@ class ModelLayout:
                 ModuleInfo(str(name), kind, (int(shape[0]), int(shape[1])), bool(bias))
                 for name, kind, shape, bias in data["modules"]
             )
-            if any(m.kind not in ("linear", "conv1d", "embedding") for m in modules):
+            if any(m.kind not in KINDS for m in modules):
                 raise ValueError("unknown module kind")
             return cls(
                 class_name=str(data["class_name"]),
@@ -269,18 +268,25 @@ def _more(names: list[str]) -> str:
     return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
 
+def kind_of(module: nn.Module) -> Kind | None:
+    """The kind of a module whose weight can be factorized (an Embedding, a Linear or a
+    `transformers` Conv1D); None for any other module."""
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    conv1d = _conv1d_class()
+    if conv1d is not None and isinstance(module, conv1d):
+        return "conv1d"
+    return None
+
+
 def describe_model(model: nn.Module) -> ModelLayout:
     """The layout of `model` (usually a meta-device model from `build_meta_model`)."""
-    conv1d = _conv1d_class()
     modules: list[ModuleInfo] = []
     for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, nn.Embedding):
-            kind: Kind = "embedding"
-        elif isinstance(module, nn.Linear):
-            kind = "linear"
-        elif conv1d is not None and isinstance(module, conv1d):
-            kind = "conv1d"
-        else:
+        kind = kind_of(module)
+        if kind is None:
             continue
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:

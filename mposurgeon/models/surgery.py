@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 from torch import Tensor, nn
 
 from mposurgeon.models.layers import ForwardMode, MPOCores, MPOEmbedding, MPOLinear
+from mposurgeon.models.layout import kind_of
+from mposurgeon.models.orientation import Kind
 from mposurgeon.mpo.shapes import MPOShape
 
 
@@ -24,11 +25,19 @@ class MPOModuleState:
     """What it takes to rebuild one factorized module: its cores, shape and bias."""
 
     name: str
-    kind: Literal["linear", "conv1d", "embedding"]
+    kind: Kind
     shape: MPOShape
     cores: list[Tensor]
     bias: Tensor | None = None
     tied_names: Sequence[str] = field(default_factory=tuple)
+
+
+def module_kind(module: nn.Module) -> Kind:
+    """The kind of a dense module whose weight can be factorized; TypeError for another."""
+    kind = kind_of(module)
+    if kind is None:
+        raise TypeError(f"{type(module).__name__} is not a Linear, Conv1D or Embedding")
+    return kind
 
 
 def resolve_module_name(model: nn.Module, name: str) -> str:

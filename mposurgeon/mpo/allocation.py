@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from mposurgeon.mpo.metrics import bonds_of, error_bound, modes_of
+from mposurgeon.mpo.metrics import error_bound
+from mposurgeon.mpo.shapes import bonds_of, modes_of
 
 # A --rel-tol plan keeps its bound strictly inside the budget despite summation round-off.
 _BUDGET_SLACK = 1.0 - 1e-12

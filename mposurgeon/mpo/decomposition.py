@@ -1,6 +1,8 @@
 """TT-SVD of a matrix into MPO cores, canonical forms, bond spectra and optimal truncation.
 
 Cores have layout (r_{k-1}, I_k, J_k, r_k); see `mposurgeon.mpo.shapes` for how W is reshaped.
+`to_matrix` lives in `mpo.contract`; it is re-exported here only until `methods/mpo/state.py`
+imports it from there.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import torch
 from torch import Tensor
 
 from mposurgeon.errors import ShapeError
-from mposurgeon.mpo.contract import reconstruct_split
-from mposurgeon.mpo.metrics import bonds_of, error_bound
-from mposurgeon.mpo.shapes import MPOShape
+from mposurgeon.mpo.contract import to_matrix as to_matrix  # re-export: see the docstring
+from mposurgeon.mpo.metrics import error_bound
+from mposurgeon.mpo.shapes import MPOShape, bonds_of
 
 MaxBond = int | Sequence[int] | None
 
@@ -218,55 +220,6 @@ def decompose(
     spectra = left_spectra + right_spectra[::-1]
     cores = [core.to(matrix.dtype).contiguous() for core in cores]
     return Decomposition(cores, spectra, error_bound(spectra, bonds_of(cores)))
-
-
-def to_padded_matrix(cores: Sequence[Tensor]) -> Tensor:
-    """Contract the cores into the padded matrix (padded_out, padded_in).
-
-    cores[:c] are contracted from the left and cores[c:] from the right, each half kept with its
-    out modes before its in modes, and the halves are joined by one product at bond c
-    (`reconstruct_split`: the fewest multiply-adds). Keeping the modes apart as the halves grow
-    costs small permutes, and spares one permute of a 2n-axis tensor of the whole matrix.
-    """
-    split = reconstruct_split(cores)
-    left = _left_half(cores[:split])  # (O_L, I_L, r_c)
-    if split == len(cores):  # a single core
-        return left.reshape(left.shape[0], left.shape[1])
-    right = _right_half(cores[split:])  # (r_c, O_R, I_R)
-    (o_left, i_left, bond), (_, o_right, i_right) = left.shape, right.shape
-    joined = left.reshape(o_left * i_left, bond) @ right.reshape(bond, o_right * i_right)
-    joined = joined.reshape(o_left, i_left, o_right, i_right).permute(0, 2, 1, 3)
-    return joined.reshape(o_left * o_right, i_left * i_right)
-
-
-def _left_half(cores: Sequence[Tensor]) -> Tensor:
-    """Cores (1, I_k, J_k, r) contracted left to right into (prod I, prod J, r_last)."""
-    _, i, j, r = cores[0].shape
-    state = cores[0].reshape(i, j, r)
-    for core in cores[1:]:
-        r, i, j, r_next = core.shape
-        rows, cols = state.shape[0], state.shape[1]
-        grown = (state.reshape(rows * cols, r) @ core.reshape(r, -1)).reshape(rows, cols, i, j, -1)
-        state = grown.permute(0, 2, 1, 3, 4).reshape(rows * i, cols * j, r_next)
-    return state
-
-
-def _right_half(cores: Sequence[Tensor]) -> Tensor:
-    """Cores (r, I_k, J_k, 1) contracted right to left into (r_first, prod I, prod J)."""
-    r, i, j, _ = cores[-1].shape
-    state = cores[-1].reshape(r, i, j)
-    for core in reversed(cores[:-1]):
-        r_prev, i, j, r = core.shape
-        rows, cols = state.shape[1], state.shape[2]
-        grown = (core.reshape(-1, r) @ state.reshape(r, rows * cols)).reshape(-1, i, j, rows, cols)
-        state = grown.permute(0, 1, 3, 2, 4).reshape(r_prev, i * rows, j * cols)
-    return state
-
-
-def to_matrix(cores: Sequence[Tensor], shape: MPOShape) -> Tensor:
-    """The represented matrix cropped to (out_dim, in_dim)."""
-    shape.check_cores(cores)
-    return to_padded_matrix(cores)[: shape.out_dim, : shape.in_dim]
 
 
 def canonicalize(cores: Sequence[Tensor], center: int) -> list[Tensor]:

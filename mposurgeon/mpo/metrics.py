@@ -1,4 +1,8 @@
-"""Numbers about MPOs: parameter counts, bond dims, error bounds, entanglement entropy."""
+"""Numbers about MPOs: parameter counts, error bounds, measured errors, entanglement entropy.
+
+`bonds_of` lives in `mpo.shapes`; it is re-exported here only until `methods/mpo/state.py` and
+`stages/train.py` import it from there.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +12,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from mposurgeon.mpo.contract import mpo_rows, to_matrix
+from mposurgeon.mpo.shapes import MPOShape
+from mposurgeon.mpo.shapes import bonds_of as bonds_of  # re-export: see the docstring
+
+#: matrix entries contracted at a time by `measured_error`
+_ERROR_BLOCK = 1 << 22
+
 
 def num_params(cores: Sequence[Tensor]) -> int:
     """Sum over cores of r_{k-1} * I_k * J_k * r_k."""
     return sum(core.numel() for core in cores)
-
-
-def bonds_of(cores: Sequence[Tensor]) -> tuple[int, ...]:
-    """Bond dims (r_0, ..., r_n), length n+1, of cores shaped (r_{k-1}, I_k, J_k, r_k)."""
-    return (int(cores[0].shape[0]), *(int(core.shape[3]) for core in cores))
-
-
-def modes_of(cores: Sequence[Tensor]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(out_modes, in_modes) of cores shaped (r_{k-1}, I_k, J_k, r_k)."""
-    return tuple(int(c.shape[1]) for c in cores), tuple(int(c.shape[2]) for c in cores)
 
 
 def error_bound(spectra: Sequence[Tensor], bonds: Sequence[int]) -> float:
@@ -62,3 +63,22 @@ def relative_error(reference: Tensor, approx: Tensor) -> float:
     if norm == 0.0:
         return 0.0 if diff == 0.0 else math.inf
     return diff / norm
+
+
+@torch.no_grad()
+def measured_error(before: Sequence[Tensor], after: Sequence[Tensor], shape: MPOShape) -> float:
+    """||W_before - W_after||_F / ||W_before||_F in float64. A matrix of more than about 4M
+    entries is contracted a block of rows at a time, so memory stays bounded for embeddings."""
+    a, b = [c.double() for c in before], [c.double() for c in after]
+    if shape.out_dim * shape.in_dim <= _ERROR_BLOCK:
+        return relative_error(to_matrix(a, shape), to_matrix(b, shape))
+    block = max(1, _ERROR_BLOCK // shape.in_dim)
+    diff2 = norm2 = 0.0
+    for start in range(0, shape.out_dim, block):
+        rows = torch.arange(start, min(start + block, shape.out_dim))
+        ra, rb = mpo_rows(rows, a, shape), mpo_rows(rows, b, shape)
+        diff2 += float((ra - rb).square().sum())
+        norm2 += float(ra.square().sum())
+    if norm2 == 0.0:
+        return 0.0 if diff2 == 0.0 else math.inf
+    return math.sqrt(diff2 / norm2)

@@ -2,7 +2,7 @@
 
 A matrix W (out_dim, in_dim) is zero-padded at the end to (prod(out_modes), prod(in_modes)),
 reshaped row-major to (I1..In, J1..Jn) and permuted to (I1, J1, ..., In, Jn). Core k has layout
-(r_{k-1}, I_k, J_k, r_k) with r_0 = r_n = 1.
+(r_{k-1}, I_k, J_k, r_k) with r_0 = r_n = 1; `bonds_of` and `modes_of` read a core list's shape.
 """
 
 from __future__ import annotations
@@ -78,8 +78,7 @@ class MPOShape:
 
     def check_cores(self, cores: Sequence[Any]) -> None:
         """Raise ShapeError unless cores (r, I_k, J_k, r') carry exactly these modes."""
-        out_modes = tuple(int(core.shape[1]) for core in cores)
-        in_modes = tuple(int(core.shape[2]) for core in cores)
+        out_modes, in_modes = modes_of(cores)
         if (out_modes, in_modes) != (self.out_modes, self.in_modes):
             raise ShapeError(
                 f"cores have modes {_join(out_modes)} x {_join(in_modes)}, expected "
@@ -103,6 +102,16 @@ class MPOShape:
             tuple(data["out_modes"]),
             tuple(data["in_modes"]),
         )
+
+
+def bonds_of(cores: Sequence[Any]) -> tuple[int, ...]:
+    """Bond dims (r_0, ..., r_n), length n+1, of cores shaped (r_{k-1}, I_k, J_k, r_k)."""
+    return (int(cores[0].shape[0]), *(int(core.shape[3]) for core in cores))
+
+
+def modes_of(cores: Sequence[Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(out_modes, in_modes) of cores shaped (r_{k-1}, I_k, J_k, r_k)."""
+    return tuple(int(c.shape[1]) for c in cores), tuple(int(c.shape[2]) for c in cores)
 
 
 def _join(modes: Sequence[int]) -> str:

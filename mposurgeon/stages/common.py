@@ -7,7 +7,7 @@ modifies its input. Nothing here knows about the terminal: progress goes through
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib import metadata
@@ -25,12 +25,12 @@ from mposurgeon.artifact.manifest import (
     BaseInfo,
     Manifest,
     ModuleRecord,
+    SelectionRecord,
     check_file_list,
     load_artifact,
     new_manifest,
     write_manifest,
 )
-from mposurgeon.artifact.naming import core_key
 from mposurgeon.artifact.resolve import ResolvedModel, resolve_model
 from mposurgeon.artifact.store import (
     check_output_dir,
@@ -38,17 +38,20 @@ from mposurgeon.artifact.store import (
     copy_model_files,
     release_claim,
 )
-from mposurgeon.artifact.tensors import TensorReader, open_tensors, parse_size
+from mposurgeon.artifact.tensors import open_tensors, parse_size
 from mposurgeon.errors import ArtifactError
+from mposurgeon.methods.mpo.record import MPORecord
 from mposurgeon.models.layout import (
     LAYOUT_FORMAT,
     ModelLayout,
     check_layout_files,
     file_key_mapper,
 )
+from mposurgeon.progress import ProgressCallback
 
-#: progress(description, done, total): called as a stage advances.
-ProgressCallback = Callable[[str, int, int], None]
+# Defined in `mposurgeon.progress`, imported from there; re-exported here only until
+# stages/train.py does the same.
+__all__ = ["ProgressCallback"]
 
 
 def default_workdir() -> Path:
@@ -97,13 +100,19 @@ class StageInput:
         return BaseInfo(name=r.name, model_id=r.model_id, revision=r.revision, path=str(r.path))
 
     @property
-    def selection(self) -> dict[str, Any] | None:
+    def selection(self) -> SelectionRecord | None:
         """The `select` stage's choice recorded in the input's lineage, if any."""
         return self.manifest.selection if self.manifest is not None else None
 
     @property
-    def mpo_modules(self) -> dict[str, ModuleRecord]:
+    def modules(self) -> dict[str, ModuleRecord]:
+        """The input's module records, whatever method owns them."""
         return dict(self.manifest.modules) if self.manifest is not None else {}
+
+    @property
+    def mpo_modules(self) -> dict[str, MPORecord]:
+        """The input's modules held as MPO cores."""
+        return {n: r for n, r in self.modules.items() if isinstance(r, MPORecord)}
 
     def wait_verified(self) -> None:
         """Return once the input's deferred checksum check has passed; raise if it failed."""
@@ -174,21 +183,6 @@ def tensor_shapes(inp: StageInput) -> dict[str, tuple[int, ...]]:
     except ArtifactError:
         inp.wait_verified()
         raise
-
-
-def read_cores(rec: ModuleRecord, reader: TensorReader) -> list[torch.Tensor]:
-    """The MPO cores of module `rec`; refuse cores holding NaN or infinite values."""
-    cores = []
-    for k in range(len(rec.out_modes)):
-        key = core_key(rec.name, k)
-        core = reader.get(key)
-        if not bool(torch.isfinite(core).all()):
-            raise ArtifactError(
-                f"MPO core {key} holds NaN or infinite values",
-                hint="the artifact is damaged or diverged in training: use an earlier one",
-            )
-        cores.append(core)
-    return cores
 
 
 def model_layout(path: Path, shapes: TensorShapes | None = None) -> ModelLayout:
@@ -302,12 +296,14 @@ def finish_artifact(
     options: BaseModel,
     modules: dict[str, ModuleRecord],
     known_checksums: dict[str, str] | None = None,
+    selection: SelectionRecord | None = None,
     **extra: Any,
 ) -> Manifest:
     """Copy config/tokenizer files, write the card and the manifest (with checksums).
 
     First waits for the input's deferred checksum check: nothing is built on a damaged input.
-    `known_checksums` (from `ShardedWriter.checksums()`) spare hashing the shards again.
+    `known_checksums` (from `ShardedWriter.checksums()`) spare hashing the shards again;
+    `selection` is recorded as it is, `extra` (metrics) set on the manifest.
     """
     inp.wait_verified()
     copy_model_files(inp.path, directory)
@@ -319,6 +315,7 @@ def finish_artifact(
         parent_path=inp.path if inp.manifest is not None else None,
         modules=modules,
     )
+    manifest.selection = selection
     for key, value in extra.items():
         setattr(manifest, key, value)
     (directory / "README.md").write_text(model_card(manifest), encoding="utf-8")

@@ -10,7 +10,6 @@ error. The write is atomic.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -18,19 +17,16 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from mposurgeon.artifact.manifest import ModuleRecord
-from mposurgeon.artifact.naming import core_key
 from mposurgeon.artifact.store import atomic_directory
 from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
 from mposurgeon.errors import ArtifactError, ShapeError, UsageError
+from mposurgeon.methods.mpo.record import MPORecord, core_key
+from mposurgeon.methods.mpo.state import factorize_weight, mpo_record
 from mposurgeon.models.groups import Target, select_targets
-from mposurgeon.mpo.decomposition import decompose as decompose_matrix
-from mposurgeon.mpo.decomposition import to_matrix
-from mposurgeon.mpo.metrics import bonds_of, entanglement_entropy, num_params, relative_error
 from mposurgeon.mpo.shapes import MPOShape, parse_mode_spec, plan_shape, shape_from_modes
+from mposurgeon.progress import ProgressCallback
 from mposurgeon.stages.common import (
     FLOAT_DTYPES,
-    ProgressCallback,
     StageInput,
     StageOptions,
     check_mpo_records,
@@ -79,7 +75,7 @@ class PlannedModule:
     shape: MPOShape
     bonds: tuple[int, ...]
     params: int
-    record: ModuleRecord | None = None
+    record: MPORecord | None = None
 
 
 @dataclass
@@ -138,11 +134,11 @@ def _write_decomposed(
     plan: list[PlannedModule],
     opts: DecomposeOptions,
     progress: ProgressCallback | None,
-) -> dict[str, ModuleRecord]:
+) -> dict[str, MPORecord]:
     """Stream `source`'s tensors to `writer`, replacing each planned weight by its cores;
     return the new modules' records (and fill each `PlannedModule.record`)."""
     by_key = {p.target.weight_key: p for p in plan}
-    records: dict[str, ModuleRecord] = {}
+    records: dict[str, MPORecord] = {}
     with open_tensors(source) as reader:
         keys = reader.keys()
         for i, key in enumerate(keys):
@@ -168,13 +164,13 @@ def _find_targets(inp: StageInput, opts: DecomposeOptions) -> tuple[list[Target]
     layers, target_modules = opts.layers, opts.target_modules
     if layers is None and target_modules is None:
         selection = inp.selection
-        if selection and "chosen" in selection:
-            if not selection["chosen"]:
+        if selection is not None and selection.has_choice:
+            if not selection.chosen:
                 raise UsageError(
                     f"the selection recorded in {inp.path} chose no module (top_n 0)",
                     hint="give --layers or --target-modules to decompose anyway",
                 )
-            target_modules = "|".join(re.escape(name) for name in selection["chosen"])
+            target_modules = "|".join(re.escape(name) for name in selection.chosen)
         else:
             layers = DEFAULT_LAYERS
     targets = select_targets(
@@ -275,67 +271,24 @@ def _decompose_one(
             hint="the checkpoint is damaged or diverged in training: use another one, or leave "
             "the matrix out with --exclude-modules",
         )
-    matrix = weight.t() if target.kind == "conv1d" else weight
-    out_dtype = weight.dtype if opts.dtype == "keep" else getattr(torch, opts.dtype)
-    work_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
-    reference = matrix.to(work_dtype)
-    result = decompose_matrix(reference, shape, max_bond=opts.max_bond, rel_tol=opts.rel_tol)
-    cores = [c.to(out_dtype).contiguous() for c in result.cores]
-    for k, core in enumerate(cores):
+    factorized = factorize_weight(
+        weight,
+        target.kind,
+        shape,
+        dtype=None if opts.dtype == "keep" else getattr(torch, opts.dtype),
+        max_bond=opts.max_bond,
+        rel_tol=opts.rel_tol,
+    )
+    for k, core in enumerate(factorized.cores):
         writer.add(core_key(target.name, k), core)
-    rel_error = relative_error(reference, to_matrix([c.to(work_dtype) for c in cores], shape))
     planned.record = mpo_record(
         name=target.name,
         kind=target.kind,
-        weight_key=target.weight_key,
         weight_shape=target.shape,
         dtype=weight.dtype,
         shape=shape,
-        cores=cores,
-        spectra=result.spectra,
-        rel_error=rel_error,
-        predicted_error=result.predicted_error,
+        factorized=factorized,
         tied_keys=target.tied_keys,
     )
     planned.bonds = tuple(planned.record.bonds)
     planned.params = planned.record.params
-
-
-def mpo_record(
-    *,
-    name: str,
-    kind: Literal["linear", "conv1d", "embedding"],
-    weight_key: str,
-    weight_shape: Sequence[int],
-    dtype: torch.dtype,
-    shape: MPOShape,
-    cores: Sequence[torch.Tensor],
-    spectra: Sequence[torch.Tensor],
-    rel_error: float | None,
-    predicted_error: float | None,
-    tied_keys: Sequence[str] = (),
-) -> ModuleRecord:
-    """The manifest record of a freshly decomposed matrix. `weight_shape` and `dtype` are the
-    original weight's (as stored), `spectra` the full bond spectra before truncation."""
-    bonds = bonds_of(cores)
-    return ModuleRecord(
-        name=name,
-        kind=kind,
-        weight_key=weight_key,
-        shape=list(weight_shape),
-        dtype=str(dtype).removeprefix("torch."),
-        out_dim=shape.out_dim,
-        in_dim=shape.in_dim,
-        out_modes=list(shape.out_modes),
-        in_modes=list(shape.in_modes),
-        out_padding=shape.out_padding,
-        in_padding=shape.in_padding,
-        bonds=list(bonds),
-        central_index=shape.central_index,
-        rel_error=rel_error,
-        predicted_error=predicted_error,
-        params=num_params(cores),
-        dense_params=shape.out_dim * shape.in_dim,
-        entropy=[entanglement_entropy(s[: bonds[k + 1]]) for k, s in enumerate(spectra)],
-        tied_keys=list(tied_keys),
-    )

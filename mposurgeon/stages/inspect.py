@@ -12,15 +12,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mposurgeon.artifact.manifest import Manifest, ModuleRecord, load_artifact
-from mposurgeon.artifact.naming import CORE_KEY
+from mposurgeon.artifact.manifest import Manifest, load_artifact
 from mposurgeon.artifact.resolve import resolve_model
 from mposurgeon.artifact.tensors import TensorReader, open_tensors
 from mposurgeon.errors import UsageError
+from mposurgeon.methods.mpo.record import MPORecord
+from mposurgeon.methods.mpo.state import record_cores
 from mposurgeon.mpo.decomposition import bond_spectra
-from mposurgeon.mpo.shapes import MPOShape
 from mposurgeon.plot import ModuleSpectra, plot_spectra, require_matplotlib
-from mposurgeon.stages.common import read_cores
 
 
 def inspect(
@@ -61,13 +60,13 @@ def inspect(
 
 def _report(reader: TensorReader, manifest: Manifest | None) -> dict[str, Any]:
     records = dict(manifest.modules) if manifest else {}
-    modules = [_mpo_row(rec) for rec in records.values()]
+    modules = [_mpo_row(rec) for rec in records.values() if isinstance(rec, MPORecord)]
+    owned = {key for rec in records.values() for key in rec.tensor_shapes()}
     total = mpo = 0
     for key in reader.keys():
         n = math.prod(reader.shape(key))
         total += n
-        match = CORE_KEY.fullmatch(key)
-        if match and match["module"] in records:
+        if key in owned:
             mpo += n
         elif key.endswith(".weight") and len(reader.shape(key)) == 2:
             modules.append(_dense_row(key, reader))
@@ -86,12 +85,13 @@ def _report(reader: TensorReader, manifest: Manifest | None) -> dict[str, Any]:
         if manifest.metrics:
             report["metrics"] = manifest.metrics
             report["params"]["trainable"] = manifest.metrics.get("trainable_params")
-        if manifest.selection:
-            report["selection"] = manifest.selection
+        selection = manifest.selection.model_dump(mode="json") if manifest.selection else None
+        if selection:  # as recorded (an empty record is left out)
+            report["selection"] = selection
     return report
 
 
-def _mpo_row(rec: ModuleRecord) -> dict[str, Any]:
+def _mpo_row(rec: MPORecord) -> dict[str, Any]:
     return {
         "name": rec.name,
         "kind": "mpo",
@@ -131,10 +131,12 @@ def module_spectra(reader: TensorReader, manifest: Manifest) -> list[ModuleSpect
     """Canonical bond spectra (divided by ||W||_F) of every MPO module, read from its cores."""
     result = []
     for rec in manifest.modules.values():
-        cores = read_cores(rec, reader)
+        if not isinstance(rec, MPORecord):
+            continue
+        cores = record_cores(rec, reader)
         spectra = bond_spectra(cores)
         norm = float(spectra[0].square().sum().sqrt()) if spectra else 0.0
-        shape = MPOShape(rec.out_dim, rec.in_dim, tuple(rec.out_modes), tuple(rec.in_modes))
+        shape = rec.mpo_shape
         result.append(
             ModuleSpectra(
                 name=rec.name,

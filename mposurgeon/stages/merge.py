@@ -1,8 +1,10 @@
-"""merge: contract every MPO back into a dense weight; write a plain Hugging Face checkpoint.
+"""merge: turn every transformed module back into a dense weight; write a plain Hugging Face
+checkpoint.
 
 The story: open and verify the artifact; stream its tensors into a new directory, replacing
-the cores `M.mpo.core.k` of each MPO module by its dense weight under the original name, shape,
-orientation (GPT-2 Conv1D is transposed back) and dtype; copy config and tokenizer. With
+the tensors each module record owns (the cores `M.mpo.core.k` of an MPO module) by the dense
+weight its method computes, under the original name, shape, orientation (GPT-2 Conv1D is
+transposed back) and dtype; copy config and tokenizer. With
 `verify`, run the factorized and the merged model on the same sample input before publishing:
 if they differ, nothing is written and the stage fails with exit code 3.
 """
@@ -17,28 +19,26 @@ import torch
 from pydantic import Field
 from transformers import AutoConfig, AutoTokenizer
 
+from mposurgeon.artifact.load import load_model
 from mposurgeon.artifact.manifest import ModuleRecord
-from mposurgeon.artifact.naming import CORE_KEY
 from mposurgeon.artifact.store import VOCABULARY_FILES, atomic_directory, copy_model_files
 from mposurgeon.artifact.tensors import ShardedWriter, TensorReader, open_tensors
 from mposurgeon.errors import ArtifactError, UsageError, VerificationError
+from mposurgeon.methods.registry import get_method
+from mposurgeon.models.auto import model_class, quiet_transformers
 from mposurgeon.models.probe import OutputComparison, compare_outputs, model_output, sample_batch
-from mposurgeon.mpo.decomposition import to_matrix
-from mposurgeon.mpo.shapes import MPOShape
+from mposurgeon.progress import ProgressCallback
 from mposurgeon.stages.common import (
     FLOAT_DTYPES,
-    ProgressCallback,
     StageOptions,
     check_mpo_records,
     finish_artifact,
     model_layout,
     open_input,
     plan_output,
-    read_cores,
     tensor_shapes,
     verified_input,
 )
-from mposurgeon.stages.load import load_model, model_class, quiet_transformers
 
 #: merge tolerance per output dtype: (atol, rtol) on the model's main output.
 TOLERANCES = {
@@ -79,7 +79,7 @@ def merge(
             f"{inp.path} is not a mposurgeon artifact (no mposurgeon.json)",
             hint="merge reads the output of decompose, truncate or train",
         )
-    records = inp.mpo_modules
+    records = inp.modules
     # Before any work: the config must match the tensors, and each module its kind in the
     # model (merge orients the weight by it) and a float dtype to write.
     shapes = tensor_shapes(inp)
@@ -114,31 +114,26 @@ def _write_dense(
     opts: MergeOptions,
     progress: ProgressCallback | None,
 ) -> int:
-    """Stream every tensor to `writer`, contracting each module's cores at its first core;
-    return the number of modules merged."""
+    """Stream every tensor to `writer`, writing each module's dense weight where its first
+    tensor was; return the number of modules merged."""
     keys = reader.keys()
+    owner = {key: rec for rec in records.values() for key in rec.tensor_shapes()}
     merged = 0
     for i, key in enumerate(keys):
-        match = CORE_KEY.fullmatch(key)
-        if match is None:
+        rec = owner.get(key)
+        if rec is None:
             tensor = reader.get(key)
             if opts.dtype != "auto" and tensor.is_floating_point():
                 tensor = tensor.to(getattr(torch, opts.dtype))
             writer.add(key, tensor)
-        elif match["index"] == "0":
-            rec = records.get(match["module"])
-            if rec is None:
-                raise ArtifactError(
-                    f"{key} belongs to no module listed in mposurgeon.json",
-                    hint="re-create the artifact with the stage that made it, or restore it",
-                )
+        elif key == next(iter(rec.tensor_shapes())):
             writer.add(rec.weight_key, dense_weight(rec, reader, opts.dtype))
             merged += 1
         if progress:
             progress("merge", i + 1, len(keys))
-    if merged != len(records):  # a module without cores: the manifest lists what is not there
+    if merged != len(records):  # a module without tensors: the manifest lists what is not there
         raise ArtifactError(
-            f"{len(records) - merged} MPO modules listed in mposurgeon.json have no cores in "
+            f"{len(records) - merged} modules listed in mposurgeon.json have no tensors in "
             "the tensor files; nothing was written",
             hint="re-create the artifact with the stage that made it, or restore it",
         )
@@ -146,14 +141,10 @@ def _write_dense(
 
 
 def dense_weight(rec: ModuleRecord, reader: TensorReader, dtype: str = "auto") -> torch.Tensor:
-    """The dense weight of one MPO module as the original checkpoint stored it."""
-    shape = MPOShape(rec.out_dim, rec.in_dim, tuple(rec.out_modes), tuple(rec.in_modes))
-    cores = read_cores(rec, reader)
-    work = torch.float64 if cores[0].dtype == torch.float64 else torch.float32
-    matrix = to_matrix([c.to(work) for c in cores], shape)
-    if rec.kind == "conv1d":
-        matrix = matrix.t()
-    return matrix.to(_dtype_of(rec, dtype)).contiguous()
+    """The dense weight of one transformed module as the original checkpoint stored it, in
+    `dtype` ("auto": its recorded dtype)."""
+    weight = get_method(rec.method).to_dense(rec, reader)
+    return weight.to(_dtype_of(rec, dtype)).contiguous()
 
 
 def _dtype_of(rec: ModuleRecord, dtype: str = "auto") -> torch.dtype:

@@ -35,7 +35,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +50,11 @@ from mposurgeon.errors import (
     UsageError,
     VerificationError,
 )
-from mposurgeon.stages.common import ProgressCallback, StageOptions, default_workdir
+from mposurgeon.progress import ProgressCallback
+from mposurgeon.stages.common import StageOptions, default_workdir
+from mposurgeon.stages.registry import BY_NAME
 
-#: stage kind -> (module, options class, function); `inspect` writes nothing and has no options.
-STAGES: dict[str, tuple[str, str, str]] = {
-    "decompose": ("mposurgeon.stages.decompose", "DecomposeOptions", "decompose"),
-    "truncate": ("mposurgeon.stages.truncate", "TruncateOptions", "truncate"),
-    "select": ("mposurgeon.stages.select", "SelectOptions", "select"),
-    "train": ("mposurgeon.stages.train", "TrainOptions", "train"),
-    "merge": ("mposurgeon.stages.merge", "MergeOptions", "merge"),
-}
+#: the one stage that writes nothing: its only option is `verify_checksums`.
 INSPECT = "inspect"
 #: options the runner sets itself: the chain of outputs is its business.
 RUNNER_OPTIONS = {"output", "workdir", "overwrite", "dry_run"}
@@ -264,9 +258,9 @@ def _stage(index: int, item: Any, base: Path) -> RecipeStage:
         found = ", ".join(_show(k) for k in kinds) or "none"
         raise UsageError(f"{where}: name exactly one stage (found {found})")
     kind = kinds[0]
-    if kind not in STAGES and kind != INSPECT:
+    if kind not in BY_NAME:
         raise UsageError(
-            f"{where}: unknown stage {_show(kind)}{_did_you_mean(kind, [*STAGES, INSPECT])}"
+            f"{where}: unknown stage {_show(kind)}{_did_you_mean(kind, list(BY_NAME))}"
         )
     name = _stage_name(item.get("name"), kind, where)
     where = f"stage {index} ({name})"
@@ -307,9 +301,9 @@ def _stage_name(value: Any, kind: str, where: str) -> str:
 
 
 def options_class(kind: str) -> type[StageOptions]:
-    module, cls, _ = STAGES[kind]
+    """The options class of stage `kind` (one that writes an artifact)."""
     try:
-        return getattr(import_module(module), cls)
+        return BY_NAME[kind].options_class()
     except ImportError as exc:  # a stage this build does not ship yet
         raise UsageError(f"stage '{kind}' is not available in this build ({exc})") from None
 
@@ -648,13 +642,14 @@ def _same_base(manifest: Manifest, current: str) -> bool:
     return manifest.base.path == str(resolved.path) and manifest.base.revision == resolved.revision
 
 
-def _execute(stage: RecipeStage, current: str, out: Path | None, progress: Any) -> Any:
+def _execute(
+    stage: RecipeStage, current: str, out: Path | None, progress: ProgressCallback | None
+) -> Any:
     if stage.kind == INSPECT:
         from mposurgeon.stages.inspect import inspect
 
         return inspect(current, verify=stage.options.get("verify_checksums", True))
-    module, _, function = STAGES[stage.kind]
-    run = getattr(import_module(module), function)
+    run = BY_NAME[stage.kind].function()
     options = options_class(stage.kind)(**stage.options, output=out, overwrite=True)
     return run(current, options, progress=progress)
 

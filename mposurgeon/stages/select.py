@@ -40,19 +40,27 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from mposurgeon.artifact.manifest import ModuleRecord
-from mposurgeon.artifact.naming import core_key
+from mposurgeon.artifact.manifest import (
+    DataRef,
+    SelectionRecord,
+    SelectionRound,
+    SelectionSchedule,
+)
 from mposurgeon.artifact.store import atomic_directory, sha256_file
 from mposurgeon.artifact.tensors import ShardedWriter, TensorReader, open_tensors
 from mposurgeon.errors import DataError, ModelNotFoundError, UsageError
+from mposurgeon.methods.mpo.record import MPORecord
+from mposurgeon.methods.mpo.state import record_cores
+from mposurgeon.methods.registry import get_method
 from mposurgeon.models.groups import Target, select_targets
+from mposurgeon.models.orientation import as_matrix
 from mposurgeon.models.surgery import resolve_module_name
 from mposurgeon.mpo.decomposition import bond_spectra
 from mposurgeon.mpo.decomposition import decompose as decompose_matrix
 from mposurgeon.mpo.metrics import entanglement_entropy
 from mposurgeon.mpo.shapes import plan_shape
+from mposurgeon.progress import ProgressCallback
 from mposurgeon.stages.common import (
-    ProgressCallback,
     StageInput,
     StageOptions,
     check_mpo_records,
@@ -62,7 +70,6 @@ from mposurgeon.stages.common import (
     plan_output,
     tensor_shapes,
 )
-from mposurgeon.stages.merge import dense_weight
 from mposurgeon.training.importance import choose_top_n, fisher_scores, weight_pattern
 
 #: The weight types `select` chooses among (OPF's): groups of models/groups.py.
@@ -140,7 +147,7 @@ class SelectResult:
     """What `select` chose, and where it wrote the artifact."""
 
     output: Path
-    selection: dict[str, Any]
+    selection: SelectionRecord
     candidates: int
     batches: int | None = None
     examples: int | None = None
@@ -148,11 +155,11 @@ class SelectResult:
 
     @property
     def chosen(self) -> list[str]:
-        return list(self.selection["chosen"])
+        return list(self.selection.chosen)
 
     @property
     def scores(self) -> dict[str, float]:
-        return dict(self.selection["scores"])
+        return dict(self.selection.scores)
 
 
 def select(
@@ -249,41 +256,42 @@ def _selection_record(
     scores: dict[str, float],
     patterns: dict[str, str],
     chosen: list[str],
-) -> dict[str, Any]:
-    """The manifest's `selection` (see DESIGN.md and the module docstring)."""
+) -> SelectionRecord:
+    """The manifest's `selection` (see DESIGN.md and the module docstring); every field is
+    written, `data` and `schedule` as null when there are none."""
     data = None
     if opts.data is not None:
         path = Path(opts.data).resolve()
-        data = {"path": str(path), "sha256": sha256_file(path)}
+        data = DataRef(path=str(path), sha256=sha256_file(path))
     schedule = None
     if opts.split_num > 1:
         step = _interval(opts.epochs, opts.split_num) if opts.epochs else None
-        schedule = {
-            "split_num": opts.split_num,
-            "per_round": opts.top_n // opts.split_num,
-            "epochs": opts.epochs,
-            "interval": step,
-            "rounds": [
-                {
-                    "round": k,
-                    "epoch": k * step if step is not None else None,
-                    "chosen": chosen if k == 0 else None,
-                }
+        schedule = SelectionSchedule(
+            split_num=opts.split_num,
+            per_round=opts.top_n // opts.split_num,
+            epochs=opts.epochs,
+            interval=step,
+            rounds=[
+                SelectionRound(
+                    round=k,
+                    epoch=k * step if step is not None else None,
+                    chosen=chosen if k == 0 else None,
+                )
                 for k in range(opts.split_num)
             ],
-        }
-    return {
-        "method": opts.method,
-        "weight_types": list(opts.weight_types),
-        "top_n": opts.top_n,
-        "split_num": opts.split_num,
-        "seed": opts.seed,
-        "data": data,
-        "scores": scores,
-        "patterns": patterns,
-        "chosen": chosen,
-        "schedule": schedule,
-    }
+        )
+    return SelectionRecord(
+        method=opts.method,
+        weight_types=list(opts.weight_types),
+        top_n=opts.top_n,
+        split_num=opts.split_num,
+        seed=opts.seed,
+        data=data,
+        scores=scores,
+        patterns=patterns,
+        chosen=chosen,
+        schedule=schedule,
+    )
 
 
 # --- scoring ----------------------------------------------------------------------------------
@@ -305,7 +313,7 @@ def _data_free(
                 scores[target.name] = _entropy_score(target, reader, record, opts.num_cores)
             else:
                 if record is not None:
-                    matrix = dense_weight(record, reader, "float64")
+                    matrix = get_method(record.method).to_dense(record, reader)
                 else:
                     matrix = reader.get(target.weight_key)
                 scores[target.name] = magnitude_score(matrix)
@@ -326,14 +334,12 @@ def entropy_score(spectra: list[torch.Tensor]) -> float:
 
 
 def _entropy_score(
-    target: Target, reader: TensorReader, record: ModuleRecord | None, num_cores: int
+    target: Target, reader: TensorReader, record: MPORecord | None, num_cores: int
 ) -> float:
     """entropy_score of a stored MPO's exact bond spectra, or of a dense matrix's MPO."""
     if record is not None:
-        cores = [reader.get(core_key(record.name, k)) for k in range(len(record.out_modes))]
-        return entropy_score(bond_spectra(cores))
-    weight = reader.get(target.weight_key)
-    matrix = weight.t() if target.kind == "conv1d" else weight
+        return entropy_score(bond_spectra(record_cores(record, reader)))
+    matrix = as_matrix(reader.get(target.weight_key), target.kind)
     shape = plan_shape(target.out_dim, target.in_dim, num_cores)
     return entropy_score(decompose_matrix(matrix.double(), shape).spectra)
 

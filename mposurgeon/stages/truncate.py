@@ -18,7 +18,6 @@ the sweep that cut it (exact when a single bond is cut), `rel_error` the measure
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,32 +26,29 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from mposurgeon.artifact.manifest import MANIFEST_NAME, ModuleRecord
-from mposurgeon.artifact.naming import CORE_KEY, core_key
+from mposurgeon.artifact.manifest import MANIFEST_NAME
 from mposurgeon.artifact.store import atomic_directory
 from mposurgeon.artifact.tensors import ShardedWriter, TensorReader, open_tensors
 from mposurgeon.errors import ArtifactError, UsageError
+from mposurgeon.methods.mpo.record import CORE_KEY, MPORecord, core_key
+from mposurgeon.methods.mpo.state import record_cores
 from mposurgeon.mpo.allocation import BondProblem, allocate, cap_bonds, min_params
-from mposurgeon.mpo.contract import mpo_rows
-from mposurgeon.mpo.decomposition import bond_spectra, to_matrix
+from mposurgeon.mpo.decomposition import bond_spectra
 from mposurgeon.mpo.decomposition import truncate as truncate_cores
-from mposurgeon.mpo.metrics import entanglement_entropy, num_params, relative_error
-from mposurgeon.mpo.shapes import MPOShape
+from mposurgeon.mpo.metrics import entanglement_entropy, measured_error, num_params
+from mposurgeon.progress import ProgressCallback
 from mposurgeon.stages.common import (
-    ProgressCallback,
     StageInput,
     StageOptions,
     check_no_dense_twin,
     finish_artifact,
     open_input,
     plan_output,
-    read_cores,
     tensor_shapes,
     verified_input,
 )
 
 TARGETS = ("max_bond", "rel_tol", "param_ratio")
-_ERROR_BLOCK = 1 << 22  # matrix entries contracted at a time when measuring the error
 
 
 class TruncateOptions(StageOptions):
@@ -238,10 +234,10 @@ def truncate(
 def _write_truncated(
     source: Path,
     writer: ShardedWriter,
-    records: dict[str, ModuleRecord],
+    records: dict[str, MPORecord],
     plan: dict[str, TruncatedModule],
     progress: ProgressCallback | None,
-) -> dict[str, ModuleRecord]:
+) -> dict[str, MPORecord]:
     """Stream `source`'s tensors to `writer`, truncating the changed modules' cores at their
     first core; return every module's record (new ones for the changed modules)."""
     new_records = dict(records)
@@ -262,7 +258,7 @@ def _write_truncated(
     return new_records
 
 
-def _mpo_records(inp: StageInput) -> dict[str, ModuleRecord]:
+def _mpo_records(inp: StageInput) -> dict[str, MPORecord]:
     """The artifact's MPO modules; refuse an input without any."""
     if inp.manifest is None:
         raise UsageError(
@@ -278,14 +274,14 @@ def _mpo_records(inp: StageInput) -> dict[str, ModuleRecord]:
     return records
 
 
-def _problem(rec: ModuleRecord, reader: TensorReader) -> BondProblem:
+def _problem(rec: MPORecord, reader: TensorReader) -> BondProblem:
     """The allocation problem of one module: its cores' canonical spectra, sites and bonds."""
-    cores = read_cores(rec, reader)
+    cores = record_cores(rec, reader)
     return BondProblem.from_cores(cores, bond_spectra(cores))
 
 
 def _plan(
-    records: dict[str, ModuleRecord], problems: dict[str, BondProblem], opts: TruncateOptions
+    records: dict[str, MPORecord], problems: dict[str, BondProblem], opts: TruncateOptions
 ) -> dict[str, TruncatedModule]:
     """New bonds per module: pattern overrides first, then the target over the rest."""
     names = list(records)
@@ -403,19 +399,19 @@ def _param_ratio_plan(
 
 
 def _truncate_one(
-    rec: ModuleRecord, module: TruncatedModule, reader: TensorReader
-) -> tuple[ModuleRecord, list[torch.Tensor]]:
+    rec: MPORecord, module: TruncatedModule, reader: TensorReader
+) -> tuple[MPORecord, list[torch.Tensor]]:
     """Cut one module's cores to the planned bonds; fill `module` with what was measured."""
-    cores = read_cores(rec, reader)
+    cores = record_cores(rec, reader)
     cut = truncate_cores(cores, max_bond=list(module.bonds[1:-1]))
     new = [core.contiguous() for core in cut.cores]
-    shape = MPOShape(rec.out_dim, rec.in_dim, tuple(rec.out_modes), tuple(rec.in_modes))
+    shape = rec.mpo_shape
     module.bonds = tuple(cut.bonds)
     module.params = num_params(new)
     module.predicted_error = cut.predicted_error
     module.rel_error = measured_error(cores, new, shape)
     module.entropy = _kept_entropy(cut.spectra, cut.bonds)
-    record = ModuleRecord.model_validate(
+    record = MPORecord.model_validate(
         {
             **rec.model_dump(),
             "bonds": list(module.bonds),
@@ -427,22 +423,3 @@ def _truncate_one(
         }
     )
     return record, new
-
-
-@torch.no_grad()
-def measured_error(before: list[torch.Tensor], after: list[torch.Tensor], shape: MPOShape) -> float:
-    """||W_before - W_after||_F / ||W_before||_F in float64. A matrix of more than about 4M
-    entries is contracted a block of rows at a time, so memory stays bounded for embeddings."""
-    a, b = [c.double() for c in before], [c.double() for c in after]
-    if shape.out_dim * shape.in_dim <= _ERROR_BLOCK:
-        return relative_error(to_matrix(a, shape), to_matrix(b, shape))
-    block = max(1, _ERROR_BLOCK // shape.in_dim)
-    diff2 = norm2 = 0.0
-    for start in range(0, shape.out_dim, block):
-        rows = torch.arange(start, min(start + block, shape.out_dim))
-        ra, rb = mpo_rows(rows, a, shape), mpo_rows(rows, b, shape)
-        diff2 += float((ra - rb).square().sum())
-        norm2 += float(ra.square().sum())
-    if norm2 == 0.0:
-        return 0.0 if diff2 == 0.0 else math.inf
-    return math.sqrt(diff2 / norm2)

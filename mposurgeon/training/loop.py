@@ -42,24 +42,17 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from pydantic import BaseModel, Field
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 from transformers import get_linear_schedule_with_warmup
 
 from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
 from mposurgeon.errors import ArtifactError, UsageError, VerificationError
+from mposurgeon.methods.base import Method
 from mposurgeon.models.layers import reuse_dense_weights
-from mposurgeon.training.params import (
-    Mode,
-    install_cores,
-    mpo_structure,
-    parameter_groups,
-    set_trainable,
-    unique_state_dict,
-)
-
-#: progress(description, done, total), as stages report it.
-Progress = Callable[[str, int, int], None]
+from mposurgeon.progress import ProgressCallback
+from mposurgeon.training.params import unique_state_dict
 
 CHECKPOINT = "checkpoint"
 _CHECKPOINT_TMP = ".checkpoint-tmp"
@@ -104,23 +97,25 @@ def reading_checkpoint(file: Path) -> Iterator[None]:
         raise DamagedCheckpoint(file, damage_detail(exc)) from exc
 
 
-@dataclass
-class LoopConfig:
-    """The loop's knobs (TrainOptions, one to one). Learning rates are per step."""
+#: The largest seed: `numpy.random.seed` (which accelerate's `set_seed` calls) takes 0..2**32-1.
+MAX_SEED = 2**32 - 1
 
-    mode: Mode
-    epochs: int = 3
-    max_steps: int | None = None
-    lr: float = 2e-5
-    mpo_lr: float | None = None
-    batch_size: int = 16
-    grad_accum: int = 1
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    seed: int = 0
-    eval_every: int | None = None
-    save_every: int | None = None
+
+class LoopConfig(BaseModel):
+    """The loop's knobs; `TrainOptions` extends them (so the loop takes the options as they
+    are). Steps are optimizer steps; every float is finite (an infinite decay would train NaN
+    weights). Learning rates come from the method's config."""
+
+    epochs: int = Field(3, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after N steps (overrides epochs)")
+    batch_size: int = Field(16, ge=1, description="rows per batch and process")
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    weight_decay: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False)
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="NumPy takes seeds below 2**32")
+    eval_every: int | None = Field(None, ge=1)
+    save_every: int | None = Field(None, ge=1)
 
 
 @dataclass
@@ -219,9 +214,10 @@ class TrainingRun:
         eval_rows: Sequence[dict[str, Any]] | None,
         collator: Callable[[list[dict[str, Any]]], dict[str, Tensor]],
         config: LoopConfig,
+        method: Method,
         *,
         hook: EpochHook | None = None,
-        progress: Progress | None = None,
+        progress: ProgressCallback | None = None,
         checkpoint_dir: Path | None = None,
     ) -> None:
         self.accelerator = accelerator
@@ -231,6 +227,7 @@ class TrainingRun:
         self.eval_rows = list(eval_rows) if eval_rows else None
         self.collator = collator
         self.config = config
+        self.method = method
         self.hook = hook
         self.progress = progress
         self.checkpoint_dir = checkpoint_dir
@@ -264,10 +261,8 @@ class TrainingRun:
         if old_optimizer is not None:
             self.model = acc.unwrap_model(self.model)
             acc.free_memory()
-        set_trainable(self.unwrapped, cfg.mode)
-        groups = parameter_groups(
-            self.unwrapped, lr=cfg.lr, mpo_lr=cfg.mpo_lr, weight_decay=cfg.weight_decay
-        )
+        self.method.set_trainable(self.unwrapped)
+        groups = self.method.parameter_groups(self.unwrapped, weight_decay=cfg.weight_decay)
         optimizer = torch.optim.AdamW(groups)
         if old_optimizer is not None:
             old_state = old_optimizer.optimizer.state
@@ -450,7 +445,7 @@ class TrainingRun:
                 "state": asdict(self.state),
                 "num_processes": acc.num_processes,
                 "total_steps": self.total_steps,
-                "structure": mpo_structure(self.unwrapped),
+                "structure": self.method.live_structure(self.unwrapped),
                 "hook": self.hook.state_dict() if self.hook is not None else None,
             }
             (tmp / "state.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
@@ -494,7 +489,7 @@ class TrainingRun:
             with open_tensors(directory / _WEIGHTS) as reader:
                 tensors = {key: reader.get(key) for key in reader.keys()}
         with reading_checkpoint(state_file):
-            install_cores(self.unwrapped, structure, tensors)
+            self.method.restore_structure(self.unwrapped, structure, tensors)
         with reading_checkpoint(directory / _WEIGHTS):
             result = self.unwrapped.load_state_dict(tensors, strict=False)
         _, aliases = unique_state_dict(self.unwrapped)

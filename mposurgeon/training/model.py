@@ -15,9 +15,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+from mposurgeon.artifact.load import load_model
 from mposurgeon.artifact.store import VOCABULARY_FILES
 from mposurgeon.errors import UsageError
-from mposurgeon.stages.load import load_model, quiet_transformers
+from mposurgeon.models.auto import quiet_transformers
 
 
 @dataclass

@@ -1,0 +1,163 @@
+"""What a method implements: how it trains a live model, and how the module state it owns is
+stored, merged and loaded.
+
+A `Method` is built from its config (`methods/config.py`) by `registry.get_method`. Training
+calls, in order: `check_source` (refuse an input the method cannot train, before any work),
+`prepare` (install the method's layers into the live model), then, each time the optimizer is
+built, `set_trainable` and `parameter_groups`, and at the end `trained_records`. The artifact
+side works on the records whose `method` is this method's name (the record class names the
+tensors it owns: `ModuleRecord.tensor_shapes`): `to_dense` (for `merge`) and `install` (for
+`load_model`).
+
+Methods know models and math, never files, stages or the terminal: tensors come in as
+mappings of name to tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from mposurgeon.errors import UsageError
+from mposurgeon.methods.config import MethodConfig
+from mposurgeon.methods.records import ModuleRecord
+from mposurgeon.models.layers import ForwardMode
+
+_NORM = re.compile(r"(?:Layer|RMS|Group)Norm")
+
+
+@dataclass(frozen=True)
+class TrainingSource:
+    """What a method may check about the model it is asked to train: its path (for messages),
+    the input's module records (file names), the matrices a `select` stage chose, and whether
+    matrices will be chosen during training (dynamic selection)."""
+
+    path: str
+    records: Mapping[str, ModuleRecord] = field(default_factory=dict)
+    chosen: Sequence[str] = ()
+    dynamic: bool = False
+
+
+class Method:
+    """The implementation of one method (see the module doc for the order of the calls)."""
+
+    config_class: ClassVar[type[MethodConfig]]
+
+    def __init__(self, config: MethodConfig | None = None) -> None:
+        self.config = config if config is not None else self.config_class()
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    # -- training ----------------------------------------------------------------------------
+
+    def check_source(self, source: TrainingSource) -> None:
+        """Raise a `UsageError` when this method cannot train `source`."""
+        if not self.config.trains:
+            raise UsageError(f"{self.name} is not a training method")
+
+    def prepare(
+        self, model: nn.Module, records: dict[str, ModuleRecord], chosen: Sequence[str]
+    ) -> dict[str, ModuleRecord]:
+        """Install the method's layers into `model` (live names); return the records of the
+        modules it transformed. `records` are the input's records under live names, `chosen`
+        a `select` stage's matrices (live names)."""
+        return {}
+
+    def set_trainable(self, model: nn.Module) -> None:
+        """Set `requires_grad` of every parameter of `model`."""
+        raise NotImplementedError
+
+    def parameter_groups(self, model: nn.Module, *, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups of the trainable parameters, each with `name`, `params`, `lr` and
+        `weight_decay`; the same names in the same order every time (the loop rebuilds the
+        optimizer when parameters are added, and the schedule carries over by position)."""
+        decay, no_decay = split_decay(model)
+        lr = self.config.lr
+        return [
+            {"name": "decay", "params": decay, "lr": lr, "weight_decay": weight_decay},
+            {"name": "no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0},
+        ]
+
+    def live_structure(self, model: nn.Module) -> dict[str, Any]:
+        """JSON data that `restore_structure` needs to rebuild the method's layers that
+        training added to a freshly prepared model (checkpoints of a run)."""
+        return {}
+
+    def restore_structure(
+        self, model: nn.Module, structure: Mapping[str, Any], tensors: Mapping[str, Tensor]
+    ) -> None:
+        """Rebuild the layers `live_structure` described, before the weights are loaded."""
+
+    def trained_records(
+        self, model: nn.Module, records: dict[str, ModuleRecord]
+    ) -> dict[str, ModuleRecord]:
+        """The records of the trained model's transformed modules (live names)."""
+        return dict(records)
+
+    # -- the module state it owns ------------------------------------------------------------
+
+    def to_dense(self, record: ModuleRecord, tensors: Mapping[str, Tensor]) -> Tensor:
+        """The dense weight of `record`'s module, oriented as the original checkpoint stored
+        it, from its tensors, in float32 or float64 (merge casts it to `record.dtype`);
+        refuse with a `UsageError` if the state has no dense form."""
+        raise UsageError(
+            f"{record.name}: the {self.name} method has no dense form to merge into",
+            hint="use `mposurgeon load_model` on the artifact instead of merging it",
+        )
+
+    def install(
+        self,
+        model: nn.Module,
+        records: Sequence[ModuleRecord],
+        tensors: Mapping[str, Tensor],
+        forward_mode: ForwardMode = "auto",
+    ) -> None:
+        """Put the method's layers for `records` (file names) into a freshly loaded `model`."""
+        if records:
+            raise NotImplementedError(f"{self.name} cannot load modules")
+
+
+# -- helpers every method uses -----------------------------------------------------------------
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm, RMSNorm and their per-architecture variants (T5LayerNorm, LlamaRMSNorm...)."""
+    return isinstance(module, nn.LayerNorm | nn.GroupNorm) or bool(
+        _NORM.search(type(module).__name__)
+    )
+
+
+def head_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the task head's parameters: those outside `model.base_model`."""
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return set()
+    inside = {id(p) for p in base.parameters()}
+    return {n for n, p in model.named_parameters() if id(p) not in inside}
+
+
+def split_decay(
+    model: nn.Module, exclude: set[int] | None = None
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The trainable parameters not in `exclude` (ids): (weights, biases and norm weights),
+    the second without weight decay."""
+    exclude = exclude or set()
+    no_decay_ids = {
+        id(p) for m in model.modules() if is_norm(m) for p in m.parameters(recurse=False)
+    }
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in exclude:
+            continue
+        if id(p) in no_decay_ids or name.endswith(".bias"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return decay, no_decay

@@ -1,0 +1,47 @@
+"""The config every method declares: its name, one line for `--help`, the records it owns,
+where its implementation lives, and its options with documented defaults.
+
+Plain pydantic, no torch: the CLI lists the methods and their defaults without importing
+torch. The implementation (a `Method` subclass, see `methods/base.py`) is imported on use.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mposurgeon.methods.records import ModuleRecord
+
+
+class MethodConfig(BaseModel):
+    """Options of one method, each with its default. Subclasses set the class variables, give
+    `lr` the default measured for them (benchmarks/RESULTS.md) and add their own options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The name users pass to `train --method`, and records carry in `method`.
+    name: ClassVar[str]
+    #: One line for `train --help` and the README.
+    summary: ClassVar[str]
+    #: `module:Class` of the method's `Method` subclass, imported when it is used.
+    implementation: ClassVar[str]
+    #: Whether `train --method` selects it (`mpo` only owns the cores decompose writes).
+    trains: ClassVar[bool] = True
+    #: Whether OPF's dynamic selection (`train --dynamic`, or a `select` artifact of several
+    #: rounds) decomposes more matrices for it during training.
+    selects_dynamically: ClassVar[bool] = False
+    #: The class of the module records this method owns (None: it writes none of its own).
+    record: ClassVar[type[ModuleRecord] | None] = None
+
+    lr: float = Field(2e-5, gt=0, allow_inf_nan=False, description="peak learning rate")
+
+    @classmethod
+    def default(cls, option: str) -> Any:
+        """The default of `option` (e.g. "lr")."""
+        return cls.model_fields[option].default
+
+    @classmethod
+    def options(cls) -> list[str]:
+        """The names of the method's options."""
+        return list(cls.model_fields)

@@ -1,0 +1,1 @@
+"""The `full` method: config.py (options, torch-free), method.py (implementation)."""

@@ -1,0 +1,1 @@
+"""The `lightweight` method: config.py (options, torch-free), method.py (implementation)."""

@@ -1,0 +1,98 @@
+"""The record of a module held as MPO cores (`M.mpo.core.0 ... M.mpo.core.{n-1}`).
+
+Written by decompose, truncate and every method that trains MPO cores (full, lightweight,
+overparam). Modes multiply to the padded dimensions (`prod(out_modes) == out_dim +
+out_padding`); core k has shape (bonds[k], out_modes[k], in_modes[k], bonds[k + 1]).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Literal
+
+from pydantic import NonNegativeInt, PositiveInt, model_validator
+
+from mposurgeon.methods.records import ModuleRecord, raise_problems
+from mposurgeon.mpo.shapes import MPOShape
+
+#: The tensor names of MPO cores: `<module>.mpo.core.<index>`.
+CORE_KEY = re.compile(r"(?P<module>.+)\.mpo\.core\.(?P<index>\d+)")
+
+
+def core_key(module: str, index: int) -> str:
+    """The tensor name of core `index` of the MPO of module `module`."""
+    return f"{module}.mpo.core.{index}"
+
+
+class MPORecord(ModuleRecord):
+    """One weight matrix held as MPO cores, with the structure and errors of its MPO."""
+
+    method: Literal["mpo"] = "mpo"
+    out_dim: PositiveInt
+    in_dim: PositiveInt
+    out_modes: list[PositiveInt]
+    in_modes: list[PositiveInt]
+    out_padding: NonNegativeInt
+    in_padding: NonNegativeInt
+    bonds: list[PositiveInt]
+    central_index: int
+    trainable: list[int] = []
+    rel_error: float | None = None
+    predicted_error: float | None = None
+    entropy: list[float] = []
+
+    @property
+    def num_cores(self) -> int:
+        return len(self.out_modes)
+
+    @property
+    def mpo_shape(self) -> MPOShape:
+        """The matrix dims and modes of this module's MPO."""
+        return MPOShape(self.out_dim, self.in_dim, tuple(self.out_modes), tuple(self.in_modes))
+
+    def core_keys(self) -> list[str]:
+        """The tensor names of this module's cores, in order."""
+        return [core_key(self.name, k) for k in range(self.num_cores)]
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each core's tensor name and the shape its bonds and modes give."""
+        b = self.bonds
+        return {
+            core_key(self.name, k): (b[k], self.out_modes[k], self.in_modes[k], b[k + 1])
+            for k in range(self.num_cores)
+        }
+
+    @classmethod
+    def tensor_owner(cls, key: str) -> str | None:
+        match = CORE_KEY.fullmatch(key)
+        return match["module"] if match else None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MPORecord:
+        n = len(self.out_modes)
+        problems: list[tuple[str, str]] = []
+        if len(self.in_modes) != n or n == 0:
+            problems.append(
+                (
+                    "in_modes",
+                    f"out_modes {self.out_modes} and in_modes {self.in_modes} differ in length",
+                )
+            )
+        if len(self.bonds) != n + 1:
+            problems.append(("bonds", f"{self.bonds} should have {n + 1} entries"))
+        elif self.bonds[0] != 1 or self.bonds[-1] != 1:
+            problems.append(("bonds", f"{self.bonds} should start and end with 1"))
+        if not 0 <= self.central_index < max(n, 1):
+            problems.append(("central_index", f"{self.central_index} is not a core index"))
+        if any(not 0 <= i < n for i in self.trainable):
+            problems.append(("trainable", f"{self.trainable} names cores outside 0..{n - 1}"))
+        if self.out_modes and math.prod(self.out_modes) != self.out_dim + self.out_padding:
+            problems.append(
+                ("out_modes", f"{self.out_modes} do not multiply to out_dim + out_padding")
+            )
+        if self.in_modes and math.prod(self.in_modes) != self.in_dim + self.in_padding:
+            problems.append(("in_modes", f"{self.in_modes} do not multiply to in_dim + in_padding"))
+        problems += self.check_weight(self.out_dim, self.in_dim)
+        raise_problems(problems)
+        return self

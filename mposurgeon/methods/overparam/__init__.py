@@ -1,0 +1,1 @@
+"""The `overparam` method: config.py (options, torch-free), method.py (implementation)."""

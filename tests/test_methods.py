@@ -1,0 +1,190 @@
+"""The method layer: the registry, `train --method`, and a new method plugged in by
+registering it (no stage, manifest or CLI code names a method)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+from pydantic import Field
+from torch import nn
+
+import mposurgeon
+from mposurgeon.artifact.manifest import read_manifest
+from mposurgeon.methods import registry
+from mposurgeon.methods.base import Method, head_parameter_names
+from mposurgeon.methods.config import MethodConfig
+from mposurgeon.methods.mpo.record import MPORecord
+from mposurgeon.methods.registry import (
+    get_method,
+    method_config,
+    method_names,
+    methods_help,
+    record_class,
+)
+from tests.cli_runner import assert_one_line_error, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "data" / "sentiment-train.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tiny_mpo(
+    tiny_classifier_dir: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    out = tmp_path_factory.mktemp("methods") / "dec"
+    mposurgeon.decompose(tiny_classifier_dir("bert"), output=out, layers=["FFN_1", "attention"])
+    return out
+
+
+# -- the registry ----------------------------------------------------------------------------
+
+
+def test_registry_holds_the_three_training_methods_and_the_mpo_state() -> None:
+    assert method_names(training=True) == ["full", "lightweight", "overparam"]
+    assert method_names() == ["full", "lightweight", "overparam", "mpo"]
+    for name in method_names():
+        config = method_config(name)
+        method = get_method(name)
+        assert isinstance(method, Method) and method.name == name
+        assert method.config_class is config and isinstance(method.config, config)
+        assert config.summary and "\n" not in config.summary
+    assert record_class("mpo") is MPORecord
+    assert record_class("lightweight") is None and record_class("nope") is None
+
+
+def test_each_method_declares_its_measured_learning_rate() -> None:
+    """The defaults of benchmarks/RESULTS.md (man-sections sweep): a config field default."""
+    lrs = {name: method_config(name).default("lr") for name in method_names(training=True)}
+    assert lrs == {"full": 5e-5, "lightweight": 3e-4, "overparam": 1e-4}
+    assert get_method("lightweight").config.lr == 3e-4
+
+
+def test_unknown_and_state_only_methods_are_refused_by_name() -> None:
+    with pytest.raises(mposurgeon.errors.UsageError, match="'lora' is not a known method"):
+        method_config("lora")
+    with pytest.raises(mposurgeon.errors.UsageError, match="'mpo' is not a training method"):
+        method_config("mpo", training=True)
+
+
+def test_registry_and_configs_import_without_torch() -> None:
+    """`mposurgeon --help` lists the methods: configs and registry must not import torch."""
+    code = (
+        "import sys\n"
+        "import mposurgeon.methods.registry as r\n"
+        "r.methods_help(); r.record_class('mpo')\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "NO-TORCH", out.stderr
+
+
+# -- train --method --------------------------------------------------------------------------
+
+
+def test_train_help_lists_every_training_method_on_its_own_line(capsys) -> None:
+    result = run_cli(capsys, "train", "--help")
+    assert result.code == 0
+    text = " ".join(result.out.split())
+    for line in methods_help():
+        assert " ".join(line.split()) in text, line
+    assert "--method" in text and "--mode" in text
+
+
+@pytest.mark.parametrize(
+    ("flags", "needles"),
+    [
+        (("--method", "lora"), ("unknown method 'lora'", "full, lightweight, overparam")),
+        (("--method", "mpo"), ("unknown method 'mpo'", "full, lightweight, overparam")),
+        (("--mode", "lightweight", "--method", "full"), ("disagree",)),
+        (("--method", "lightweight", "--num-cores", "4"), ("--num-cores is not an option",)),
+        ((), ("method",)),
+    ],
+)
+def test_bad_method_flags_are_one_line_usage_errors(
+    tiny_mpo: Path, tmp_path: Path, capsys, flags: tuple[str, ...], needles: tuple[str, ...]
+) -> None:
+    out = tmp_path / "out"
+    result = run_cli(capsys, "train", tiny_mpo, "-o", out, "--data", TRAIN, *flags)
+    assert_one_line_error(result, 2, *needles)
+    assert not out.exists()
+
+
+def test_mode_is_the_older_name_of_method(tiny_mpo: Path, tmp_path: Path) -> None:
+    """Same input, seed and steps: --mode and --method train the very same weights, and the
+    manifest records the method either way."""
+    common = dict(data=TRAIN, max_steps=2, batch_size=8)
+    a = mposurgeon.train(tiny_mpo, output=tmp_path / "a", mode="lightweight", **common)
+    b = mposurgeon.train(tiny_mpo, output=tmp_path / "b", method="lightweight", **common)
+    assert a.metrics["method"] == b.metrics["method"] == "lightweight"
+    assert a.metrics["final_loss"] == b.metrics["final_loss"]
+    for out in (a.output, b.output):
+        options = read_manifest(out).options
+        assert options["method"] == "lightweight" and "mode" not in options
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a.output / "model.safetensors"), load_file(b.output / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# -- a new method, added by writing it and registering it --------------------------------------
+
+
+class BiasOnlyConfig(MethodConfig):
+    """A BitFit-like method written for this test: biases and the head train."""
+
+    name: ClassVar[str] = "bias-only"
+    summary: ClassVar[str] = "biases and the task head train (a test method)"
+    implementation: ClassVar[str] = f"{__name__}:BiasOnlyMethod"
+
+    lr: float = Field(1e-2, gt=0)
+
+
+class BiasOnlyMethod(Method):
+    config_class: ClassVar[type[BiasOnlyConfig]] = BiasOnlyConfig
+
+    def set_trainable(self, model: nn.Module) -> None:
+        head = head_parameter_names(model)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith(".bias") or name in head)
+
+
+@pytest.fixture
+def bias_only_registered(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(registry, "REGISTERED", (*registry.REGISTERED, BiasOnlyConfig))
+    monkeypatch.setattr(registry, "_BY_NAME", {**registry._BY_NAME, "bias-only": BiasOnlyConfig})
+    yield
+
+
+@pytest.mark.usefixtures("bias_only_registered")
+def test_a_registered_method_trains_and_merges_without_stage_changes(
+    tiny_classifier_dir: Callable[[str], Path], tmp_path: Path, capsys
+) -> None:
+    base = tiny_classifier_dir("bert")
+    out = tmp_path / "tuned"
+    result = run_cli(
+        capsys, "train", base, "-o", out, "--method", "bias-only", "--data", TRAIN,
+        "--max-steps", "3", "--batch-size", "8", "--json",
+    )  # fmt: skip
+    assert result.code == 0, result
+    metrics = json.loads(result.out)["metrics"]
+    assert metrics["method"] == "bias-only" and metrics["lr"] == 1e-2
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    from transformers import AutoModelForSequenceClassification
+
+    before = dict(AutoModelForSequenceClassification.from_pretrained(base).named_parameters())
+    after = mposurgeon.load_model(out)
+    head = head_parameter_names(after)
+    changed = {n for n, p in after.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.endswith(".bias") for n in changed - head)
+    assert all(n.endswith(".bias") for n in changed - head), changed - head
+    merged = mposurgeon.merge(out, output=tmp_path / "merged", verify=True)
+    assert merged.comparison is not None and merged.comparison.ok
