@@ -1,4 +1,4 @@
-"""Learning-rate sweep per training mode on a hard real-text task: what the defaults should be.
+"""Learning-rate sweep per training method on a hard real-text task: what the defaults should be.
 
 MiniLM (FFN_1, FFN_2 and attention as lossless MPO for `lightweight` and `overparam`) fine-tuned
 on `man-sections` (5 classes of Debian manual pages, 1,024 training and 341 evaluation rows,
@@ -29,9 +29,9 @@ from benchmarks.common import minilm_dir
 HERE = Path(__file__).resolve().parent
 #: mode -> learning rates tried; the baseline is `full` at its default (training/defaults.py).
 GRID: dict[str, tuple[float, ...]] = {
-    "full": (2e-5, 5e-5, 1e-4),
-    "lightweight": (2e-5, 3e-4, 1e-3, 3e-3),
-    "overparam": (2e-5, 1e-4, 5e-4),
+    "full": (2e-5, 5e-5, 1e-4, 2e-4),
+    "lightweight": (2e-5, 3e-4, 5e-4, 1e-3, 3e-3),
+    "overparam": (2e-5, 1e-4, 2e-4, 5e-4),
 }
 EPOCHS, SEED, BATCH = 3, 0, 16
 LOG = HERE / "out" / "defaults-sweep.jsonl"
@@ -80,7 +80,7 @@ def sweep() -> list[dict[str, Any]]:
                     output=root / f"{mode}-{lr:g}",
                     data=data / "man-sections-train.jsonl",
                     eval_data=data / "man-sections-eval.jsonl",
-                    mode=mode,
+                    method=mode,
                     lr=lr,
                     epochs=EPOCHS,
                     batch_size=BATCH,
@@ -105,10 +105,10 @@ def sweep() -> list[dict[str, Any]]:
 
 def run() -> list[dict[str, Any]]:
     """Benchmark rows: each (mode, lr) accuracy against dense `full` at its default rate."""
-    from mposurgeon.training.defaults import DEFAULT_LR
+    from mposurgeon.methods.registry import method_config
 
     runs = sweep()
-    baseline_lr = DEFAULT_LR["full"]
+    baseline_lr = method_config("full").default("lr")
     base = next(r for r in runs if r["mode"] == "full" and r["lr"] == baseline_lr)
     rows = []
     for r in sorted(runs, key=lambda r: (list(GRID).index(r["mode"]), r["lr"])):

@@ -77,7 +77,7 @@ def build(mode: str, artifact: Path) -> tuple[torch.nn.Module, torch.optim.Optim
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from mposurgeon.artifact.load import load_model
-    from mposurgeon.training.params import parameter_groups, set_trainable
+    from mposurgeon.methods.registry import get_method
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -87,8 +87,9 @@ def build(mode: str, artifact: Path) -> tuple[torch.nn.Module, torch.optim.Optim
         config = AutoConfig.from_pretrained(artifact, num_labels=2)
         model = load_model(artifact, "sequence-classification", config=config)
     model = model.to(device).train()
-    set_trainable(model, mode)  # type: ignore[arg-type]
-    optimizer = torch.optim.AdamW(parameter_groups(model, lr=1e-5, mpo_lr=None, weight_decay=0))
+    method = get_method(mode)
+    method.set_trainable(model)
+    optimizer = torch.optim.AdamW(method.parameter_groups(model, weight_decay=0))
     return model, optimizer, make_batch(SEQ, device)
 
 

@@ -280,6 +280,19 @@ def tiny_classifier_dir(
     return get
 
 
+@pytest.fixture(scope="session")
+def tiny_mpo(
+    tiny_classifier_dir: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The tiny BERT classifier with its FFN_1 and attention matrices as lossless MPO (a
+    decompose artifact with tokenizer files), built once per session."""
+    import mposurgeon
+
+    out = tmp_path_factory.mktemp("tiny-mpo-classifier") / "dec"
+    mposurgeon.decompose(tiny_classifier_dir("bert"), output=out, layers=["FFN_1", "attention"])
+    return out
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """Tiny models train far faster on one thread (and the suite runs on 2 shared cores):

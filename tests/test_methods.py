@@ -36,15 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "data" / "sentiment-train.jsonl"
 
 
-@pytest.fixture(scope="module")
-def tiny_mpo(
-    tiny_classifier_dir: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    out = tmp_path_factory.mktemp("methods") / "dec"
-    mposurgeon.decompose(tiny_classifier_dir("bert"), output=out, layers=["FFN_1", "attention"])
-    return out
-
-
 # -- the registry ----------------------------------------------------------------------------
 
 
@@ -110,7 +101,11 @@ def test_train_help_lists_every_training_method_on_its_own_line(capsys) -> None:
     ],
 )
 def test_bad_method_flags_are_one_line_usage_errors(
-    tiny_mpo: Path, tmp_path: Path, capsys, flags: tuple[str, ...], needles: tuple[str, ...]
+    tiny_mpo: Path,
+    tmp_path: Path,
+    capsys,
+    flags: tuple[str, ...],
+    needles: tuple[str, ...],
 ) -> None:
     out = tmp_path / "out"
     result = run_cli(capsys, "train", tiny_mpo, "-o", out, "--data", TRAIN, *flags)

@@ -20,17 +20,6 @@ TRAIN = REPO / "data" / "sentiment-train.jsonl"
 EVAL = REPO / "data" / "sentiment-eval.jsonl"
 
 
-@pytest.fixture(scope="module")
-def tiny_mpo(
-    tiny_classifier_dir: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    import mposurgeon
-
-    out = tmp_path_factory.mktemp("cli") / "dec"
-    mposurgeon.decompose(tiny_classifier_dir("bert"), output=out, layers=["FFN_1", "attention"])
-    return out
-
-
 # -- bad inputs: one line, exit code, nothing written ----------------------------------------
 
 

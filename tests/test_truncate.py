@@ -117,16 +117,16 @@ def test_merge_of_a_truncated_artifact_gives_its_matrices(minilm_half: Path) -> 
 
 
 @pytest.fixture(scope="module")
-def tiny_mpo(tiny_model_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_dec(tiny_model_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("truncate-tiny") / "art"
     mposurgeon.decompose(tiny_model_dir("bert"), output=out, num_cores=3)
     return out
 
 
 @pytest.fixture
-def tiny_art(tiny_mpo: Path, tmp_path: Path) -> Path:
+def tiny_art(tiny_dec: Path, tmp_path: Path) -> Path:
     """A private copy of the decomposed tiny BERT (tests may tamper with it)."""
-    return Path(shutil.copytree(tiny_mpo, tmp_path / "art"))
+    return Path(shutil.copytree(tiny_dec, tmp_path / "art"))
 
 
 def test_single_cut_bond_measured_error_equals_predicted(tiny_art: Path, tmp_path, capsys):

@@ -99,7 +99,7 @@ def select_command(
     )
     with progress_bar(flags.no_progress) as progress:
         result = select(model, options, progress=progress)
-    sel = result.selection
+    sel = result.selection.model_dump(mode="json")
     if flags.json_out:
         print_json(
             {

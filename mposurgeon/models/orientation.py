@@ -8,7 +8,7 @@ Everything that factorizes, merges or scores a matrix works on W, (out_dim, in_d
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 #: The kinds of layers whose weight can be factorized.
 Kind = Literal["linear", "conv1d", "embedding"]
 KINDS: tuple[Kind, ...] = ("linear", "conv1d", "embedding")
+
+_Dim = TypeVar("_Dim")
 
 
 def as_matrix(weight: Tensor, kind: Kind) -> Tensor:
@@ -28,8 +30,9 @@ def as_weight(matrix: Tensor, kind: Kind) -> Tensor:
     return matrix.t() if kind == "conv1d" else matrix
 
 
-def stored_shape(out_dim: int, in_dim: int, kind: Kind) -> tuple[int, int]:
-    """The shape `kind` stores an (out_dim, in_dim) matrix in."""
+def stored_shape(out_dim: _Dim, in_dim: _Dim, kind: Kind) -> tuple[_Dim, _Dim]:
+    """The shape `kind` stores an (out_dim, in_dim) matrix in (sizes, or the names of the axes:
+    `stored_shape("out_dim", "in_dim", kind)`)."""
     return (in_dim, out_dim) if kind == "conv1d" else (out_dim, in_dim)
 
 

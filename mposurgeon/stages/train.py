@@ -327,29 +327,7 @@ def _train_with(
         hook = _dynamic_hook(net, inp, opts, records, train_rows, collator, run.num_epochs)
         run.hook = hook
         warnings += hook.schedule_warnings(run.num_epochs)
-    resumed_from = None
-    try:
-        if opts.resume:
-            with start_over_hint(partial):
-                run.restore(partial / CHECKPOINT)
-            resumed_from = run.state.step
-        elif opts.save_every and accelerator.is_main_process:
-            start_partial(partial, _run_record(inp, opts))
-        accelerator.wait_for_everyone()
-        state = run.run()
-    except BaseException as exc:
-        kept = (partial / CHECKPOINT).is_dir()
-        diverged = isinstance(exc, TrainingDiverged)
-        if diverged and not opts.resume:
-            kept = False  # its checkpoints would diverge again: resume takes the same steps
-        if accelerator.is_main_process and not kept:
-            shutil.rmtree(partial, ignore_errors=True)  # nothing to resume from: leave nothing
-        if kept and isinstance(exc, KeyboardInterrupt):
-            raise TrainingInterrupted(partial, run.state.step, run.checkpoint_step) from exc
-        if diverged:
-            where = f" (the checkpoint resumed from is kept in {partial})" if kept else ""
-            raise TrainingDiverged(f"{exc}; nothing was written{where}", exc.hint) from None
-        raise
+    state, resumed_from = _run_with_checkpoints(accelerator, run, inp, opts, partial)
     if hook is not None:
         records.update(hook.records())
     metrics = _metrics(opts, run, state, net, records, accelerator.num_processes, resumed_from)
@@ -366,6 +344,38 @@ def _train_with(
         is_main_process=accelerator.is_main_process,
         resumed_from_step=resumed_from,
     )
+
+
+def _run_with_checkpoints(
+    accelerator: Accelerator, run: TrainingRun, inp: StageInput, opts: TrainOptions, partial: Path
+) -> tuple[LoopState, int | None]:
+    """Run the loop, from the checkpoint in `partial` with `--resume`; return the final state
+    and the step resumed from. On failure, `partial` is kept only if it holds a checkpoint to
+    resume from (not after a divergence of a fresh run: resuming would diverge again), and an
+    interruption says where it is."""
+    resumed_from = None
+    try:
+        if opts.resume:
+            with start_over_hint(partial):
+                run.restore(partial / CHECKPOINT)
+            resumed_from = run.state.step
+        elif opts.save_every and accelerator.is_main_process:
+            start_partial(partial, _run_record(inp, opts))
+        accelerator.wait_for_everyone()
+        return run.run(), resumed_from
+    except BaseException as exc:
+        kept = (partial / CHECKPOINT).is_dir()
+        diverged = isinstance(exc, TrainingDiverged)
+        if diverged and not opts.resume:
+            kept = False  # its checkpoints would diverge again: resume takes the same steps
+        if accelerator.is_main_process and not kept:
+            shutil.rmtree(partial, ignore_errors=True)  # nothing to resume from: leave nothing
+        if kept and isinstance(exc, KeyboardInterrupt):
+            raise TrainingInterrupted(partial, run.state.step, run.checkpoint_step) from exc
+        if diverged:
+            where = f" (the checkpoint resumed from is kept in {partial})" if kept else ""
+            raise TrainingDiverged(f"{exc}; nothing was written{where}", exc.hint) from None
+        raise
 
 
 # -- checks ----------------------------------------------------------------------------------
