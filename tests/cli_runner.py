@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from mposurgeon.cli.app import main
+from mposurgeon.progress import ProgressCallback
 
 
 @dataclass
@@ -36,3 +37,13 @@ def assert_one_line_error(result: CliResult, code: int, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+def stop_at_step(step: int) -> ProgressCallback:
+    """A progress callback that interrupts training (Ctrl-C) when it reports step `step`."""
+
+    def progress(description: str, done: int, total: int) -> None:
+        if description.startswith("train") and done == step:
+            raise KeyboardInterrupt
+
+    return progress

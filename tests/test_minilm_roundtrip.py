@@ -50,7 +50,7 @@ def _hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
 def test_decompose_makes_36_lossless_mpo_modules(decomposed: Path) -> None:
     manifest = read_manifest(decomposed)
     assert len(manifest.modules) == 36
-    assert manifest.stage == "decompose" and manifest.format_version == 1
+    assert manifest.stage == "decompose" and manifest.format_version == 2
     for rec in manifest.modules.values():
         assert rec.rel_error is not None and rec.rel_error <= 1e-5, rec.name
         assert rec.bonds[0] == rec.bonds[-1] == 1
@@ -121,7 +121,7 @@ def test_merged_weights_match_original_tensors(merged: Path, minilm_dir: Path) -
 
 def test_inspect_json_schema(decomposed: Path) -> None:
     report = mposurgeon.inspect(decomposed)
-    assert report["kind"] == "artifact" and report["format_version"] == 1
+    assert report["kind"] == "artifact" and report["format_version"] == 2
     assert report["stage"] == "decompose" and len(report["lineage"]) == 1
     mpo = [m for m in report["modules"] if m["kind"] == "mpo"]
     assert len(mpo) == 36

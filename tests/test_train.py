@@ -20,11 +20,11 @@ from transformers import (
 import mposurgeon
 from mposurgeon.artifact.manifest import read_manifest
 from mposurgeon.errors import UsageError
-from mposurgeon.progress import ProgressCallback
 from mposurgeon.stages.train import TrainingInterrupted
 from mposurgeon.training import dynamic as dynamic_module
 from mposurgeon.training.data import encode, read_dataset
 from mposurgeon.training.loop import model_inputs
+from tests.cli_runner import stop_at_step
 from tests.conftest import ARCHITECTURES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -207,14 +207,6 @@ def test_same_seed_same_weights_other_seed_other_weights(
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-def _stop_at(step: int) -> ProgressCallback:
-    def progress(description: str, done: int, total: int) -> None:
-        if description.startswith("train") and done == step:
-            raise KeyboardInterrupt
-
-    return progress
-
-
 def test_interrupted_run_resumes_to_the_same_weights(
     decomposed: Callable[[str], Path], tmp_path: Path
 ) -> None:
@@ -237,7 +229,7 @@ def test_interrupted_run_resumes_to_the_same_weights(
 
     workdir = tmp_path / "wd"
     with pytest.raises(TrainingInterrupted) as info:
-        mposurgeon.train(source, workdir=workdir, progress=_stop_at(13), **common)
+        mposurgeon.train(source, workdir=workdir, progress=stop_at_step(13), **common)
     partial = info.value.partial
     assert (info.value.step, info.value.checkpoint_step) == (13, 12)
     assert partial.name == "v1-train.partial" and (partial / "checkpoint" / "state.json").is_file()
@@ -261,7 +253,7 @@ def test_resume_refuses_other_options_and_missing_checkpoints(
     with pytest.raises(UsageError, match="nothing to resume"):
         mposurgeon.train(source, output=tmp_path / "o", resume=True, **common)
     with pytest.raises(TrainingInterrupted):
-        mposurgeon.train(source, output=tmp_path / "o", progress=_stop_at(2), **common)
+        mposurgeon.train(source, output=tmp_path / "o", progress=stop_at_step(2), **common)
     with pytest.raises(UsageError, match="options differ.*lr"):
         mposurgeon.train(source, output=tmp_path / "o", resume=True, lr=1e-3, **common)
     with pytest.raises(UsageError, match="interrupted run left"):
@@ -360,7 +352,7 @@ def test_dynamic_run_resumes_across_a_selection_round(
     base = dynamic_run["base"]
     out = tmp_path / "out"
     with pytest.raises(TrainingInterrupted):
-        mposurgeon.train(base, output=out, save_every=4, progress=_stop_at(13), **DYNAMIC)
+        mposurgeon.train(base, output=out, save_every=4, progress=stop_at_step(13), **DYNAMIC)
     resumed = mposurgeon.train(base, output=out, save_every=4, resume=True, **DYNAMIC)
     assert resumed.resumed_from_step == 12
     a, b = _tensors(dynamic_run["result"].output), _tensors(out)

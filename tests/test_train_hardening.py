@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 import mposurgeon
-from mposurgeon.progress import ProgressCallback
 from mposurgeon.stages.train import TrainingInterrupted
-from tests.cli_runner import assert_one_line_error, run_cli
+from tests.cli_runner import assert_one_line_error, run_cli, stop_at_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -159,7 +158,7 @@ def test_a_resumed_run_that_diverges_keeps_the_checkpoint_it_resumed_from(
     with pytest.raises(TrainingInterrupted) as info:
         mposurgeon.train(
             base, output=out, mode="full", data=TRAIN, max_steps=3, batch_size=8, save_every=1,
-            lr=1e10, progress=_stop_at(1),
+            lr=1e10, progress=stop_at_step(1),
         )  # fmt: skip
     partial = info.value.partial
     result = run_cli(
@@ -170,14 +169,6 @@ def test_a_resumed_run_that_diverges_keeps_the_checkpoint_it_resumed_from(
 
 
 # -- item 16: damaged --resume checkpoints ---------------------------------------------------
-
-
-def _stop_at(step: int) -> ProgressCallback:
-    def progress(description: str, done: int, total: int) -> None:
-        if description.startswith("train") and done == step:
-            raise KeyboardInterrupt
-
-    return progress
 
 
 RESUMED = ("--mode", "full", "--data", TRAIN, "--max-steps", "3", "--batch-size", "8",
@@ -199,7 +190,7 @@ def interrupted(
             max_steps=3,
             batch_size=8,
             save_every=1,
-            progress=_stop_at(2),
+            progress=stop_at_step(2),
         )
     partial = info.value.partial
     assert (partial / "checkpoint" / "state.json").is_file()

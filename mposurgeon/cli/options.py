@@ -149,27 +149,3 @@ def shared_flags(*names: str) -> Callable[[Callable[..., None]], Callable[..., N
         return run
 
     return decorate
-
-
-def stage_kwargs(
-    output: Path | None,
-    workdir: Path | None,
-    overwrite: bool,
-    revision: str | None,
-    offline: bool | None,
-    cache_dir: Path | None,
-    no_verify: bool,
-    max_shard_size: str,
-) -> dict[str, object]:
-    """`StageFlags.stage_kwargs` for a command that declares the flags itself (only `train`,
-    until it takes `shared_flags`; then this goes)."""
-    return StageFlags(
-        output=output,
-        workdir=workdir,
-        overwrite=overwrite,
-        revision=revision,
-        offline=offline,
-        cache_dir=cache_dir,
-        no_verify=no_verify,
-        max_shard_size=max_shard_size,
-    ).stage_kwargs()

@@ -12,6 +12,7 @@ from mposurgeon.cli.render import fmt_int, print_json, progress_bar, stderr, std
 from mposurgeon.methods.registry import method_names, methods_help
 
 
+@opt.shared_flags(*opt.STAGE_FLAGS)
 def train_command(
     model: Annotated[str, typer.Argument(help="Artifact dir, HF model dir, or hub id.")],
     data: Annotated[
@@ -32,7 +33,6 @@ def train_command(
         Path | None,
         typer.Option("--eval-data", help="Labelled eval data: accuracy and macro-F1."),
     ] = None,
-    output: opt.Output = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the data.")] = 3,
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", help="Stop after N optimizer steps.")
@@ -95,15 +95,8 @@ def train_command(
         int | None,
         typer.Option("--num-cores", help="overparam: cores of matrices decomposed in place (5)."),
     ] = None,
-    workdir: opt.Workdir = None,
-    overwrite: opt.Overwrite = False,
-    revision: opt.Revision = None,
-    offline: opt.Offline = None,
-    cache_dir: opt.CacheDir = None,
-    no_verify: opt.NoVerify = False,
-    max_shard_size: opt.MaxShardSize = "5GB",
-    json_out: opt.Json = False,
-    quiet: opt.Quiet = False,
+    *,
+    flags: opt.StageFlags,
 ) -> None:
     """Fine-tune for sequence classification with a method (lightweight, overparam, full, ...).
 
@@ -140,12 +133,10 @@ def train_command(
         top_n=top_n,
         weight_types=weight_types,  # type: ignore[arg-type]
         num_cores=num_cores,
-        **opt.stage_kwargs(
-            output, workdir, overwrite, revision, offline, cache_dir, no_verify, max_shard_size
-        ),
+        **flags.stage_kwargs(),
     )
     try:
-        with progress_bar(quiet or json_out) as progress:
+        with progress_bar(flags.no_progress) as progress:
             result = train(model, options, progress=progress)
     except TrainingInterrupted as exc:
         stderr.print(
@@ -159,7 +150,7 @@ def train_command(
         return  # under accelerate launch / torchrun the main process reports
     for warning in result.warnings:
         stderr.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
-    if json_out:
+    if flags.json_out:
         print_json(
             {"output": str(result.output), "metrics": result.metrics, "warnings": result.warnings}
         )

@@ -76,7 +76,7 @@ class ModuleRecord(BaseModel):
         problems: list[tuple[str, str]] = []
         stored = list(stored_shape(out_dim, in_dim, self.kind))
         if self.shape != stored:
-            order = "[in_dim, out_dim]" if self.kind == "conv1d" else "[out_dim, in_dim]"
+            order = "[{}, {}]".format(*stored_shape("out_dim", "in_dim", self.kind))
             problems.append(
                 ("shape", f"{self.shape} is not {order} = {stored} of a {self.kind} weight")
             )

@@ -49,5 +49,3 @@ def quiet_transformers() -> Iterator[None]:
         logger.setLevel(level)
         if bars:
             hf_logging.enable_progress_bar()
-
-

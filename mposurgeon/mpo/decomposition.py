@@ -1,8 +1,6 @@
 """TT-SVD of a matrix into MPO cores, canonical forms, bond spectra and optimal truncation.
 
 Cores have layout (r_{k-1}, I_k, J_k, r_k); see `mposurgeon.mpo.shapes` for how W is reshaped.
-`to_matrix` lives in `mpo.contract`; it is re-exported here only until `methods/mpo/state.py`
-imports it from there.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ import torch
 from torch import Tensor
 
 from mposurgeon.errors import ShapeError
-from mposurgeon.mpo.contract import to_matrix as to_matrix  # re-export: see the docstring
 from mposurgeon.mpo.metrics import error_bound
 from mposurgeon.mpo.shapes import MPOShape, bonds_of
 

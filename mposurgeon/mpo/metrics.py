@@ -1,8 +1,4 @@
-"""Numbers about MPOs: parameter counts, error bounds, measured errors, entanglement entropy.
-
-`bonds_of` lives in `mpo.shapes`; it is re-exported here only until `methods/mpo/state.py` and
-`stages/train.py` import it from there.
-"""
+"""Numbers about MPOs: parameter counts, error bounds, measured errors, entanglement entropy."""
 
 from __future__ import annotations
 
@@ -14,7 +10,6 @@ from torch import Tensor
 
 from mposurgeon.mpo.contract import mpo_rows, to_matrix
 from mposurgeon.mpo.shapes import MPOShape
-from mposurgeon.mpo.shapes import bonds_of as bonds_of  # re-export: see the docstring
 
 #: matrix entries contracted at a time by `measured_error`
 _ERROR_BLOCK = 1 << 22

@@ -47,11 +47,6 @@ from mposurgeon.models.layout import (
     check_layout_files,
     file_key_mapper,
 )
-from mposurgeon.progress import ProgressCallback
-
-# Defined in `mposurgeon.progress`, imported from there; re-exported here only until
-# stages/train.py does the same.
-__all__ = ["ProgressCallback"]
 
 
 def default_workdir() -> Path:

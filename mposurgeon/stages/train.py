@@ -70,8 +70,8 @@ from mposurgeon.methods.base import Method, TrainingSource
 from mposurgeon.methods.config import MethodConfig
 from mposurgeon.methods.registry import get_method, method_config, method_names
 from mposurgeon.models.surgery import resolve_module_name
+from mposurgeon.progress import ProgressCallback
 from mposurgeon.stages.common import (
-    ProgressCallback,
     StageInput,
     StageOptions,
     finish_artifact,

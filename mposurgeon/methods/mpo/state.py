@@ -19,9 +19,10 @@ from mposurgeon.methods.mpo.record import MPORecord, core_key
 from mposurgeon.models.layers import MPOCores
 from mposurgeon.models.orientation import Kind, as_matrix, as_weight
 from mposurgeon.models.surgery import MPOModuleState, install_mpo_layers, module_kind
-from mposurgeon.mpo.decomposition import decompose, to_matrix
-from mposurgeon.mpo.metrics import bonds_of, entanglement_entropy, num_params, relative_error
-from mposurgeon.mpo.shapes import MPOShape, plan_shape
+from mposurgeon.mpo.contract import to_matrix
+from mposurgeon.mpo.decomposition import decompose
+from mposurgeon.mpo.metrics import entanglement_entropy, num_params, relative_error
+from mposurgeon.mpo.shapes import MPOShape, bonds_of, plan_shape
 
 
 @dataclass
