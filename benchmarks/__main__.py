@@ -33,7 +33,7 @@ SUITES = {
     "truncation": bench_truncation.run,
     "train": bench_train.run,
 }
-#: Suites run only when named (`python -m benchmarks defaults`: about 35 minutes on 2 cores);
+#: Suites run only when named (`python -m benchmarks defaults`: about an hour on 2 cores);
 #: their rows are kept from the previous results.json otherwise.
 OPTIONAL_SUITES = {
     "defaults": bench_defaults.run,
@@ -81,7 +81,10 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
         "# Benchmark results",
         "",
         f"Measured by `make bench` (python -m benchmarks); env: {env}.",
-        "Ratios compare against a baseline measured in the same run.",
+        "Ratios compare against a baseline measured in the same run. Rows of the optional",
+        f"suites ({', '.join(OPTIONAL_SUITES)}) come from `python -m benchmarks SUITE`; the",
+        "man-sections rows (the learning-rate sweep behind each method's default) from",
+        "`python -m benchmarks defaults`.",
         "",
         "| benchmark | threads | measured | baseline | ratio | goal |",
         "| --- | --- | --- | --- | --- | --- |",

@@ -6,7 +6,7 @@ shipped in the shared data folder; see its README) for 3 epochs, seed 0, batch 1
 at several learning rates. The figure is eval accuracy after the last epoch; the baseline is
 dense `full` fine-tuning at its own default learning rate, measured in the same run.
 
-Opt-in (about 35 minutes on 2 CPU cores): `python -m benchmarks defaults`. Set
+Opt-in (about an hour on 2 quiet CPU cores): `python -m benchmarks defaults`. Set
 MPOSURGEON_SWEEP_DATA to the folder holding man-sections-{train,eval}.jsonl when it is not
 `../shared/data` beside the repository. Each finished run is appended to
 `benchmarks/out/defaults-sweep.jsonl`, and runs found there are not repeated, so an interrupted

@@ -6,6 +6,7 @@ The public Python API mirrors the CLI: each stage takes the same options as its 
     >>> result = mposurgeon.decompose("path/to/model", layers=["FFN_1", "attention"])
     >>> merged = mposurgeon.merge(result.output, verify=True)
     >>> report = mposurgeon.inspect(merged.output)
+    >>> scores = mposurgeon.evaluate(merged.output, data="eval.jsonl").metrics
 
 Names are imported lazily, so `import mposurgeon` (and `mposurgeon --help`) stays fast and
 does not import torch. The stages and their options classes come from the one list of stages,
@@ -25,6 +26,8 @@ if TYPE_CHECKING:  # what `_LAZY` names, for type checkers and editors
     from mposurgeon.artifact.load import load_model as load_model
     from mposurgeon.stages.decompose import DecomposeOptions as DecomposeOptions
     from mposurgeon.stages.decompose import decompose as decompose
+    from mposurgeon.stages.eval import EvalOptions as EvalOptions
+    from mposurgeon.stages.eval import evaluate as evaluate
     from mposurgeon.stages.inspect import inspect as inspect
     from mposurgeon.stages.merge import MergeOptions as MergeOptions
     from mposurgeon.stages.merge import merge as merge
@@ -39,7 +42,7 @@ if TYPE_CHECKING:  # what `_LAZY` names, for type checkers and editors
 #: public name -> the module that defines it: every stage and its options class, and the rest
 #: of the API (the model with MPO layers in place, the recipe runner).
 _LAZY: dict[str, str] = {
-    **{stage.name: stage.module for stage in _STAGES},
+    **{stage.function_name: stage.module for stage in _STAGES},
     **{stage.options: stage.module for stage in _STAGES if stage.options is not None},
     "load_model": "mposurgeon.artifact.load",
     "run_recipe": "mposurgeon.stages.recipe",

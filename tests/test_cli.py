@@ -130,7 +130,8 @@ def test_help_has_examples_and_does_not_import_torch() -> None:
     code = (
         "import sys\n"
         "from mposurgeon.cli.app import main\n"
-        "commands = ['decompose', 'truncate', 'select', 'train', 'merge', 'inspect', 'run']\n"
+        "commands = ['decompose', 'truncate', 'select', 'train', 'eval', 'merge', 'inspect',"
+        " 'run']\n"
         "for args in [['--help']] + [[c, '--help'] for c in commands]:\n"
         "    try:\n        main(args)\n    except SystemExit as e:\n        assert e.code == 0\n"
         "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
@@ -138,7 +139,7 @@ def test_help_has_examples_and_does_not_import_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("NO-TORCH")
-    assert proc.stdout.count("Example") >= 7  # the app's and one per command
+    assert proc.stdout.count("Example") >= 9  # the app's and one per command
 
 
 # --- bad input: one line, right exit code, nothing lost ---------------------------------------

@@ -55,8 +55,8 @@ def test_registry_holds_the_three_training_methods_and_the_mpo_state() -> None:
 def test_each_method_declares_its_measured_learning_rate() -> None:
     """The defaults of benchmarks/RESULTS.md (man-sections sweep): a config field default."""
     lrs = {name: method_config(name).default("lr") for name in method_names(training=True)}
-    assert lrs == {"full": 5e-5, "lightweight": 3e-4, "overparam": 1e-4}
-    assert get_method("lightweight").config.lr == 3e-4
+    assert lrs == {"full": 2e-4, "lightweight": 5e-4, "overparam": 1e-4}
+    assert get_method("lightweight").config.lr == 5e-4
 
 
 def test_unknown_and_state_only_methods_are_refused_by_name() -> None:
@@ -183,3 +183,16 @@ def test_a_registered_method_trains_and_merges_without_stage_changes(
     assert all(n.endswith(".bias") for n in changed - head), changed - head
     merged = mposurgeon.merge(out, output=tmp_path / "merged", verify=True)
     assert merged.comparison is not None and merged.comparison.ok
+
+
+def test_a_method_without_a_dense_form_refuses_to_merge_saying_what_to_do() -> None:
+    record = get_method("mpo").config_class.record  # any record: the method decides, not it
+    assert record is MPORecord
+    rec = MPORecord(
+        name="enc.fc", kind="linear", weight_key="enc.fc.weight", shape=[4, 4], dtype="float32",
+        out_dim=4, in_dim=4, out_modes=[2, 2], in_modes=[2, 2], out_padding=0, in_padding=0,
+        bonds=[1, 4, 1], central_index=0, params=32, dense_params=16,
+    )  # fmt: skip
+    with pytest.raises(mposurgeon.errors.UsageError, match="no dense form") as err:
+        BiasOnlyMethod().to_dense(rec, {})
+    assert "load_model" in (err.value.hint or "")

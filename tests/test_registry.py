@@ -15,7 +15,7 @@ import mposurgeon.mpo
 from mposurgeon.cli import options as opt
 from mposurgeon.cli.app import app
 from mposurgeon.errors import UsageError
-from mposurgeon.stages.common import StageOptions
+from mposurgeon.stages.common import InputOptions, StageOptions
 from mposurgeon.stages.recipe import options_class
 from mposurgeon.stages.registry import BY_NAME, STAGES
 from tests.cli_runner import run_cli
@@ -31,11 +31,12 @@ def test_cli_commands_are_the_stages_then_run() -> None:
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.name)
 def test_every_stage_resolves_everywhere(stage) -> None:
     function = stage.function()
-    assert getattr(mposurgeon, stage.name) is function
-    assert stage.name in mposurgeon.__all__
+    assert getattr(mposurgeon, stage.function_name) is function
+    assert stage.function_name in mposurgeon.__all__
     if stage.options is not None:
         cls = stage.options_class()
-        assert issubclass(cls, StageOptions)
+        assert issubclass(cls, InputOptions)
+        assert issubclass(cls, StageOptions) == stage.writes  # output options iff it writes
         assert options_class(stage.name) is cls
         assert getattr(mposurgeon, stage.options) is cls
         assert stage.options in mposurgeon.__all__
@@ -68,8 +69,19 @@ def test_type_checking_imports_mirror_the_lazy_names(package) -> None:
     assert mirrored == package._LAZY
 
 
+def test_eval_is_public_as_evaluate_without_shadowing_the_builtin() -> None:
+    assert BY_NAME["eval"].function_name == "evaluate" and "evaluate" in mposurgeon.__all__
+    assert "eval" not in mposurgeon.__all__ and not hasattr(mposurgeon, "eval")
+    names: dict[str, object] = {}
+    exec("from mposurgeon import *", names)
+    assert "eval" not in names and names["evaluate"] is mposurgeon.evaluate
+    assert [s.name for s in STAGES if not s.writes] == ["eval", "inspect"]
+
+
 def test_a_recipe_knows_exactly_the_registered_stages(tmp_path: Path) -> None:
-    assert set(BY_NAME) == {"decompose", "truncate", "select", "train", "merge", "inspect"}
+    assert set(BY_NAME) == {
+        "decompose", "truncate", "select", "train", "eval", "merge", "inspect"
+    }  # fmt: skip
     with pytest.raises(TypeError, match="no options class"):
         BY_NAME["inspect"].options_class()  # writes nothing
     recipe = tmp_path / "r.yaml"
@@ -86,6 +98,7 @@ def test_shared_flags_are_listed_with_their_help(capsys, monkeypatch) -> None:
         "truncate": opt.ARTIFACT_STAGE_FLAGS,
         "merge": opt.ARTIFACT_STAGE_FLAGS,
         "inspect": (*opt.HUB_FLAGS, "no_verify", "json_out"),
+        "eval": (*opt.HUB_FLAGS, "no_verify", "json_out", "quiet"),
         "run": ("workdir", "json_out", "quiet"),
     }
     for command, names in expected.items():

@@ -206,6 +206,7 @@ class MetricsRecord(_Open, total=False):
     eval: list[dict[str, Any]]
     eval_accuracy: float | None
     eval_macro_f1: float | None
+    eval_mcc: float | None  # Matthews correlation; absent in artifacts trained before it
     eval_loss: float | None
     trainable_params: NonNegativeInt | None
     total_params: NonNegativeInt | None

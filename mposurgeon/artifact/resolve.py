@@ -69,10 +69,10 @@ class ResolvedModel:
 
 
 #: What a hub id `name` or `org/name` may look like (before an `@revision`).
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
 
-def _is_path_like(spec: str) -> bool:
+def is_path_like(spec: str) -> bool:
     """True when `spec` (that does not exist) can only be meant as a local path: it looks like
     one, or its first part is an existing local directory (`out/model` with `out/` here)."""
     repo = spec.partition("@")[0]  # a revision may hold slashes: refs/pr/1
@@ -141,12 +141,12 @@ def resolve_model(
     path = Path(spec).expanduser()
     if path.exists():
         return _local(path, spec, allow_file)
-    if _is_path_like(spec):
+    if is_path_like(spec):
         raise ModelNotFoundError(
             f"no such file or directory: {spec}",
             hint="check the path, or pass a hub id like org/name",
         )
-    if not _HUB_ID.fullmatch(spec.partition("@")[0]):
+    if not HUB_ID.fullmatch(spec.partition("@")[0]):
         raise ModelNotFoundError(
             f"no such file or directory, and not a hub id: {spec}",
             hint="pass a local directory, or a hub id like org/name",

@@ -47,6 +47,25 @@ MaxShardSize = Annotated[
     str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 5GB or 500MB.")
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+# The data flags (training/data.py `DataOptions`): which data set, split and columns.
+DataConfig = Annotated[
+    str | None,
+    typer.Option("--data-config", help="Configuration of a data set id (glue: sst2, mrpc, ...)."),
+]
+Split = Annotated[
+    str | None,
+    typer.Option("--split", help="Split of a saved DatasetDict or data set id (default train)."),
+]
+TextColumn = Annotated[
+    str | None, typer.Option("--text-column", help="Column of the text (default text, text_a).")
+]
+TextPairColumn = Annotated[
+    str | None,
+    typer.Option("--text-pair-column", help="Column of a pair's second text (default text_b)."),
+]
+LabelColumn = Annotated[
+    str | None, typer.Option("--label-column", help="Column of the label (default label).")
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 

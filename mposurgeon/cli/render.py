@@ -105,6 +105,15 @@ def progress_bar(quiet: bool) -> Iterator[ProgressCallback | None]:
         yield update
 
 
+def eval_line(accuracy: float, macro_f1: float, mcc: float | None, loss: float, rows: int) -> str:
+    """Classification scores as one line (`train`'s last evaluation, `eval`); `mcc` None for
+    artifacts trained before it was recorded."""
+    scores = f"accuracy {accuracy:.4f}, macro-F1 {macro_f1:.4f}"
+    if mcc is not None:
+        scores += f", MCC {mcc:.4f}"
+    return f"eval: {scores}, loss {loss:.4f} ({rows} rows)"
+
+
 def fmt_int(n: int | None) -> str:
     return "-" if n is None else f"{n:,}"
 

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from mposurgeon.cli import options as opt
 from mposurgeon.cli.entry import failure
+from mposurgeon.cli.eval import result_lines
 from mposurgeon.cli.inspect import render_report
 from mposurgeon.cli.render import print_json, progress_bar, stderr, stdout
 from mposurgeon.errors import MposurgeonError
@@ -101,6 +102,9 @@ def _render(report: Any, dry_run: bool) -> None:
     for s in report.stages:
         if s.kind == "inspect" and s.result is not None:
             render_report(s.result, all_modules=False)
+        if s.kind == "eval" and s.result is not None:
+            for line in result_lines(s.result):
+                stdout.print(line, markup=False)
     table = Table(title=f"recipe {report.recipe}", title_justify="left")
     for col in ("stage", "status", "seconds", "output", "gates"):
         table.add_column(col, justify="right" if col == "seconds" else "left")

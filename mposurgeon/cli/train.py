@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from mposurgeon.cli import options as opt
-from mposurgeon.cli.render import fmt_int, print_json, progress_bar, stderr, stdout
+from mposurgeon.cli.render import eval_line, fmt_int, print_json, progress_bar, stderr, stdout
 from mposurgeon.methods.registry import method_names, methods_help
 
 
@@ -16,7 +16,13 @@ from mposurgeon.methods.registry import method_names, methods_help
 def train_command(
     model: Annotated[str, typer.Argument(help="Artifact dir, HF model dir, or hub id.")],
     data: Annotated[
-        Path, typer.Option("--data", "-d", help="Training data: JSONL/CSV with text and label.")
+        str,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Training data: a JSONL/JSON/CSV/TSV/Parquet file, a save_to_disk directory, "
+            "or a data set id in the local HF cache (offline).",
+        ),
     ],
     method: Annotated[
         str | None,
@@ -30,9 +36,24 @@ def train_command(
         typer.Option("--mode", "-m", help="Older name of --method: full, lightweight, overparam."),
     ] = None,
     eval_data: Annotated[
-        Path | None,
-        typer.Option("--eval-data", help="Labelled eval data: accuracy and macro-F1."),
+        str | None,
+        typer.Option(
+            "--eval-data",
+            help="Labelled eval data (as --data): accuracy, macro-F1 and MCC.",
+        ),
     ] = None,
+    data_config: opt.DataConfig = None,
+    split: opt.Split = None,
+    eval_split: Annotated[
+        str | None,
+        typer.Option(
+            "--eval-split",
+            help="Split of the eval data (default validation); alone: of the --data set.",
+        ),
+    ] = None,
+    text_column: opt.TextColumn = None,
+    text_pair_column: opt.TextPairColumn = None,
+    label_column: opt.LabelColumn = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the data.")] = 3,
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", help="Stop after N optimizer steps.")
@@ -112,6 +133,12 @@ def train_command(
     options = TrainOptions(
         data=data,
         eval_data=eval_data,
+        data_config=data_config,
+        split=split,
+        eval_split=eval_split,
+        text_column=text_column,
+        text_pair_column=text_pair_column,
+        label_column=label_column,
         method=method,  # type: ignore[arg-type]
         mode=mode,
         epochs=epochs,
@@ -185,7 +212,12 @@ def metrics_lines(m: dict[str, Any]) -> list[str]:
     ]
     if m.get("eval_accuracy") is not None:
         lines.append(
-            f"eval: accuracy {m['eval_accuracy']:.4f}, macro-F1 {m['eval_macro_f1']:.4f}, "
-            f"loss {m['eval_loss']:.4f} ({m['eval_rows']} rows)"
+            eval_line(
+                m["eval_accuracy"],
+                m["eval_macro_f1"],
+                m.get("eval_mcc"),
+                m["eval_loss"],
+                m["eval_rows"],
+            )
         )
     return lines

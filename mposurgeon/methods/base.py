@@ -108,7 +108,7 @@ class Method:
         refuse with a `UsageError` if the state has no dense form."""
         raise UsageError(
             f"{record.name}: the {self.name} method has no dense form to merge into",
-            hint="use `mposurgeon load_model` on the artifact instead of merging it",
+            hint="run it in factorized form with `mposurgeon.load_model(ARTIFACT)` instead",
         )
 
     def install(

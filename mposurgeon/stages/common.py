@@ -54,18 +54,25 @@ def default_workdir() -> Path:
     return Path(os.environ.get("MPOSURGEON_WORKDIR", "mposurgeon-out"))
 
 
-class StageOptions(BaseModel):
-    """Options every stage takes: where the input comes from and where the output goes."""
+class InputOptions(BaseModel):
+    """Options of every stage's input: where a hub id resolves from, whether an artifact's
+    checksums are checked. A stage that writes nothing (`eval`) takes only these."""
 
     model_config = ConfigDict(extra="forbid")
 
-    output: Path | None = Field(None, description="output directory (default: versioned)")
-    workdir: Path = Field(default_factory=default_workdir)
-    overwrite: bool = False
     revision: str | None = None
     offline: bool | None = None
     cache_dir: Path | None = None
     verify_checksums: bool = Field(True, description="check the input artifact's checksums")
+
+
+class StageOptions(InputOptions):
+    """Options every stage that writes an artifact takes: its input's, and where the output
+    goes."""
+
+    output: Path | None = Field(None, description="output directory (default: versioned)")
+    workdir: Path = Field(default_factory=default_workdir)
+    overwrite: bool = False
     max_shard_size: int = Field(5 * 10**9, description="bytes per safetensors shard")
 
     @field_validator("max_shard_size", mode="before")
@@ -116,7 +123,7 @@ class StageInput:
 
 
 def open_input(
-    model: str | Path, options: StageOptions, *, defer_checksums: bool = False
+    model: str | Path, options: InputOptions, *, defer_checksums: bool = False
 ) -> StageInput:
     """Resolve `model` and, for an artifact, read and verify its manifest.
 

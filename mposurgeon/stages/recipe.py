@@ -11,11 +11,14 @@
 
 Each stage is one command with that command's options under the same names (`rel_tol` or
 `rel-tol`). Stage i reads the output of the last stage before it that wrote an artifact and
-writes `<workdir>/<recipe name>/<i>-<stage name>/`. A stage whose output exists with the same
-input (manifest sha256), options and data files (sha256 of `data`, `eval_data`, recorded in
-`<workdir>/<recipe name>/.state.json`) is skipped, so a re-run resumes where it stopped; once a
-stage runs, every later one runs too. Paths are made absolute (symbolic links resolved) when
-the recipe loads, so the same recipe gives the same plan whatever the spelling of its path.
+writes `<workdir>/<recipe name>/<i>-<stage name>/`; `inspect` and `eval` write nothing (they
+report on that output, and always run: `eval: {data: eval.jsonl}` with
+`expect: {min_eval_accuracy: 0.9}` gates on its accuracy). A stage whose output exists with
+the same input (manifest sha256), options and data files (sha256 of `data`, `eval_data`,
+recorded in `<workdir>/<recipe name>/.state.json`) is skipped, so a re-run resumes where it
+stopped; once a stage runs, every later one runs too. Paths are made absolute (symbolic links
+resolved) when the recipe loads, so the same recipe gives the same plan whatever the spelling
+of its path.
 
 A recipe is untrusted input. It is at most `MAX_RECIPE_BYTES` of UTF-8 YAML, without aliases
 (`*name`: a recipe has no use for them, and they make "billion laughs" bombs) and nested at
@@ -51,10 +54,10 @@ from mposurgeon.errors import (
     VerificationError,
 )
 from mposurgeon.progress import ProgressCallback
-from mposurgeon.stages.common import StageOptions, default_workdir
+from mposurgeon.stages.common import InputOptions, default_workdir
 from mposurgeon.stages.registry import BY_NAME
 
-#: the one stage that writes nothing: its only option is `verify_checksums`.
+#: the stage without an options class: its only option is `verify_checksums`.
 INSPECT = "inspect"
 #: options the runner sets itself: the chain of outputs is its business.
 RUNNER_OPTIONS = {"output", "workdir", "overwrite", "dry_run"}
@@ -300,8 +303,8 @@ def _stage_name(value: Any, kind: str, where: str) -> str:
     return value
 
 
-def options_class(kind: str) -> type[StageOptions]:
-    """The options class of stage `kind` (one that writes an artifact)."""
+def options_class(kind: str) -> type[InputOptions]:
+    """The options class of stage `kind` (a `StageOptions` for one that writes an artifact)."""
     try:
         return BY_NAME[kind].options_class()
     except ImportError as exc:  # a stage this build does not ship yet
@@ -410,7 +413,7 @@ def _check_outputs(recipe: Recipe) -> None:
             if isinstance(stage.options.get(key), str):
                 reads.append((f"{stage.label}'s {key} file", Path(stage.options[key])))
     for stage in recipe.stages:
-        if stage.kind == INSPECT:
+        if not _writes(stage):
             continue
         out = _output_dir(recipe, stage)
         resolved = out.resolve()
@@ -480,7 +483,7 @@ def run_recipe(
     base_params: int | None = None
     for stage in recipe.stages:
         rerun = rerun or stage.name == from_stage
-        out = None if stage.kind == INSPECT else _output_dir(recipe, stage)
+        out = _output_dir(recipe, stage) if _writes(stage) else None
         entry = StageReport(stage.name, stage.kind, "planned", current, str(out) if out else None)
         report.stages.append(entry)
         try:
@@ -527,6 +530,11 @@ def run_recipe(
             entry.status = "failed"
             break
     return report
+
+
+def _writes(stage: RecipeStage) -> bool:
+    """Whether the stage writes an artifact (the next stage reads it), not only reports."""
+    return BY_NAME[stage.kind].writes
 
 
 def _output_dir(recipe: Recipe, stage: RecipeStage) -> Path:
@@ -650,6 +658,8 @@ def _execute(
 
         return inspect(current, verify=stage.options.get("verify_checksums", True))
     run = BY_NAME[stage.kind].function()
+    if out is None:  # a stage that writes nothing (eval) reads `current` and reports
+        return run(current, options_class(stage.kind)(**stage.options), progress=progress)
     options = options_class(stage.kind)(**stage.options, output=out, overwrite=True)
     return run(current, options, progress=progress)
 
@@ -668,6 +678,8 @@ def _measure(stage: RecipeStage, current: str, result: Any, base_params: int | N
     metrics: dict[str, Any] = {}
     if stage.kind == INSPECT:
         return metrics
+    if not _writes(stage):  # eval: its scores
+        return {f"eval_{key}": value for key, value in result.metrics.items()}
     manifest = read_manifest(Path(current))
     errors = [m.rel_error for m in manifest.modules.values() if m.rel_error is not None]
     predicted = [

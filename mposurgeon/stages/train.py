@@ -47,6 +47,7 @@ process writes files.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,6 @@ from mposurgeon.artifact.store import (
     atomic_directory,
     check_output_dir,
     release_claim,
-    sha256_file,
     version_parent,
 )
 from mposurgeon.artifact.tensors import ShardedWriter
@@ -81,7 +81,13 @@ from mposurgeon.stages.common import (
     stage_options_record,
     tensor_shapes,
 )
-from mposurgeon.training.data import TextDataset, encode, read_dataset
+from mposurgeon.training.data import (
+    DEFAULT_EVAL_SPLIT,
+    DataOptions,
+    TextDataset,
+    encode,
+    read_dataset,
+)
 from mposurgeon.training.dynamic import (
     DynamicPlan,
     DynamicSelection,
@@ -116,12 +122,15 @@ LOSS_HISTORY_POINTS = 20
 MODE_ALIASES = ("full", "lightweight", "overparam")
 
 
-class TrainOptions(StageOptions, LoopConfig):
-    """Options of `train` (the CLI flags, one to one): the loop's (`LoopConfig`), the data,
+class TrainOptions(StageOptions, LoopConfig, DataOptions):
+    """Options of `train` (the CLI flags, one to one): the loop's (`LoopConfig`), the data
+    (`DataOptions`: `data`, its config, split and columns; the eval data in the same columns),
     the method and its options (None: the method's default, see `methods/`)."""
 
-    data: Path = Field(description="training data: .jsonl or .csv with text and label")
-    eval_data: Path | None = None
+    eval_data: str | None = Field(
+        None, description="eval data (default with --eval-split: the --data set)"
+    )
+    eval_split: str | None = Field(None, description="split of the eval data (validation)")
     method: str = Field(description="a training method of methods/registry.py")
     mode: str | None = Field(None, exclude=True, description="older name of method")
     lr: float | None = Field(
@@ -139,6 +148,11 @@ class TrainOptions(StageOptions, LoopConfig):
     split_num: int | None = Field(None, ge=1)
     top_n: int | None = Field(None, ge=1)
     weight_types: list[str] | None = None
+
+    @field_validator("eval_data", mode="before")
+    @classmethod
+    def _eval_path_as_text(cls, value: object) -> object:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
 
     @field_validator("weight_types", mode="before")
     @classmethod
@@ -226,15 +240,14 @@ def train(
     model_layout(inp.path, tensor_shapes(inp))  # config.json read, checked against the weights
     method = get_method(opts.method_config())
     _check_source(method, inp, opts)
-    train_data = read_dataset(opts.data)
+    train_data = opts.read_data(hub_cache=opts.cache_dir)
     if len(train_data.labels) < 2:
         raise UsageError(
-            f"{opts.data} holds a single label ({train_data.labels[0]!r}): nothing to classify",
+            f"{train_data.name} holds a single label ({train_data.labels[0]!r}): "
+            "nothing to classify",
             hint="the training data needs at least two labels",
         )
-    eval_data = (
-        read_dataset(opts.eval_data).with_labels(train_data.labels) if opts.eval_data else None
-    )
+    eval_data = _read_eval_data(opts, train_data)
     warnings = _data_warnings(train_data, opts)
 
     with launch_accelerator() as accelerator:
@@ -324,13 +337,19 @@ def _train_with(
     )
     hook = None
     if dynamic:
-        hook = _dynamic_hook(net, inp, opts, records, train_rows, collator, run.num_epochs)
+        hook = _dynamic_hook(
+            net, inp, opts, records, train_rows, collator, run.num_epochs, train_data.record()
+        )
         run.hook = hook
         warnings += hook.schedule_warnings(run.num_epochs)
     state, resumed_from = _run_with_checkpoints(accelerator, run, inp, opts, partial)
     if hook is not None:
         records.update(hook.records())
     metrics = _metrics(opts, run, state, net, records, accelerator.num_processes, resumed_from)
+    metrics["data"] = {
+        "train": train_data.record(),
+        "eval": eval_data.record() if eval_data is not None else None,
+    }
     if accelerator.is_main_process:
         selection = hook.selection() if hook is not None else carried_selection(net, inp.selection)
         final = method.trained_records(net, records)
@@ -409,6 +428,25 @@ def _is_dynamic(inp: StageInput, opts: TrainOptions) -> bool:
     has several rounds."""
     rounds = (inp.selection.split_num if inp.selection is not None else None) or 1
     return opts.dynamic or (method_config(opts.method).selects_dynamically and rounds > 1)
+
+
+def _read_eval_data(opts: TrainOptions, train_data: TextDataset) -> TextDataset | None:
+    """`--eval-data` (with only `--eval-split`: the `--data` set) in the training labels; a
+    DatasetDict or data set id gives its `validation` split unless `--eval-split` names one.
+    `--data-config` applies to it when it is the `--data` set or another data set id."""
+    spec = opts.eval_data or (opts.data if opts.eval_split is not None else None)
+    if spec is None:
+        return None
+    same_set = spec == opts.data or not Path(spec).exists()
+    data = read_dataset(
+        spec,
+        config=opts.data_config if same_set else None,
+        split=opts.eval_split,
+        default_split=DEFAULT_EVAL_SPLIT,
+        columns=opts.columns(),
+        hub_cache=opts.cache_dir,
+    )
+    return data.with_labels(train_data.labels)
 
 
 def _data_warnings(data: TextDataset, opts: TrainOptions) -> list[str]:
@@ -515,9 +553,10 @@ def _dynamic_hook(
     rows: list[dict[str, Any]],
     collator: Any,
     epochs: int,
+    data: dict[str, Any],
 ) -> DynamicSelection:
-    """The dynamic-selection hook of this run (training/dynamic.py)."""
-    data = Path(opts.data).resolve()
+    """The dynamic-selection hook of this run (training/dynamic.py); its selection records
+    `data`, what scored it (`TextDataset.record`)."""
     return dynamic_selection(
         net,
         _dynamic_plan(opts),
@@ -528,7 +567,7 @@ def _dynamic_hook(
         epochs=epochs,
         batch_size=opts.batch_size,
         num_cores=opts.method_config().num_cores,  # type: ignore[attr-defined]
-        info={"seed": opts.seed, "data": {"path": str(data), "sha256": sha256_file(data)}},
+        info={"seed": opts.seed, "data": data},
     )
 
 
@@ -565,6 +604,7 @@ def _metrics(
         "eval": state.evals,
         "eval_accuracy": last_eval.get("accuracy"),
         "eval_macro_f1": last_eval.get("macro_f1"),
+        "eval_mcc": last_eval.get("mcc"),
         "eval_loss": last_eval.get("loss"),
         "trainable_params": count.trainable,
         "total_params": count.total,

@@ -1,8 +1,33 @@
-"""Labelled text data for `train` and `select --method fisher`: local JSONL or CSV.
+"""Labelled text data for `train` and `select --method fisher`: local files, saved data sets,
+and data set ids from the local Hugging Face cache.
 
-A row holds `text` (or `text_a` and optionally `text_b`) and `label`. Labels are integers or
-strings; they are mapped to ids 0..K-1 in sorted order (integers numerically), and the names are
-kept for `id2label`. Every problem is reported with the file name and line number.
+What `read_dataset(spec, config=, split=, columns=)` reads:
+
+- a JSON Lines (`.jsonl`, `.ndjson`, `.json`), JSON array (`.json` starting with `[`), CSV
+  (`.csv`) or TSV (`.tsv`) file: read here, strictly, every problem named by file and line;
+- a Parquet (`.parquet`) or Arrow (`.arrow`) file: read with the `datasets` library;
+- a directory written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk` (a split of it
+  with `split`), or any other directory `datasets.load_dataset` reads (data files named by
+  split, or a dataset repository whose README declares `configs:`);
+- a data set id (`glue`, `org/name`) with its `config`: resolved from the local Hugging Face
+  cache only, never the network: first the hub cache (HF_HUB_CACHE: what `hf download ...
+  --repo-type dataset` or an online `datasets.load_dataset` left there; `datasets` itself would
+  look only at its own cache when offline), then the `datasets` cache (HF_DATASETS_CACHE: Arrow
+  files an earlier `load_dataset` prepared). A miss is one error saying how to fetch it.
+
+Why two readers: the `datasets` JSON reader (pyarrow) reports a bad object on line 2 as "row 1"
+(the row within a block), its CSV reader (pandas) a quoted field opened on line 4 as "row 3"
+(blank lines are not counted), and both fill a column that some rows lack with None and unify
+the types of a column, so a row without a label or with a number among strings is no longer
+visible. The line-numbered strict readers stay for the text formats; `datasets` reads what it
+adds: columnar files, saved data sets, configurations and splits, the cache. Rows read through
+`datasets` are named by row number (1-based) in errors.
+
+Columns (`Columns`): classification reads a text (`text`, else `text_a` with an optional
+`text_b` as the second text of a pair) and a `label`; other names with `--text-column`,
+`--text-pair-column`, `--label-column`. Labels are integers or strings, mapped to ids 0..K-1 in
+sorted order (integers numerically), the names kept for `id2label`; a `ClassLabel` column
+(integers with names) gives its names, in its order, for the classes that occur.
 """
 
 from __future__ import annotations
@@ -10,19 +35,142 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import os
+import tempfile
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import BaseModel, Field, field_validator
+
+from mposurgeon.artifact.resolve import HUB_ID, is_path_like
+from mposurgeon.artifact.store import sha256_file
 from mposurgeon.errors import DataError, ModelNotFoundError, UsageError
 
+if TYPE_CHECKING:
+    import datasets
+
+#: Default (text, pair) column names, tried in order.
 TEXT_COLUMNS = (("text", None), ("text_a", "text_b"))
+#: Formats read here (line-numbered errors), by suffix.
+STRICT_FORMATS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+}
+#: Formats read with `datasets` (its packaged builder), by suffix.
+DATASETS_FORMATS = {".parquet": "parquet", ".arrow": "arrow"}
+#: The split read from a DatasetDict or a data set id when none is named.
+DEFAULT_SPLIT = "train"
+#: The split of eval data read from a DatasetDict or a data set id when none is named.
+DEFAULT_EVAL_SPLIT = "validation"
+_FORMATS_HINT = "use .jsonl, .json, .csv, .tsv, .parquet or .arrow files, or a saved data set"
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The column of each role, None for the defaults. Classification reads `text` (default
+    `text`, else `text_a`), `text_pair` (default `text_b` beside `text_a`) and `label`.
+    A task with other roles (regression: a float `label`; causal-lm: `text` or
+    `prompt`/`completion`; seq2seq: `source`/`target`) adds its fields here, each with a
+    `--<role>-column` flag."""
+
+    text: str | None = None
+    text_pair: str | None = None
+    label: str | None = None
+
+    @property
+    def label_name(self) -> str:
+        return self.label or "label"
+
+    def text_names(self, present: Collection[str]) -> tuple[str, str | None] | None:
+        """The (text, pair) columns to read among `present`: the ones named, else the first
+        default text column present; None when no default is present."""
+        if self.text is not None:
+            return self.text, self.text_pair
+        for first, second in TEXT_COLUMNS:
+            if first in present:
+                return first, self.text_pair or second
+        return None
+
+
+class DataOptions(BaseModel):
+    """Which data set and which of its columns (the data flags of `train`; `split` None: the
+    `train` split of a DatasetDict or data set id)."""
+
+    data: str = Field(
+        description="a data file, a saved data set directory, or a data set id (offline cache)"
+    )
+    data_config: str | None = Field(None, description="configuration of a data set id")
+    split: str | None = Field(None, description="split of a DatasetDict or data set id")
+    text_column: str | None = Field(None, description="default: text, else text_a")
+    text_pair_column: str | None = Field(None, description="default: text_b beside text_a")
+    label_column: str | None = Field(None, description="default: label")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: object) -> object:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    def columns(self) -> Columns:
+        return Columns(self.text_column, self.text_pair_column, self.label_column)
+
+    def read_data(self, hub_cache: Path | None = None) -> TextDataset:
+        """The data set `data` names (`hub_cache`: where data set ids are looked up)."""
+        return read_dataset(
+            self.data,
+            config=self.data_config,
+            split=self.split,
+            columns=self.columns(),
+            hub_cache=hub_cache,
+        )
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where rows were read from, for messages (`name`, `unit`) and the manifest (`record`).
+
+    `kind`: file (a local file), saved (a `save_to_disk` directory), directory (another
+    directory `datasets` reads), hub (a snapshot in the hub cache), cache (Arrow files in the
+    `datasets` cache). `location` is an absolute path, or the data set id for hub and cache.
+    `files` maps the local files read to their sha256; `revision` is the hub snapshot's commit
+    (hub) or `<version>/<hash>` of the prepared cache (cache); `fingerprint` is the fingerprint
+    `datasets` gives the split."""
+
+    kind: Literal["file", "saved", "directory", "hub", "cache"]
+    location: str
+    name: str
+    unit: str = "line"
+    config: str | None = None
+    split: str | None = None
+    revision: str | None = None
+    fingerprint: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's record: `path` and `sha256` of a file; `path` (or `id`), `config`,
+        `split`, `revision`, `fingerprint` and `files` ({path: sha256}) of a data set."""
+        out: dict[str, Any] = {"id" if self.kind in ("hub", "cache") else "path": self.location}
+        if self.kind == "file":
+            out["sha256"] = next(iter(self.files.values()))
+            return out
+        out["source"] = self.kind
+        for key in ("config", "split", "revision", "fingerprint"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.files:
+            out["files"] = dict(self.files)
+        return out
 
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled row: text, optional second text, label as written in the file."""
+    """One labelled row: text, optional second text, label as written in the data, and its
+    line in the file (row number, 1-based, for data read through `datasets`)."""
 
     text: str
     text_pair: str | None
@@ -32,14 +180,27 @@ class Example:
 
 @dataclass
 class TextDataset:
-    """Rows of one file and the label mapping (`labels[i]` is the name of label id i)."""
+    """Rows of one data set and the label mapping (`labels[i]` is the name of label id i).
+    `path` is the file or directory read (the snapshot or cache directory of a data set id)."""
 
     path: Path
     examples: list[Example]
     labels: list[str]
+    source: DataSource | None = None
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    @property
+    def name(self) -> str:
+        """The data set as messages name it: the file name, or `id (config, split)`."""
+        return self.source.name if self.source is not None else self.path.name
+
+    def record(self) -> dict[str, Any]:
+        """What was read, for the manifest (`DataSource.record`)."""
+        if self.source is not None:
+            return self.source.record()
+        return {"path": str(self.path.resolve()), "sha256": sha256_file(self.path)}
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -52,12 +213,13 @@ class TextDataset:
     def label_ids(self) -> list[int]:
         """The label id of every example."""
         mapping = self.label2id
+        unit = self.source.unit if self.source is not None else "line"
         out = []
         for ex in self.examples:
             name = str(ex.label)
             if name not in mapping:
                 raise DataError(
-                    f"{self.path.name} line {ex.line}: label {ex.label!r} is not one of the "
+                    f"{self.name} {unit} {ex.line}: label {ex.label!r} is not one of the "
                     f"training labels ({', '.join(self.labels)})"
                 )
             out.append(mapping[name])
@@ -65,29 +227,99 @@ class TextDataset:
 
     def with_labels(self, labels: Sequence[str]) -> TextDataset:
         """The same rows mapped with another label list (eval data uses the training labels)."""
-        dataset = TextDataset(self.path, self.examples, list(labels))
+        dataset = TextDataset(self.path, self.examples, list(labels), self.source)
         dataset.label_ids()  # fail early, naming the line, on an unknown label
         return dataset
 
 
-def read_dataset(path: str | Path) -> TextDataset:
-    """Read a `.jsonl`/`.json` (one object per line) or `.csv` file of labelled text."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelNotFoundError(f"no such data file: {path}")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        rows = _jsonl_rows(path)
-    elif suffix in (".csv", ".tsv"):
-        rows = _csv_rows(path, delimiter="\t" if suffix == ".tsv" else ",")
-    else:
-        raise DataError(
-            f"{path.name}: unknown data format {suffix!r}", hint="use .jsonl or .csv files"
+def read_dataset(
+    spec: str | Path,
+    *,
+    config: str | None = None,
+    split: str | None = None,
+    columns: Columns | None = None,
+    default_split: str = DEFAULT_SPLIT,
+    hub_cache: Path | None = None,
+) -> TextDataset:
+    """Read labelled text from a file, a data set directory, or a cached data set id.
+
+    `config` names the configuration of a data set id or dataset repository directory, `split`
+    the split of a DatasetDict or id (`default_split` when None); neither applies to a file.
+    `hub_cache` is the hub cache to look ids up in (default HF_HUB_CACHE). Nothing is
+    downloaded.
+    """
+    columns = columns or Columns()
+    text = os.fspath(spec)
+    if not text.strip():
+        raise UsageError("--data is empty", hint="pass a data file, directory or data set id")
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # ~user of an unknown user
+        path = Path(text)
+    if path.is_file():
+        if config is not None or split is not None:
+            raise UsageError(
+                f"{path.name} is one file: --data-config and --split choose a configuration or "
+                "split of a data set id or data set directory",
+                hint="leave them out for a file",
+            )
+        return _read_file(path, columns)
+    if path.is_dir():
+        return _read_directory(path, config, split, default_split, columns)
+    if is_path_like(text) or path.suffix.lower() in {*STRICT_FORMATS, *DATASETS_FORMATS}:
+        raise ModelNotFoundError(
+            f"no such data file: {spec}", hint="check the path, or pass a data set id"
         )
-    examples = [_example(path, line, row) for line, row in rows]
+    if not HUB_ID.fullmatch(text):
+        raise ModelNotFoundError(
+            f"no such data file, and not a data set id: {spec}",
+            hint="pass a data file, a saved data set directory, or a data set id like org/name",
+        )
+    return _read_cached(text, config, split, default_split, columns, hub_cache)
+
+
+# -- local files ---------------------------------------------------------------------------
+
+
+def _read_file(path: Path, columns: Columns) -> TextDataset:
+    """A local file: the strict readers for text formats, `datasets` for columnar ones."""
+    suffix = path.suffix.lower()
+    if suffix in DATASETS_FORMATS:
+        with _datasets() as ds, tempfile.TemporaryDirectory(prefix="mposurgeon-data-") as tmp:
+            try:
+                table = ds.load_dataset(
+                    DATASETS_FORMATS[suffix],
+                    data_files=str(path),
+                    split="train",
+                    cache_dir=tmp,
+                    keep_in_memory=True,
+                )
+            except Exception as exc:  # pyarrow, fsspec: any unreadable file
+                raise DataError(
+                    f"{path.name}: not a readable {suffix[1:]} file ({_first_line(exc)})"
+                ) from None
+            return _from_datasets(table, _file_source(path, "row"), columns, path)
+    if suffix not in STRICT_FORMATS:
+        raise DataError(f"{path.name}: unknown data format {suffix!r}", hint=_FORMATS_HINT)
+    text = _read_text(path)
+    kind = STRICT_FORMATS[suffix]
+    if kind == "json" and text.lstrip().startswith("["):
+        rows, unit = _json_array_rows(path, text), "row"
+    elif kind in ("jsonl", "json"):
+        rows, unit = list(_jsonl_rows(path, text)), "line"
+    else:
+        delimiter = "\t" if kind == "tsv" else ","
+        rows, unit = _csv_rows(path, text, delimiter, columns.label_name), "line"
+    examples = [_example(f"{path.name} {unit} {line}", line, row, columns) for line, row in rows]
     if not examples:
         raise DataError(f"{path.name} holds no rows", hint="each row needs text and label")
-    return TextDataset(path, examples, _label_names([ex.label for ex in examples]))
+    labels = _label_names([ex.label for ex in examples])
+    return TextDataset(path, examples, labels, _file_source(path, unit))
+
+
+def _file_source(path: Path, unit: str) -> DataSource:
+    location = str(path.resolve())
+    return DataSource("file", location, path.name, unit, files={location: sha256_file(path)})
 
 
 def _read_text(path: Path) -> str:
@@ -104,9 +336,9 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
     hint = "JSON Lines: one JSON object per line"
-    for line_no, line in enumerate(_read_text(path).split("\n"), 1):
+    for line_no, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -120,8 +352,26 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield line_no, row
 
 
-def _csv_rows(path: Path, delimiter: str) -> list[tuple[int, dict[str, Any]]]:
-    """The non-blank rows of a CSV/TSV file with their line numbers.
+def _json_array_rows(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
+    """The objects of a JSON array, numbered from 1 (an invalid document names its line)."""
+    hint = "a .json file holds one JSON object per line, or one array of objects"
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{path.name} line {exc.lineno}: invalid JSON ({exc.msg})", hint=hint
+        ) from None
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise DataError(f"{path.name} row {i}: expected a JSON object", hint=hint)
+    return list(enumerate(rows, 1))
+
+
+def _csv_rows(
+    path: Path, text: str, delimiter: str, label: str
+) -> list[tuple[int, dict[str, Any]]]:
+    """The non-blank rows of a CSV/TSV file with their line numbers; integer labels (column
+    `label`) as integers.
 
     Strict CSV: an unterminated quoted field or text after a closing quote is an error naming
     the line where the record starts, and so is a header that names a column twice. Fields may
@@ -129,7 +379,6 @@ def _csv_rows(path: Path, delimiter: str) -> list[tuple[int, dict[str, Any]]]:
     is legitimate, it is cut to `--max-length` tokens later); the process-wide limit is
     restored afterwards.
     """
-    text = _read_text(path)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     rows: list[tuple[int, dict[str, Any]]] = []
     limit = csv.field_size_limit()
@@ -142,9 +391,9 @@ def _csv_rows(path: Path, delimiter: str) -> list[tuple[int, dict[str, Any]]]:
             end = reader.line_num
             if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
                 continue
-            label = row.get("label")
-            if isinstance(label, str) and _is_int(label):
-                row["label"] = int(label)
+            value = row.get(label)
+            if isinstance(value, str) and _is_int(value):
+                row[label] = int(value)
             rows.append((end, row))
     except csv.Error as exc:
         line = _record_start(text, end)
@@ -185,22 +434,27 @@ def _is_int(text: str) -> bool:
     return text.strip().lstrip("+-").isdigit()
 
 
-def _example(path: Path, line: int, row: dict[str, Any]) -> Example:
-    where = f"{path.name} line {line}"
-    for first, second in TEXT_COLUMNS:
-        if first in row:
-            text, pair = row[first], row.get(second) if second else None
-            break
-    else:
+def _example(where: str, line: int, row: dict[str, Any], columns: Columns) -> Example:
+    """The example of one row (`where`: "file line N" for messages)."""
+    names = columns.text_names(row)
+    found = ", ".join(map(str, row)) or "nothing"
+    if names is None:
         raise DataError(
-            f"{where}: no text column (found {', '.join(map(str, row)) or 'nothing'})",
-            hint="each row needs 'text' (or 'text_a' and 'text_b') and 'label'",
+            f"{where}: no text column (found {found})",
+            hint="each row needs 'text' (or 'text_a' and 'text_b') and 'label', or name the "
+            "columns with --text-column and --label-column",
         )
+    first, second = names
+    for column, flag in ((first, "--text-column"), (columns.text_pair, "--text-pair-column")):
+        if column is not None and column not in row:
+            raise DataError(f"{where}: no column {column!r} (found {found})", hint=f"check {flag}")
+    text, pair = row[first], row.get(second) if second else None
     if not isinstance(text, str) or (pair is not None and not isinstance(pair, str)):
         raise DataError(f"{where}: text must be a string")
-    if "label" not in row or row["label"] in (None, ""):
-        raise DataError(f"{where}: missing 'label'", hint="every row needs a label")
-    label = row["label"]
+    name = columns.label_name
+    if name not in row or row[name] in (None, ""):
+        raise DataError(f"{where}: missing {name!r}", hint="every row needs a label")
+    label = row[name]
     if isinstance(label, bool) or not isinstance(label, int | str):
         raise DataError(f"{where}: label {label!r} is neither an integer nor a string")
     return Example(text=text, text_pair=pair, label=label, line=line)
@@ -215,6 +469,365 @@ def _label_names(labels: Sequence[int | str]) -> list[str]:
     return ints + strs
 
 
+# -- data sets through `datasets` ------------------------------------------------------------
+
+
+@contextmanager
+def _datasets() -> Iterator[Any]:
+    """The `datasets` module, offline (whatever HF_HUB_OFFLINE says: nothing is downloaded),
+    without progress bars or log lines (stderr stays one line per error); restored after."""
+    try:
+        import datasets
+        from datasets.utils import logging as ds_logging
+    except ImportError:  # pragma: no cover - a dependency of mposurgeon
+        raise UsageError(
+            "reading this data needs the `datasets` package", hint="pip install datasets"
+        ) from None
+    saved = {k: getattr(datasets.config, k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    verbosity = ds_logging.get_verbosity()
+    bars = not datasets.utils.are_progress_bars_disabled()
+    for key in saved:
+        setattr(datasets.config, key, True)
+    ds_logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    try:
+        yield datasets
+    finally:
+        for key, value in saved.items():
+            setattr(datasets.config, key, value)
+        ds_logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _datasets_cache() -> str | None:
+    """HF_DATASETS_CACHE as set now (`datasets` read it when first imported), else None."""
+    return os.environ.get("HF_DATASETS_CACHE") or None
+
+
+def _read_directory(
+    path: Path, config: str | None, split: str | None, default_split: str, columns: Columns
+) -> TextDataset:
+    """A `save_to_disk` directory, or a directory `datasets.load_dataset` reads."""
+    location = str(path.resolve())
+    with _datasets() as ds:
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            if config is not None:
+                raise UsageError(
+                    f"{path.name} is a saved data set: --data-config does not apply",
+                    hint="leave --data-config out (pick a split with --split)",
+                )
+            table, split = _load_saved(ds, path, split, default_split)
+            # the Arrow files of the split and its fingerprint, as save_to_disk wrote them
+            files = {e["filename"]: sha256_file(Path(e["filename"])) for e in table.cache_files}
+            fingerprint = _saved_fingerprint(table) or table._fingerprint
+            kind: Literal["saved", "directory"] = "saved"
+        else:
+            config = _check_config(ds, location, path.name, config)
+            split = _check_split(ds, location, path.name, config, split or default_split)
+            table = _load(ds, path.name, location, config, split)
+            files, fingerprint, kind = {}, table._fingerprint, "directory"
+        source = DataSource(
+            kind,
+            location,
+            _display_name(path.name, config, split),
+            unit="row",
+            config=config,
+            split=split,
+            fingerprint=fingerprint,
+            files=files,
+        )
+        return _from_datasets(table, source, columns, path)
+
+
+def _load_saved(
+    ds: Any, path: Path, split: str | None, default_split: str
+) -> tuple[datasets.Dataset, str | None]:
+    """The split of a `save_to_disk` directory and its name: of a DatasetDict, `split` (else
+    `default_split`); a Dataset as it is (a `split` that is not its own is an error). Only
+    that split is opened (`load_from_disk` of a whole DatasetDict fails on an empty split)."""
+    if (path / "dataset_dict.json").is_file():
+        splits = _saved_json(path, "dataset_dict.json").get("splits") or []
+        own = split or default_split
+        if own not in splits:
+            raise UsageError(
+                f"{path.name} has no split {own!r} (splits: {', '.join(map(str, splits))})",
+                hint="pick one with --split (--eval-split for the eval data)",
+            )
+        directory = path / own
+    else:
+        own = _saved_json(path, "state.json").get("_split")
+        if split is not None and split != own:
+            raise UsageError(
+                f"{path.name} is one saved Dataset (split {own or 'unnamed'}), not a "
+                f"DatasetDict: it has no split {split!r}",
+                hint="leave --split out",
+            )
+        directory = path
+    if not _saved_json(directory, "state.json").get("_data_files"):
+        raise _empty(_display_name(path.name, None, own), own)
+    try:
+        return ds.load_from_disk(str(directory)), own
+    except Exception as exc:
+        raise DataError(
+            f"{path.name}: not a readable saved data set ({_first_line(exc)})"
+        ) from None
+
+
+def _saved_json(directory: Path, name: str) -> dict[str, Any]:
+    """A JSON file `save_to_disk` wrote (dataset_dict.json, state.json)."""
+    try:
+        data = json.loads((directory / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(
+            f"{directory.name}: not a readable saved data set ({name}: {_first_line(exc)})"
+        ) from None
+    if not isinstance(data, dict):
+        raise DataError(f"{directory.name}: not a readable saved data set ({name})")
+    return data
+
+
+def _empty(name: str, split: str | None) -> DataError:
+    where = f": split {split!r}" if split else ""
+    return DataError(f"{name}{where} holds no rows", hint="each row needs text and label")
+
+
+def _saved_fingerprint(table: datasets.Dataset) -> str | None:
+    """The fingerprint `save_to_disk` wrote beside the split's Arrow files (`load_from_disk`
+    derives another one from it when it sets the saved format)."""
+    if not table.cache_files:
+        return None
+    state = Path(table.cache_files[0]["filename"]).parent / "state.json"
+    try:
+        return str(json.loads(state.read_text(encoding="utf-8"))["_fingerprint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _read_cached(
+    repo_id: str,
+    config: str | None,
+    split: str | None,
+    default_split: str,
+    columns: Columns,
+    hub_cache: Path | None,
+) -> TextDataset:
+    """A data set id from the hub cache (a snapshot) or the `datasets` cache, never the net."""
+    snapshot = _hub_snapshot(repo_id, hub_cache)
+    with _datasets() as ds:
+        if snapshot is not None:
+            config = _check_config(ds, str(snapshot), repo_id, config)
+            split = _check_split(ds, str(snapshot), repo_id, config, split or default_split)
+            table = _load(ds, repo_id, str(snapshot), config, split)
+            kind: Literal["hub", "cache"] = "hub"
+            revision = snapshot.name
+            where = snapshot
+        else:
+            loaded, config, where = _load_prepared(ds, repo_id, config)
+            kind, revision = "cache", "/".join(where.parts[-2:])
+            split = _check_split(ds, loaded, repo_id, config, split or default_split)
+            table = loaded[split]
+        source = DataSource(
+            kind,
+            repo_id,
+            _display_name(repo_id, config, split),
+            unit="row",
+            config=config,
+            split=split,
+            revision=revision,
+            fingerprint=table._fingerprint,
+        )
+        return _from_datasets(table, source, columns, where)
+
+
+def _hub_snapshot(repo_id: str, hub_cache: Path | None) -> Path | None:
+    """The cached snapshot of data set `repo_id` (its `main` ref), else None."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    if hub_cache is None and os.environ.get("HF_HUB_CACHE"):
+        hub_cache = Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    try:
+        return Path(
+            snapshot_download(
+                repo_id, repo_type="dataset", cache_dir=hub_cache, local_files_only=True
+            )
+        )
+    except (LocalEntryNotFoundError, HFValidationError):
+        return None
+
+
+def _load_prepared(
+    ds: Any, repo_id: str, config: str | None
+) -> tuple[datasets.DatasetDict, str | None, Path]:
+    """The Arrow files an earlier `load_dataset(repo_id, config)` prepared in the `datasets`
+    cache: the data set, its configuration and its cache directory."""
+    from datasets.naming import camelcase_to_snakecase
+
+    root = Path(_datasets_cache() or ds.config.HF_DATASETS_CACHE).expanduser()
+    parts = repo_id.split("/")
+    parts[-1] = camelcase_to_snakecase(parts[-1])
+    cached = sorted(p.name for p in (root / "___".join(parts)).glob("*") if p.is_dir())
+    fetch = f"python -c \"import datasets; datasets.load_dataset('{repo_id}'" + (
+        f", '{config}')\"" if config else ')"'
+    )
+    if not cached:
+        raise ModelNotFoundError(
+            f"data set {repo_id} is not in the local Hugging Face cache (data sets are read "
+            "offline, never downloaded)",
+            hint=f"fetch it once online: {fetch}, or hf download {repo_id} --repo-type dataset",
+        )
+    if config is not None and config not in cached:
+        raise UsageError(
+            f"data set {repo_id} has no configuration {config!r} in the cache (cached: "
+            f"{', '.join(cached)})",
+            hint=f"pick one with --data-config, or fetch it once online: {fetch}",
+        )
+    if config is None and len(cached) > 1:
+        raise UsageError(
+            f"data set {repo_id} has several configurations cached: {', '.join(cached)}",
+            hint="pick one with --data-config",
+        )
+    config = config or cached[0]
+    try:
+        loaded = ds.load_dataset(repo_id, name=config, cache_dir=_datasets_cache())
+    except Exception as exc:  # datasets, pyarrow, fsspec: any unreadable cache
+        raise DataError(f"{repo_id}: `datasets` could not read it ({_first_line(exc)})") from None
+    any_split = next(iter(loaded.values()))
+    return loaded, config, Path(any_split.cache_files[0]["filename"]).parent
+
+
+def _check_config(ds: Any, location: str, name: str, config: str | None) -> str | None:
+    """`config` checked against the configurations of the data set at `location` (None: its
+    only one, or its default)."""
+    try:
+        configs = list(ds.get_dataset_config_names(location))
+    except Exception as exc:
+        raise DataError(
+            f"{name}: not a data set `datasets` can read ({_first_line(exc)})"
+        ) from None
+    if config is not None and config not in configs:
+        raise UsageError(
+            f"data set {name} has no configuration {config!r} (configurations: "
+            f"{', '.join(configs)})",
+            hint="pick one with --data-config",
+        )
+    if config is None and len(configs) > 1:
+        raise UsageError(
+            f"data set {name} has several configurations: {', '.join(configs)}",
+            hint="pick one with --data-config",
+        )
+    return config
+
+
+def _check_split(ds: Any, location: str | Any, name: str, config: str | None, split: str) -> str:
+    """`split`, checked to be one of the splits of the data set at `location` (a path, or a
+    loaded DatasetDict)."""
+    if isinstance(location, str):
+        try:
+            splits = list(ds.get_dataset_split_names(location, config_name=config))
+        except Exception as exc:
+            raise DataError(
+                f"{name}: not a data set `datasets` can read ({_first_line(exc)})"
+            ) from None
+    else:
+        splits = list(location)
+    if split not in splits:
+        raise UsageError(
+            f"{name} has no split {split!r} (splits: {', '.join(splits)})",
+            hint="pick one with --split (--eval-split for the eval data)",
+        )
+    return split
+
+
+def _load(ds: Any, name: str, location: str, config: str | None, split: str) -> Any:
+    """`datasets.load_dataset(location, config, split=split)`: a Dataset."""
+    try:
+        return ds.load_dataset(location, name=config, split=split, cache_dir=_datasets_cache())
+    except Exception as exc:  # datasets, pyarrow, fsspec: any unreadable data set
+        if "corresponds to no data" in str(exc):  # datasets' word for an empty split
+            raise _empty(_display_name(name, config, split), split) from None
+        raise DataError(f"{name}: `datasets` could not read it ({_first_line(exc)})") from None
+
+
+def _display_name(base: str, config: str | None, split: str | None) -> str:
+    """`glue (sst2, train)`: the data set as messages name it."""
+    parts = [p for p in (config, split) if p]
+    return f"{base} ({', '.join(parts)})" if parts else base
+
+
+def _from_datasets(
+    table: datasets.Dataset, source: DataSource, columns: Columns, path: Path
+) -> TextDataset:
+    """The examples of a `datasets.Dataset`; the columns checked once, the rows one by one."""
+    import datasets
+
+    name = source.name
+    present = list(table.column_names)
+    if len(table) == 0:
+        raise _empty(name, source.split)
+    names = columns.text_names(present)
+    if names is None:
+        raise DataError(
+            f"{name}: no text column 'text' (or 'text_a' and 'text_b'); columns: "
+            f"{', '.join(present)}",
+            hint="name the text column with --text-column",
+        )
+    first, second = names
+    if second is not None and second not in present and columns.text_pair is None:
+        second = None  # text_a without text_b: single texts
+    label = columns.label_name
+    for column, flag in ((first, "--text-column"), (second, "--text-pair-column"), (label, None)):
+        if column is not None and column not in present:
+            what = "label column" if flag is None else "column"
+            raise DataError(
+                f"{name}: no {what} {column!r} (columns: {', '.join(present)})",
+                hint=f"name it with {flag or '--label-column'}",
+            )
+    wanted = [c for c in dict.fromkeys((first, second, label)) if c is not None]
+    data = table.select_columns(wanted).to_dict()
+    feature = table.features[label]
+    classes: list[str] | None = None
+    if isinstance(feature, datasets.ClassLabel):
+        classes = list(feature.names)
+    elif not isinstance(feature, datasets.Value):
+        raise DataError(
+            f"{name}: label column {label!r} holds {type(feature).__name__} values, not one "
+            "label per row",
+            hint="single-label classification needs an integer or string label column",
+        )
+    chosen = Columns(first, second, label)
+    examples = []
+    for i in range(len(table)):
+        where = f"{name} row {i + 1}"
+        row = {c: data[c][i] for c in wanted}
+        if classes is not None and isinstance(row[label], int):
+            row[label] = _class_name(where, row[label], classes, label)
+        examples.append(_example(where, i + 1, row, chosen))
+    if classes is not None:
+        present_labels = {ex.label for ex in examples}
+        labels = [c for c in classes if c in present_labels]
+    else:
+        labels = _label_names([ex.label for ex in examples])
+    return TextDataset(path, examples, labels, source)
+
+
+def _class_name(where: str, value: int, classes: Sequence[str], column: str) -> str:
+    """The name of class id `value` of a ClassLabel column."""
+    if 0 <= value < len(classes):
+        return classes[value]
+    unlabelled = " (an unlabelled row: a test split?)" if value == -1 else ""
+    raise DataError(
+        f"{where}: label {value} is not a class of {column!r} ({', '.join(classes)}){unlabelled}",
+        hint="train and evaluate on labelled splits",
+    )
+
+
 def encode(dataset: TextDataset, tokenizer: Any, max_length: int = 128) -> list[dict[str, Any]]:
     """Tokenize every example, unpadded, with its `labels` id: feed batches of these to
     `transformers.DataCollatorWithPadding(tokenizer)`. A tokenizer that turns every row into
@@ -227,7 +840,7 @@ def encode(dataset: TextDataset, tokenizer: Any, max_length: int = 128) -> list[
     if not any(set(ids) - special for ids in enc["input_ids"]):
         unk = f" ({tokenizer.unk_token})" if tokenizer.unk_token else ""
         raise UsageError(
-            f"the tokenizer maps every word of {dataset.path.name} to its unknown token{unk} "
+            f"the tokenizer maps every word of {dataset.name} to its unknown token{unk} "
             "or to nothing: it does not fit this data",
             hint="train a checkpoint whose tokenizer covers the language of the data",
         )

@@ -1,5 +1,6 @@
 """The training loop: AdamW with linear warmup and decay, gradient accumulation and clipping,
-evaluation (accuracy, macro-F1, loss), periodic checkpoints and exact resume.
+evaluation (accuracy, macro-F1, MCC, loss: `evaluate_classifier`, which `eval` calls too),
+periodic checkpoints and exact resume.
 
 Everything goes through `accelerate.Accelerator`: one process on CPU or GPU, or several under
 `accelerate launch` / `torchrun` (DDP, gloo on CPU). There is no hand-written distribution
@@ -52,6 +53,7 @@ from mposurgeon.errors import ArtifactError, UsageError, VerificationError
 from mposurgeon.methods.base import Method
 from mposurgeon.models.layers import reuse_dense_weights
 from mposurgeon.progress import ProgressCallback
+from mposurgeon.training.metrics import classification_metrics
 from mposurgeon.training.params import unique_state_dict
 
 CHECKPOINT = "checkpoint"
@@ -187,19 +189,41 @@ def model_inputs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k in accepted}
 
 
-def classification_metrics(preds: Tensor, labels: Tensor) -> tuple[float, float]:
-    """(accuracy, macro-F1) of predicted vs true class ids (1-D). Macro-F1 averages the F1 of
-    every class that occurs in `labels` or `preds` (as scikit-learn does)."""
-    if labels.numel() == 0:
-        return 0.0, 0.0
-    accuracy = float((preds == labels).double().mean())
-    f1s = []
-    for c in torch.unique(torch.cat([preds, labels])).tolist():
-        tp = int(((preds == c) & (labels == c)).sum())
-        fp = int(((preds == c) & (labels != c)).sum())
-        fn = int(((preds != c) & (labels == c)).sum())
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return accuracy, sum(f1s) / len(f1s)
+@torch.no_grad()
+def evaluate_classifier(
+    accelerator: Accelerator,
+    model: nn.Module,
+    loader: Any,
+    *,
+    progress: ProgressCallback | None = None,
+) -> dict[str, float]:
+    """`classification_metrics` (accuracy, macro-F1, MCC) and the mean cross-entropy `loss`
+    (per row, nats) of `model` on the batches of `loader` (prepared by `accelerator`: every
+    process's share of the rows is gathered, each row counted once). The model is left in
+    eval mode; each MPO weight is rebuilt once, not once per batch. `train` (every
+    evaluation) and `eval` both score through here."""
+    unwrapped = accelerator.unwrap_model(model)
+    model.eval()
+    preds, labels, losses = [], [], []
+    total = len(loader)
+    with reuse_dense_weights(unwrapped):
+        for i, batch in enumerate(loader, 1):
+            inputs = model_inputs(unwrapped, batch)
+            target = inputs.pop("labels")
+            logits = model(**inputs).logits.float()
+            loss = F.cross_entropy(logits, target, reduction="none")
+            p, y, lo = accelerator.gather_for_metrics((logits.argmax(-1), target, loss))
+            preds.append(p.cpu())
+            labels.append(y.cpu())
+            losses.append(lo.cpu())
+            if progress is not None:
+                progress("eval", i, total)
+    if not losses:
+        return {**classification_metrics([], []), "loss": math.nan}
+    return {
+        **classification_metrics(torch.cat(preds), torch.cat(labels)),
+        "loss": float(torch.cat(losses).double().mean()),
+    }
 
 
 class TrainingRun:
@@ -387,30 +411,12 @@ class TrainingRun:
                     hint=_DIVERGED_HINT,
                 )
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Accuracy, macro-F1 and mean loss on the eval rows; appended to `state.evals`."""
-        acc = self.accelerator
-        self.model.eval()
-        preds, labels, losses = [], [], []
-        with reuse_dense_weights(self.unwrapped):  # each MPO rebuilt once, not once per batch
-            for batch in self.eval_dl:
-                inputs = model_inputs(self.unwrapped, batch)
-                target = inputs.pop("labels")
-                logits = self.model(**inputs).logits.float()
-                loss = F.cross_entropy(logits, target, reduction="none")
-                p, y, lo = acc.gather_for_metrics((logits.argmax(-1), target, loss))
-                preds.append(p.cpu())
-                labels.append(y.cpu())
-                losses.append(lo.cpu())
+        """Accuracy, macro-F1, MCC and mean loss on the eval rows (`evaluate_classifier`);
+        appended to `state.evals`."""
+        scores = evaluate_classifier(self.accelerator, self.model, self.eval_dl)
         self.model.train()
-        accuracy, macro_f1 = classification_metrics(torch.cat(preds), torch.cat(labels))
-        result = {
-            "step": self.state.step,
-            "accuracy": accuracy,
-            "macro_f1": macro_f1,
-            "loss": float(torch.cat(losses).double().mean()),
-        }
+        result = {"step": self.state.step, **scores}
         self.state.evals.append(result)
         return result
 

@@ -1,8 +1,11 @@
-"""A sequence-classification model and its tokenizer for `train` and `select --method fisher`.
+"""A sequence-classification model and its tokenizer for `train`, `eval` and
+`select --method fisher`.
 
-The head is added when the checkpoint has none (seeded, so runs are reproducible) and its labels
-come from the data. Decoder-only models (GPT-2, Llama, BLOOM) get a pad token: their EOS token,
-recorded in the config as `pad_token_id`.
+For training, the head is added when the checkpoint has none (seeded, so runs are reproducible)
+and its labels come from the data (`classification_model`). For evaluation, the checkpoint's
+own trained head is used as it is, with the labels of its config (`trained_classifier`).
+Decoder-only models (GPT-2, Llama, BLOOM) get a pad token: their EOS token, recorded in the
+config as `pad_token_id`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from mposurgeon.artifact.load import load_model
 from mposurgeon.artifact.store import VOCABULARY_FILES
-from mposurgeon.errors import UsageError
+from mposurgeon.errors import ArtifactError, UsageError, one_line
 from mposurgeon.models.auto import quiet_transformers
 
 
@@ -96,3 +99,62 @@ def classification_model(
                 path, config=config, ignore_mismatched_sizes=True
             )
     return ClassifierSetup(model=model, tokenizer=tokenizer, pad_token_set=pad)
+
+
+#: The suffix of the transformers classes with a sequence-classification head.
+CLASSIFIER_SUFFIX = "ForSequenceClassification"
+
+
+def classifier_labels(path: Path, config: Any) -> list[str]:
+    """The label names of the classifier whose config (of `path`) is `config`, in id order
+    (`label2id` decides the ids). A model without a trained single-label classification head
+    (a base checkpoint such as MiniLM, a regression head) is a usage error."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    if not any(name.endswith(CLASSIFIER_SUFFIX) for name in architectures):
+        model = ", ".join(architectures) or "no architecture named in its config.json"
+        raise UsageError(
+            f"{path} has no sequence-classification head ({model})",
+            hint="train it first: mposurgeon train MODEL --method full --data TRAIN.jsonl "
+            "adds a head for the labels of the data",
+        )
+    kind = getattr(config, "problem_type", None) or "single_label_classification"
+    if kind != "single_label_classification" or config.num_labels < 2:
+        raise UsageError(
+            f"{path} has a {kind.replace('_', ' ')} head with {config.num_labels} output(s); "
+            "eval scores single-label classification",
+        )
+    ids = {name: int(i) for name, i in config.label2id.items()}
+    if sorted(ids.values()) != list(range(config.num_labels)):
+        raise ArtifactError(
+            f"{path}/config.json: label2id {config.label2id} does not number "
+            f"{config.num_labels} labels 0..{config.num_labels - 1}"
+        )
+    return sorted(ids, key=ids.__getitem__)
+
+
+def trained_classifier(
+    path: Path, config: Any, *, is_artifact: bool, verify: bool = True
+) -> ClassifierSetup:
+    """`path`'s classifier as it is, with its own head, in eval mode, and its tokenizer with
+    a pad token (as `classification_model` gives them to `train`). An artifact's modules stay
+    factorized (`load_model`); a dense checkpoint must hold every weight of the model."""
+    tokenizer = load_tokenizer(path, is_artifact=is_artifact)
+    pad = ensure_pad_token(tokenizer, config)
+    if is_artifact:
+        model = load_model(path, "sequence-classification", config=config, verify=verify)
+    else:
+        try:
+            with quiet_transformers():
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    path, config=config, output_loading_info=True
+                )
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ArtifactError(f"cannot load the model in {path}: {one_line(exc)}") from None
+        if info["missing_keys"]:
+            keys = sorted(info["missing_keys"])
+            missing = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            raise ArtifactError(
+                f"{path} lacks weights of its model ({missing}): they would be random",
+                hint="evaluate the checkpoint that training wrote, or train one first",
+            )
+    return ClassifierSetup(model=model.eval(), tokenizer=tokenizer, pad_token_set=pad)

@@ -1,0 +1,95 @@
+"""`mposurgeon eval`: parse flags, call the stage, render the scores."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from mposurgeon.cli import options as opt
+from mposurgeon.cli.render import eval_line, print_json, progress_bar, stdout
+
+
+@opt.shared_flags(*opt.HUB_FLAGS, "no_verify", "json_out", "quiet")
+def eval_command(
+    model: Annotated[
+        str,
+        typer.Argument(help="Classifier: artifact (factorized), merged output, HF dir or hub id."),
+    ],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Labelled data (as train's --data): a file, a save_to_disk directory, or a "
+            "data set id in the local HF cache (offline).",
+        ),
+    ],
+    data_config: opt.DataConfig = None,
+    split: Annotated[
+        str | None,
+        typer.Option("--split", help="Split of a saved DatasetDict or data set id (validation)."),
+    ] = None,
+    text_column: opt.TextColumn = None,
+    text_pair_column: opt.TextPairColumn = None,
+    label_column: opt.LabelColumn = None,
+    max_length: Annotated[
+        int, typer.Option("--max-length", help="Tokens per row (truncated), as in train.")
+    ] = 128,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", help="Rows per batch (per process).")
+    ] = 16,
+    *,
+    flags: opt.StageFlags,
+) -> None:
+    """Score a trained classifier on labelled data: accuracy, macro-F1, MCC, loss.
+
+    The same tokenization and scoring as train's --eval-data; an artifact is evaluated
+    factorized (no merge). Nothing is written.
+
+    Example:
+
+        mposurgeon eval mposurgeon-out/minilm/v2-train --data data/sentiment-eval.jsonl
+    """
+    from mposurgeon.stages.eval import EvalOptions, evaluate
+
+    options = EvalOptions(
+        data=data,
+        data_config=data_config,
+        split=split,
+        text_column=text_column,
+        text_pair_column=text_pair_column,
+        label_column=label_column,
+        max_length=max_length,
+        batch_size=batch_size,
+        revision=flags.revision,
+        offline=flags.offline,
+        cache_dir=flags.cache_dir,
+        verify_checksums=not flags.no_verify,
+    )
+    with progress_bar(flags.no_progress) as progress:
+        result = evaluate(model, options, progress=progress)
+    if not result.is_main_process:
+        return  # under accelerate launch / torchrun the main process reports
+    if flags.json_out:
+        print_json(
+            {
+                "model": result.model,
+                "data": result.data,
+                "task": result.task,
+                "labels": result.labels,
+                "metrics": result.metrics,
+            }
+        )
+        return
+    for line in result_lines(result):
+        stdout.print(line, markup=False)
+
+
+def result_lines(result: Any) -> list[str]:
+    """An `EvalResult` as short lines (for `eval` and recipes)."""
+    m = result.metrics
+    return [
+        f"{result.model} ({result.kind}) on {result.data_name}: labels {', '.join(result.labels)}",
+        eval_line(m["accuracy"], m["macro_f1"], m["mcc"], m["loss"], m["rows"]),
+    ]

@@ -1,0 +1,147 @@
+"""eval: the metrics of a trained classifier on labelled data; writes nothing.
+
+The story: resolve the model (a dense Hugging Face checkpoint with a sequence-classification
+head, an artifact, or a merged output) and verify it as every stage does; check its config
+against its weights; read the data; take the label ids from the model's config (`label2id`:
+the labels of the data it was trained on) and refuse data labels the model does not know;
+load the model as it is (an artifact's MPO modules stay factorized: `load_model`, no merge)
+with the tokenizer `train` uses (a pad token for GPT-2, Llama, BLOOM); tokenize the rows as
+`train` does (`training/data.encode`, `--max-length`) and score them with the function that
+scores `train`'s evaluations (`training/loop.evaluate_classifier`).
+
+So `eval` of a trained artifact on its `--eval-data`, with train's `--max-length` and
+`--batch-size`, gives the metrics of train's last evaluation (accuracy, macro-F1 and MCC
+equal; the loss equal to rounding: padding depends on the batch), and `eval` of its merged
+checkpoint gives them within merge's tolerance. It is how a stage's cost shows: `eval` before,
+`eval` after `truncate`.
+
+A model's config that still holds Hugging Face's default labels (`LABEL_0`, `LABEL_1`, ...)
+accepts data labelled with the integers 0, 1, ... for them.
+
+Task: single-label classification (accuracy, macro-F1, Matthews correlation, mean loss);
+regression, causal-LM and seq2seq scores (`training/metrics.py` has their functions) come with
+`train --task`.
+
+In a recipe, `eval` scores the output of the last stage before it that wrote an artifact, and
+its `expect: {min_eval_accuracy: ...}` gates on it; it writes nothing and always runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from torch.utils.data import DataLoader
+from transformers import AutoConfig, DataCollatorWithPadding
+
+from mposurgeon.errors import DataError
+from mposurgeon.progress import ProgressCallback
+from mposurgeon.stages.common import InputOptions, model_layout, open_input, tensor_shapes
+from mposurgeon.training.data import (
+    DEFAULT_EVAL_SPLIT,
+    DataOptions,
+    TextDataset,
+    encode,
+    read_dataset,
+)
+from mposurgeon.training.loop import evaluate_classifier, launch_accelerator
+from mposurgeon.training.model import classifier_labels, trained_classifier
+
+
+class EvalOptions(InputOptions, DataOptions):
+    """Options of `eval` (the CLI flags, one to one): the model's input options, the data
+    (`DataOptions`, as train's: a file, a saved data set or a data set id, its split, by
+    default `validation`, and columns) and how it is batched. Use train's `max_length` and
+    `batch_size` to reproduce its last evaluation exactly."""
+
+    max_length: int = Field(128, ge=2, description="tokens per row (truncated), as train's")
+    batch_size: int = Field(16, ge=1, description="rows per batch and process")
+
+
+@dataclass
+class EvalResult:
+    """The scores of `model` on `data`: `metrics` holds accuracy, macro_f1, mcc, loss (mean
+    cross-entropy per row, nats) and rows."""
+
+    model: str
+    data: dict[str, Any]  # what was read (`TextDataset.record`: path and sha256 of a file)
+    data_name: str  # the data as messages name it (file name, or `id (config, split)`)
+    task: str
+    labels: list[str]
+    metrics: dict[str, Any]
+    kind: str = "hf"  # the input: "artifact" (with a manifest) or "hf" (a checkpoint)
+    is_main_process: bool = True
+
+
+def evaluate(
+    model: str | Path,
+    options: EvalOptions | None = None,
+    progress: ProgressCallback | None = None,
+    **kwargs: object,
+) -> EvalResult:
+    """Score the classifier `model` on the labelled rows of `data`; nothing is written.
+
+    `options` or keyword arguments (the same names as the CLI flags) configure it:
+    `mposurgeon.evaluate("out/v2-train", data="eval.jsonl").metrics["accuracy"]`.
+    """
+    opts = options or EvalOptions(**kwargs)  # type: ignore[arg-type]
+    inp = open_input(model, opts)
+    model_layout(inp.path, tensor_shapes(inp))  # config.json read, checked against the weights
+    data = read_dataset(
+        opts.data,
+        config=opts.data_config,
+        split=opts.split,
+        columns=opts.columns(),
+        default_split=DEFAULT_EVAL_SPLIT,
+        hub_cache=opts.cache_dir,
+    )
+    config = AutoConfig.from_pretrained(inp.path)
+    labels = classifier_labels(inp.path, config)
+    data = data.with_labels(_data_labels(data, labels))
+    is_artifact = inp.manifest is not None
+    # open_input has verified the artifact's checksums.
+    setup = trained_classifier(inp.path, config, is_artifact=is_artifact, verify=False)
+    rows = encode(data, setup.tokenizer, opts.max_length)
+    loader = DataLoader(
+        rows,  # type: ignore[arg-type]
+        batch_size=opts.batch_size,
+        shuffle=False,
+        collate_fn=DataCollatorWithPadding(setup.tokenizer),
+    )
+    with launch_accelerator() as accelerator:
+        net, loader = accelerator.prepare(setup.model, loader)
+        scores = evaluate_classifier(accelerator, net, loader, progress=progress)
+        main = accelerator.is_main_process
+    return EvalResult(
+        model=str(model),
+        data=data.record(),
+        data_name=data.name,
+        task="classification",
+        labels=labels,
+        metrics={**scores, "rows": len(rows)},
+        kind="artifact" if is_artifact else "hf",
+        is_main_process=main,
+    )
+
+
+def _data_labels(data: TextDataset, labels: list[str]) -> list[str]:
+    """The model's label names as the data spells them: `labels`, or for a config with
+    Hugging Face's default names (LABEL_0, LABEL_1, ...) the integers 0, 1, ... when the data
+    uses those. A data label the model does not know is an error naming its line."""
+    names = {str(ex.label) for ex in data.examples}
+    if names <= set(labels):
+        return labels
+    numbered = [str(i) for i in range(len(labels))]
+    if labels == [f"LABEL_{i}" for i in range(len(labels))] and names <= set(numbered):
+        return numbered
+    unknown = [ex for ex in data.examples if str(ex.label) not in labels]
+    others = len({str(ex.label) for ex in unknown}) - 1
+    more = f" ({others} other unknown label{'s' if others > 1 else ''})" if others else ""
+    unit = data.source.unit if data.source is not None else "line"
+    raise DataError(
+        f"{data.name} {unit} {unknown[0].line}: label {unknown[0].label!r} is not one of "
+        f"the model's labels ({', '.join(labels)}){more}",
+        hint="evaluate on data labelled like the model's training data",
+    )
