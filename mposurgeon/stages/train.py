@@ -184,8 +184,10 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions):
                 f"{', '.join(method_names(training=True))}"
             )
         config = method_config(self.method, training=True)
-        for option in ("mpo_lr", "num_cores"):
-            if getattr(self, option) is not None and option not in config.options():
+        methods = [method_config(name) for name in method_names(training=True)]
+        options = {o for c in methods for o in c.options() if o in type(self).model_fields}
+        for option in sorted(options - set(config.options())):
+            if getattr(self, option) is not None:
                 flag = "--" + option.replace("_", "-")
                 raise ValueError(f"{flag} is not an option of method {self.method}")
         if self.lr is None:
