@@ -1,23 +1,32 @@
-"""Bond-spectrum figure (`inspect --plot`): matplotlib is optional, imported lazily, and drawn
-with the Agg canvas (no pyplot, no global backend change).
+"""The figures of `inspect --plot`: bond spectra of an artifact's MPO modules, or the training
+curves of a trained one. matplotlib is optional, imported lazily, and drawn with the Agg canvas
+(no pyplot, no global backend change).
 
-Layout that stays readable for many modules: one row per module type (the name with its layer
-numbers replaced by `*`, e.g. `attention.self.query`), one column per inner bond; in each
-panel every layer of that type is one curve (colour = layer), the normalized singular values
-s_i / ||W||_F on a log axis against i = 1..r. A dot marks each kept bond dim r; where r is
-below the lossless bond dim a dashed line shows the cut and the x axis runs to the lossless dim.
+Bond spectra, a layout that stays readable for many modules: one row per module type (the name
+with its layer numbers replaced by `*`, e.g. `attention.self.query`), one column per inner bond;
+in each panel every layer of that type is one curve (colour = layer), the normalized singular
+values s_i / ||W||_F on a log axis against i = 1..r. A dot marks each kept bond dim r; where r
+is below the lossless bond dim a dashed line shows the cut and the x axis runs to the lossless
+dim.
+
+Training curves, from a train manifest's `metrics`: the training loss per step (and the eval
+loss as markers) in the first panel; the eval metrics per evaluation in the others, the
+[0, 1]-scale ones (accuracy, F1, correlations, ...) together, any other one (perplexity, mse,
+...) in a panel of its own. A dashed vertical line marks `best_step` when the run kept the
+weights of its best evaluation.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mposurgeon.errors import MposurgeonError
+from mposurgeon.errors import MposurgeonError, UsageError
 
 MAX_ROWS = 12  # module types drawn; more are listed as left out in the title
 _LAYER = re.compile(r"\.(\d+)(?=\.)")
@@ -121,15 +130,7 @@ def plot_spectra(modules: Sequence[ModuleSpectra], path: str | Path, title: str 
         bar.update_ticks()
         bar.set_label("layer", fontsize=8)
         bar.ax.tick_params(labelsize=7)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return _save(fig, path)
 
 
 def _draw_bond(ax: Any, values: list[float], full: int, colour: Any) -> bool:
@@ -169,3 +170,207 @@ def _wrap(label: str, width: int = 26) -> str:
         else:
             lines.append(piece if not lines else "." + piece)
     return "\n".join(lines)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    """Write `fig` as a PNG into `path` (parents created, replaced atomically); return it."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+# -- training curves -------------------------------------------------------------------------
+
+#: Keys of an evaluation that place or count it rather than measure the model: never drawn.
+NOT_METRICS = frozenset({"step", "epoch", "rows", "tokens", "examples", "samples"})
+#: Eval metrics on a [0, 1] scale ([-1, 1] for correlations), drawn together in one panel.
+BOUNDED_METRICS = frozenset(
+    {
+        "accuracy",
+        "balanced_accuracy",
+        "macro_f1",
+        "micro_f1",
+        "weighted_f1",
+        "f1",
+        "precision",
+        "recall",
+        "mcc",
+        "pearson",
+        "spearman",
+        "exact_match",
+        "token_accuracy",
+    }
+)
+MAX_COLUMNS = 3  # panels in a row of the training-curves figure
+TRAIN_LOSS_LABEL, EVAL_LOSS_LABEL = "training loss", "eval loss"
+
+
+@dataclass(frozen=True)
+class Series:
+    """One curve: its label and its points (steps[i], values[i]) in the manifest's order; a
+    point whose step is not an int or whose value is missing or not finite is left out."""
+
+    label: str
+    steps: list[int]
+    values: list[float]
+
+
+@dataclass(frozen=True)
+class TrainingCurves:
+    """What `plot_curves` draws. loss: the training loss at each logged step (the mean of the
+    steps since the previous point); eval_loss: the eval loss per evaluation (None: no eval
+    loss); panels: the eval-metric panels, the [0, 1]-scale metrics together first, then one
+    per other metric (perplexity, mse, ...); best_step: the step whose weights were kept."""
+
+    loss: Series
+    eval_loss: Series | None = None
+    panels: list[list[Series]] = field(default_factory=list)
+    best_step: int | None = None
+
+
+def training_curves(metrics: Mapping[str, Any]) -> TrainingCurves:
+    """The curves in a train manifest's `metrics`: `loss_history` ({step, loss} per point),
+    `eval` ({step, <metric>: value, ...} per evaluation; counts such as rows are not drawn)
+    and `best_step` (optional). A UsageError when there is no training loss (0 steps)."""
+    loss = _series(TRAIN_LOSS_LABEL, metrics.get("loss_history"), "loss")
+    if not loss.steps:
+        steps = metrics.get("steps")
+        raise UsageError(
+            "no training curves to plot: the artifact's metrics record no training loss"
+            + (f" (it trained {steps} steps)" if isinstance(steps, int) else ""),
+            hint="train for at least one step (--max-steps)",
+        )
+    evals = metrics.get("eval")
+    rows = [row for row in evals if isinstance(row, Mapping)] if isinstance(evals, list) else []
+    names = dict.fromkeys(
+        key
+        for row in rows
+        for key, value in row.items()
+        if isinstance(key, str) and key not in NOT_METRICS and _finite(value)
+    )
+    eval_loss = _series(EVAL_LOSS_LABEL, rows, "loss") if "loss" in names else None
+    series = [_series(name, rows, name) for name in names if name != "loss"]
+    bounded = [s for s in series if s.label in BOUNDED_METRICS]
+    others = [[s] for s in series if s.label not in BOUNDED_METRICS]
+    best = metrics.get("best_step")
+    return TrainingCurves(
+        loss=loss,
+        eval_loss=eval_loss,
+        panels=([bounded] if bounded else []) + others,
+        best_step=best if isinstance(best, int) and not isinstance(best, bool) else None,
+    )
+
+
+def curves_figure(curves: TrainingCurves, title: str = "") -> Any:
+    """The matplotlib Figure (on an Agg canvas) of `curves`: the loss panel, then one panel per
+    entry of `curves.panels`, at most MAX_COLUMNS a row; x is the optimizer step in all."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    count = 1 + len(curves.panels)
+    cols = min(count, MAX_COLUMNS)
+    rows = math.ceil(count / cols)
+    fig = Figure(figsize=(4.6 * cols, 3.4 * rows + 0.5))
+    FigureCanvasAgg(fig)
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax in axes[count:]:
+        ax.axis("off")
+
+    every = [curves.loss, *([curves.eval_loss] if curves.eval_loss else [])]
+    every += [s for panel in curves.panels for s in panel]
+    steps = [x for s in every for x in s.steps]
+    steps += [curves.best_step] if curves.best_step is not None else []
+    low, high = min(steps), max(steps)
+    pad = max(0.5, 0.03 * (high - low))
+
+    loss_ax = axes[0]
+    many = len(curves.loss.steps) > 50
+    loss_ax.plot(
+        curves.loss.steps,
+        curves.loss.values,
+        "-" if many else ".-",
+        linewidth=1.0,
+        label=curves.loss.label,
+    )
+    if curves.eval_loss is not None:
+        loss_ax.plot(
+            curves.eval_loss.steps,
+            curves.eval_loss.values,
+            "o:",
+            linewidth=0.8,
+            markersize=4,
+            label=curves.eval_loss.label,
+        )
+    loss_ax.set_title("loss", fontsize=10)
+    eval_losses = curves.eval_loss.values if curves.eval_loss is not None else []
+    _log_if_wide(loss_ax, curves.loss.values + eval_losses)
+    for ax, panel in zip(axes[1:count], curves.panels, strict=True):
+        for s in panel:
+            ax.plot(s.steps, s.values, "o-", linewidth=1.0, markersize=4, label=s.label)
+        if len(panel) == 1:
+            ax.set_title(f"eval {panel[0].label}", fontsize=10)
+            _log_if_wide(ax, panel[0].values)
+        else:
+            ax.set_title("eval metrics", fontsize=10)
+    for i, ax in enumerate(axes[:count]):
+        if curves.best_step is not None:
+            ax.axvline(
+                curves.best_step,
+                color="0.35",
+                linestyle="--",
+                linewidth=1.0,
+                label=f"best step {curves.best_step}" if i == 0 else None,
+            )
+        ax.set_xlim(low - pad, high + pad)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(which="both", labelsize=7)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95 if title else 1))
+    return fig
+
+
+def plot_curves(curves: TrainingCurves, path: str | Path, title: str = "") -> Path:
+    """Draw `curves` (see `curves_figure`) into the PNG `path` (parents created); return it."""
+    return _save(curves_figure(curves, title), path)
+
+
+def _finite(value: Any) -> bool:
+    """A real number (not a bool) that is finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _series(label: str, rows: Any, key: str) -> Series:
+    """The (step, row[key]) points of the JSON objects `rows` whose step and value are usable."""
+    points = [
+        (row["step"], float(row[key]))
+        for row in (rows if isinstance(rows, list) else [])
+        if isinstance(row, Mapping)
+        and isinstance(row.get("step"), int)
+        and not isinstance(row.get("step"), bool)
+        and _finite(row.get(key))
+    ]
+    return Series(label, [step for step, _ in points], [value for _, value in points])
+
+
+def _log_if_wide(ax: Any, values: list[float]) -> None:
+    """A log y axis when every value is positive and they span more than a factor of 10."""
+    if values and min(values) > 0 and max(values) > 10 * min(values):
+        from matplotlib.ticker import FormatStrFormatter, LogLocator
+
+        ax.set_yscale("log")
+        ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))  # labels 0.2 0.5 1 2 5 ...
+        for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis_formatter(FormatStrFormatter("%g"))  # 0.5, not 5 x 10^-1

@@ -58,11 +58,12 @@ def test_csv_with_bom_and_int_labels(tmp_path: Path) -> None:
     ("name", "content", "needle"),
     [
         ("nocol.jsonl", '{"text": "a", "label": 1}\n{"sentence": "b", "label": 0}\n', "line 2"),
-        ("nolabel.jsonl", '{"text": "a"}\n', "line 1: missing 'label'"),
-        ("nolabel.csv", "text\nhello\n", "line 2: missing 'label'"),
-        ("float.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0.5}\n', "line 2"),
-        ("list.jsonl", '{"text": "a", "label": [1]}\n', "neither an integer nor a string"),
-        ("bool.jsonl", '{"text": "a", "label": true}\n', "neither an integer nor a string"),
+        ("nolabel.jsonl", '{"text": "a"}\n', ": no label column 'label' (columns: text)"),
+        ("nolabel.csv", "text\nhello\n", ": no label column 'label' (columns: text)"),
+        ("unlabelled-row.jsonl", '{"text": "a", "label": 1}\n{"text": "b"}\n', "line 2: missing"),
+        ("float.jsonl", '{"text": "a", "label": 1.5}\n{"text": "b", "label": "x"}\n', "line 2"),
+        ("list.jsonl", '{"text": "a", "label": [1]}\n', "neither a number nor a string"),
+        ("bool.jsonl", '{"text": "a", "label": true}\n', "neither a number nor a string"),
         ("text.jsonl", '{"text": 3, "label": 1}\n', "line 1: text must be a string"),
         (
             "bad.jsonl",

@@ -184,11 +184,11 @@ def test_strict_files_take_the_column_flags(tmp_path: Path) -> None:
         ("bad", 1, 3),
         ("ok", 10, 4),
     ]
-    with pytest.raises(DataError, match=r"^d\.csv line 2: no column 'title' \(found review"):
+    with pytest.raises(DataError, match=r"^d\.csv: no column 'title' \(columns: review"):
         read_dataset(path, columns=Columns(text="title", label="stars"))
-    with pytest.raises(DataError, match=r"^d\.csv line 2: no column 'other' \(found review"):
+    with pytest.raises(DataError, match=r"^d\.csv: no column 'other' \(columns: review"):
         read_dataset(path, columns=Columns(text="review", text_pair="other", label="stars"))
-    with pytest.raises(DataError, match=r"^d\.csv line 2: missing 'label'"):
+    with pytest.raises(DataError, match=r"^d\.csv: no label column 'label' \(columns: review"):
         read_dataset(path, columns=Columns(text="review"))
 
 
@@ -355,9 +355,9 @@ def _saved(tmp_path: Path, table: datasets.Dataset, name: str = "saved") -> Path
         ),
         (
             {"text": ["a", "b"], "label": [0.5, 1.0]},
-            Columns(),
+            Columns(task="classification"),
             DataError,
-            ["saved row 1: label 0.5 is neither an integer nor a string"],
+            ["saved row 1: label 0.5 is not a class"],
         ),
         (
             {"text": ["a", None], "label": [1, 0]},

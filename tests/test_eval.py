@@ -86,12 +86,12 @@ def test_eval_of_a_trained_artifact_gives_trains_last_evaluation(trained: Path) 
 def test_eval_runs_the_artifact_factorized(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No merge: the model evaluated holds the artifact's MPO layers."""
     from mposurgeon.models.layers import MPOLinear
-    from mposurgeon.training import loop
+    from mposurgeon.training import tasks
 
     seen: list[torch.nn.Module] = []
-    real = loop.evaluate_classifier
+    real = tasks.evaluate
     monkeypatch.setattr(
-        "mposurgeon.stages.eval.evaluate_classifier",
+        "mposurgeon.stages.eval.evaluate_task",
         lambda acc, model, *a, **k: seen.append(model) or real(acc, model, *a, **k),
     )
     mposurgeon.evaluate(trained, data=EVAL, batch_size=8)
@@ -139,7 +139,8 @@ def test_eval_of_a_version_1_artifact_repeats_its_recorded_scores(tmp_path: Path
     assert result.metrics["loss"] == pytest.approx(recorded["eval_loss"], abs=1e-6)
     assert "eval_mcc" not in recorded
     line = metrics_lines(recorded)[-1]  # train and inspect show it without MCC
-    assert line.startswith("eval: accuracy 0.4375, macro-F1 0.3043, loss") and "MCC" not in line
+    assert line.startswith("eval (classification): accuracy 0.4375, macro-F1 0.3043, loss")
+    assert "MCC" not in line
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -153,8 +154,9 @@ def test_cli_prints_the_scores_and_writes_nothing(
     result = run_cli(capsys, "eval", trained, "--data", EVAL, "-b", "8")
     assert result.code == 0, result
     assert result.out.splitlines() == [
-        f"{trained} (artifact) on sentiment-eval.jsonl: labels negative, positive",
-        eval_line(m["accuracy"], m["macro_f1"], m["mcc"], m["loss"], m["rows"]),
+        f"{trained} (artifact) on sentiment-eval.jsonl: classification, labels negative, "
+        "positive",
+        eval_line("classification", m),
     ]
     assert "MCC" in result.out and result.err == ""
     as_json = run_cli(capsys, "eval", trained, "--data", EVAL, "-b", "8", "--json")
@@ -197,7 +199,7 @@ def test_recipe_eval_scores_the_last_output_and_gates_on_it(
         ".state.json", "02-merge"
     ]  # fmt: skip
     shown = run_cli(capsys, "run", recipe)  # eval runs again; merge is up to date
-    assert shown.code == 0 and shown.out.count("eval: accuracy") == 2, shown
+    assert shown.code == 0 and shown.out.count("eval (classification): accuracy") == 2, shown
     recipe.write_text(
         recipe.read_text(encoding="utf-8").replace("min_eval_accuracy: 0.5", "min_eval_accuracy: 1")
     )
@@ -258,7 +260,7 @@ def test_labels_the_model_does_not_know_are_refused(
     assert_one_line_error(run_cli(capsys, "eval", trained, "--data", data), 1, "label 1 is not")
 
 
-def test_a_model_without_a_classification_head_is_refused(
+def test_a_model_without_a_task_head_is_refused(
     tiny_classifier_dir: Callable[[str], Path],
     minilm_dir: Path,
     capsys: pytest.CaptureFixture[str],
@@ -266,18 +268,22 @@ def test_a_model_without_a_classification_head_is_refused(
     for model, arch in [(tiny_classifier_dir("bert"), "BertModel"), (minilm_dir, "BertModel")]:
         result = run_cli(capsys, "eval", model, "--data", EVAL)
         assert_one_line_error(
-            result, 2, f"has no sequence-classification head ({arch})", "hint: train it first"
+            result, 2, f"has no trained task head ({arch})", "hint: train it first"
         )
 
 
-def test_a_regression_head_is_refused(plain: Path, tmp_path: Path, capsys) -> None:
+def test_a_regression_head_of_two_outputs_is_refused(
+    plain: Path, tmp_path: Path, capsys
+) -> None:
     model = tmp_path / "regression"
     shutil.copytree(plain, model)
     config = json.loads((model / "config.json").read_text(encoding="utf-8"))
     config["problem_type"] = "regression"
     (model / "config.json").write_text(json.dumps(config), encoding="utf-8")
     result = run_cli(capsys, "eval", model, "--data", EVAL)
-    assert_one_line_error(result, 2, "has a regression head", "single-label classification")
+    assert_one_line_error(result, 2, "has a regression head with 2 outputs")
+    result = run_cli(capsys, "eval", plain, "--data", EVAL, "--task", "regression")
+    assert_one_line_error(result, 2, "has a classification head: --task regression does not")
 
 
 def test_a_damaged_artifact_is_refused(

@@ -242,7 +242,7 @@ def test_bad_options(bert: Path, tmp_path: Path, capsys, args: tuple, code: int,
     [
         ('{"text": "a", "label": 1}\n{"txt": "b", "label": 0}\n', "bad.jsonl line 2: no text"),
         ('{"text": "a", "label": 1}\n{"text": "b"}\n', "bad.jsonl line 2: missing 'label'"),
-        ('{"text": "a", "label": 1.5}\n', "bad.jsonl line 1: label 1.5 is neither"),
+        ('{"text": "a", "label": 1.5}\n{"text": "b", "label": "x"}\n', "line 2: label 'x' is not"),
         ('{"text": "a", "label": 1}\n{"text": "b", "label": 0\n', "bad.jsonl line 2: invalid JSON"),
         ("", "bad.jsonl holds no rows"),
     ],
@@ -259,7 +259,7 @@ def test_single_label_data_is_refused(bert: Path, tmp_path: Path, capsys) -> Non
     data, out = tmp_path / "one.jsonl", tmp_path / "out"
     data.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n')
     result = run_cli(capsys, "select", bert, "-o", out, "--top-n", "1", "--data", data)
-    assert_one_line_error(result, 1, "one.jsonl", "one label")
+    assert_one_line_error(result, 2, "one.jsonl holds a single label ('x')")
     assert not out.exists()
 
 

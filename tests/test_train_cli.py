@@ -142,7 +142,7 @@ def test_minilm_lightweight_short_run(
 
     shown = run_cli(capsys, "inspect", out)
     assert shown.code == 0, shown
-    assert "trained 3 steps" in shown.out and "eval: accuracy" in shown.out
+    assert "trained 3 steps" in shown.out and "eval (classification): accuracy" in shown.out
     assert "trainable parameters:" in shown.out
     as_json = json.loads(run_cli(capsys, "inspect", out, "--json").out)
     assert as_json["metrics"] == metrics

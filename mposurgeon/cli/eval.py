@@ -9,30 +9,31 @@ import typer
 from mposurgeon.cli import options as opt
 from mposurgeon.cli.render import eval_line, print_json, progress_bar, stdout
 
+#: eval's --split: its default is the validation split.
+EvalSplit = Annotated[
+    str | None,
+    typer.Option("--split", help="Split of a saved DatasetDict or data set id (validation)."),
+]
+
 
 @opt.shared_flags(*opt.HUB_FLAGS, "no_verify", "json_out", "quiet")
+@opt.data_flags(split=EvalSplit)
 def eval_command(
     model: Annotated[
         str,
-        typer.Argument(help="Classifier: artifact (factorized), merged output, HF dir or hub id."),
+        typer.Argument(
+            help="Trained model: artifact (factorized), merged output, HF dir or hub id."
+        ),
     ],
     data: Annotated[
         str,
         typer.Option(
             "--data",
             "-d",
-            help="Labelled data (as train's --data): a file, a save_to_disk directory, or a "
-            "data set id in the local HF cache (offline).",
+            help="Data (as train's --data): a file, a save_to_disk directory, or a data set "
+            "id in the local HF cache (offline).",
         ),
     ],
-    data_config: opt.DataConfig = None,
-    split: Annotated[
-        str | None,
-        typer.Option("--split", help="Split of a saved DatasetDict or data set id (validation)."),
-    ] = None,
-    text_column: opt.TextColumn = None,
-    text_pair_column: opt.TextPairColumn = None,
-    label_column: opt.LabelColumn = None,
     max_length: Annotated[
         int, typer.Option("--max-length", help="Tokens per row (truncated), as in train.")
     ] = 128,
@@ -40,9 +41,12 @@ def eval_command(
         int, typer.Option("--batch-size", "-b", help="Rows per batch (per process).")
     ] = 16,
     *,
+    data_flags: opt.DataFlags,
     flags: opt.StageFlags,
 ) -> None:
-    """Score a trained classifier on labelled data: accuracy, macro-F1, MCC, loss.
+    """Score a trained model on data, for the task of its head: accuracy, macro-F1, MCC
+    (classification); Pearson, Spearman (regression); loss and perplexity (causal-lm,
+    seq2seq), exact match with --generate.
 
     The same tokenization and scoring as train's --eval-data; an artifact is evaluated
     factorized (no merge). Nothing is written.
@@ -55,11 +59,7 @@ def eval_command(
 
     options = EvalOptions(
         data=data,
-        data_config=data_config,
-        split=split,
-        text_column=text_column,
-        text_pair_column=text_pair_column,
-        label_column=label_column,
+        **data_flags.options(),
         max_length=max_length,
         batch_size=batch_size,
         revision=flags.revision,
@@ -88,8 +88,7 @@ def eval_command(
 
 def result_lines(result: Any) -> list[str]:
     """An `EvalResult` as short lines (for `eval` and recipes)."""
-    m = result.metrics
-    return [
-        f"{result.model} ({result.kind}) on {result.data_name}: labels {', '.join(result.labels)}",
-        eval_line(m["accuracy"], m["macro_f1"], m["mcc"], m["loss"], m["rows"]),
-    ]
+    head = f"{result.model} ({result.kind}) on {result.data_name}: {result.task}"
+    if result.labels:
+        head += f", labels {', '.join(result.labels)}"
+    return [head, eval_line(result.task, result.metrics)]

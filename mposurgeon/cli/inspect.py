@@ -23,7 +23,8 @@ def inspect_command(
         Path | None,
         typer.Option(
             "--plot",
-            help="Also draw every MPO module's bond spectra into this PNG (needs matplotlib).",
+            help="Also draw a PNG: a trained artifact's training curves (loss and eval metrics "
+            "per step), any other artifact's MPO bond spectra (needs matplotlib).",
         ),
     ] = None,
     *,
@@ -35,7 +36,7 @@ def inspect_command(
 
         mposurgeon inspect mposurgeon-out/all-MiniLM-L6-v2/v1-decompose
     """
-    from mposurgeon.stages.inspect import inspect
+    from mposurgeon.stages.inspect import inspect, plot_kind
 
     report = inspect(
         path,
@@ -50,7 +51,7 @@ def inspect_command(
         return
     render_report(report, all_modules)
     if report.get("plot"):
-        stdout.print(f"bond spectra plotted to {report['plot']}")
+        stdout.print(f"{plot_kind(report.get('stage'))} plotted to {report['plot']}")
 
 
 def render_report(report: dict[str, Any], all_modules: bool) -> None:

@@ -47,7 +47,7 @@ MaxShardSize = Annotated[
     str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 5GB or 500MB.")
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-# The data flags (training/data.py `DataOptions`): which data set, split and columns.
+# The data flags (training/data.py `DataOptions`): which data set, split, columns and task.
 DataConfig = Annotated[
     str | None,
     typer.Option("--data-config", help="Configuration of a data set id (glue: sst2, mrpc, ...)."),
@@ -57,7 +57,11 @@ Split = Annotated[
     typer.Option("--split", help="Split of a saved DatasetDict or data set id (default train)."),
 ]
 TextColumn = Annotated[
-    str | None, typer.Option("--text-column", help="Column of the text (default text, text_a).")
+    str | None,
+    typer.Option(
+        "--text-column",
+        help="Column of the input text (default text, text_a; prompt, source).",
+    ),
 ]
 TextPairColumn = Annotated[
     str | None,
@@ -65,6 +69,31 @@ TextPairColumn = Annotated[
 ]
 LabelColumn = Annotated[
     str | None, typer.Option("--label-column", help="Column of the label (default label).")
+]
+TargetColumn = Annotated[
+    str | None,
+    typer.Option(
+        "--target-column",
+        help="Column of the text to produce (default completion, target).",
+    ),
+]
+Task = Annotated[
+    str | None,
+    typer.Option(
+        "--task",
+        help="classification, regression, causal-lm or seq2seq (default: inferred: labels "
+        "with fractions are regression, data without labels the model's LM task).",
+    ),
+]
+Generate = Annotated[
+    bool,
+    typer.Option(
+        "--generate",
+        help="causal-lm, seq2seq: also score exact match of greedy generations.",
+    ),
+]
+MaxNewTokens = Annotated[
+    int, typer.Option("--max-new-tokens", help="--generate: tokens generated per row at most.")
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
@@ -136,33 +165,82 @@ def shared_flags(*names: str) -> Callable[[Callable[..., None]], Callable[..., N
         @shared_flags(*ARTIFACT_STAGE_FLAGS)
         def merge_command(artifact: ..., dtype: ... = "auto", *, flags: StageFlags) -> None:
     """
-    unknown = [n for n in names if n not in _FLAG_TYPES]
+    return _flag_group("flags", StageFlags, _FLAG_TYPES, names)
+
+
+@dataclass(frozen=True)
+class DataFlags:
+    """The data flags (`DataOptions` of training/data.py, and the task), as parsed."""
+
+    data_config: str | None = None
+    split: str | None = None
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    target_column: str | None = None
+    task: str | None = None
+    generate: bool = False
+    max_new_tokens: int = 32
+
+    def options(self) -> dict[str, object]:
+        """The flags as keyword arguments of `TrainOptions` / `EvalOptions`."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_DATA_FLAG_TYPES: dict[str, Any] = {
+    "data_config": DataConfig,
+    "split": Split,
+    "text_column": TextColumn,
+    "text_pair_column": TextPairColumn,
+    "label_column": LabelColumn,
+    "target_column": TargetColumn,
+    "task": Task,
+    "generate": Generate,
+    "max_new_tokens": MaxNewTokens,
+}
+
+
+def data_flags(split: Any = Split) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Add the data flags (`DataFlags`) to a command, which declares a keyword-only
+    `data_flags: DataFlags` and receives them in it; `split` is the Typer type of `--split`
+    (its help names the default split)."""
+    return _flag_group(
+        "data_flags", DataFlags, {**_DATA_FLAG_TYPES, "split": split}, tuple(_DATA_FLAG_TYPES)
+    )
+
+
+def _flag_group(
+    param: str, group: type, types: dict[str, Any], names: tuple[str, ...]
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Add the flags `names` (Typer types `types`, defaults those of dataclass `group`) to a
+    command after its own parameters, and hand them to it as one `group` in `param`."""
+    unknown = [n for n in names if n not in types]
     if unknown:
-        raise ValueError(f"not shared flags: {unknown}")
-    defaults = StageFlags()
+        raise ValueError(f"not {group.__name__}: {unknown}")
+    defaults = group()
 
     def decorate(command: Callable[..., None]) -> Callable[..., None]:
         own = inspect.signature(command, eval_str=True)
-        if "flags" not in own.parameters:
-            raise TypeError(f"{command.__name__} needs a keyword-only `flags: StageFlags`")
+        if param not in own.parameters:
+            raise TypeError(f"{command.__name__} needs a keyword-only `{param}: {group.__name__}`")
         clash = [n for n in names if n in own.parameters]
         if clash:
-            raise TypeError(f"{command.__name__} declares shared flags itself: {clash}")
+            raise TypeError(f"{command.__name__} declares {group.__name__} itself: {clash}")
         added = [
             inspect.Parameter(
                 name,
                 inspect.Parameter.KEYWORD_ONLY,
                 default=getattr(defaults, name),
-                annotation=_FLAG_TYPES[name],
+                annotation=types[name],
             )
             for name in names
         ]
-        kept = [p for p in own.parameters.values() if p.name != "flags"]
+        kept = [p for p in own.parameters.values() if p.name != param]
 
         @functools.wraps(command)
         def run(**kwargs: Any) -> None:
             given = {name: kwargs.pop(name) for name in names}
-            command(**kwargs, flags=StageFlags(**given))
+            command(**kwargs, **{param: group(**given)})
 
         run.__signature__ = own.replace(parameters=[*kept, *added])  # type: ignore[attr-defined]
         return run

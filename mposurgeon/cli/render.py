@@ -105,13 +105,29 @@ def progress_bar(quiet: bool) -> Iterator[ProgressCallback | None]:
         yield update
 
 
-def eval_line(accuracy: float, macro_f1: float, mcc: float | None, loss: float, rows: int) -> str:
-    """Classification scores as one line (`train`'s last evaluation, `eval`); `mcc` None for
-    artifacts trained before it was recorded."""
-    scores = f"accuracy {accuracy:.4f}, macro-F1 {macro_f1:.4f}"
-    if mcc is not None:
-        scores += f", MCC {mcc:.4f}"
-    return f"eval: {scores}, loss {loss:.4f} ({rows} rows)"
+#: How each figure of an evaluation is written, in order: (key, label).
+_SCORES = (
+    ("accuracy", "accuracy"),
+    ("macro_f1", "macro-F1"),
+    ("mcc", "MCC"),
+    ("pearson", "Pearson"),
+    ("spearman", "Spearman"),
+    ("exact_match", "exact match"),
+    ("loss", "loss"),
+    ("perplexity", "perplexity"),
+)
+
+
+def eval_line(task: str, scores: dict[str, Any]) -> str:
+    """An evaluation's figures as one line (`train`'s last evaluation, `eval`); a figure
+    absent or None (an artifact trained before it was recorded) is left out."""
+    parts = [
+        f"{label} {scores[key]:.4f}" for key, label in _SCORES if scores.get(key) is not None
+    ]
+    counts = f"{scores['rows']} rows" if scores.get("rows") is not None else ""
+    if scores.get("tokens") is not None:
+        counts += f", {scores['tokens']} tokens"
+    return f"eval ({task}): {', '.join(parts)}" + (f" ({counts})" if counts else "")
 
 
 def fmt_int(n: int | None) -> str:

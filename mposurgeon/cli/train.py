@@ -13,6 +13,7 @@ from mposurgeon.methods.registry import method_names, methods_help
 
 
 @opt.shared_flags(*opt.STAGE_FLAGS)
+@opt.data_flags()
 def train_command(
     model: Annotated[str, typer.Argument(help="Artifact dir, HF model dir, or hub id.")],
     data: Annotated[
@@ -39,11 +40,9 @@ def train_command(
         str | None,
         typer.Option(
             "--eval-data",
-            help="Labelled eval data (as --data): accuracy, macro-F1 and MCC.",
+            help="Eval data (as --data), scored for the task (accuracy, Pearson, perplexity...).",
         ),
     ] = None,
-    data_config: opt.DataConfig = None,
-    split: opt.Split = None,
     eval_split: Annotated[
         str | None,
         typer.Option(
@@ -51,9 +50,6 @@ def train_command(
             help="Split of the eval data (default validation); alone: of the --data set.",
         ),
     ] = None,
-    text_column: opt.TextColumn = None,
-    text_pair_column: opt.TextPairColumn = None,
-    label_column: opt.LabelColumn = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the data.")] = 3,
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", help="Stop after N optimizer steps.")
@@ -117,9 +113,11 @@ def train_command(
         typer.Option("--num-cores", help="overparam: cores of matrices decomposed in place (5)."),
     ] = None,
     *,
+    data_flags: opt.DataFlags,
     flags: opt.StageFlags,
 ) -> None:
-    """Fine-tune for sequence classification with a method (lightweight, overparam, full, ...).
+    """Fine-tune with a method (lightweight, overparam, full, ...) for a task:
+    classification, regression, causal-lm or seq2seq.
 
     {methods}
 
@@ -133,12 +131,8 @@ def train_command(
     options = TrainOptions(
         data=data,
         eval_data=eval_data,
-        data_config=data_config,
-        split=split,
         eval_split=eval_split,
-        text_column=text_column,
-        text_pair_column=text_pair_column,
-        label_column=label_column,
+        **data_flags.options(),
         method=method,  # type: ignore[arg-type]
         mode=mode,
         epochs=epochs,
@@ -206,18 +200,14 @@ def metrics_lines(m: dict[str, Any]) -> list[str]:
         f"trained {m['steps']} steps ({epochs}, method {m['method']}"
         + (f", resumed at step {resumed}" if resumed is not None else "")
         + (f", {m['num_processes']} processes" if (m.get("num_processes") or 1) > 1 else "")
+        + (f", task {m['task']}" if m.get("task") else "")
         + f"): final loss {final}",
         f"trainable parameters: {fmt_int(m['trainable_params'])} of "
         f"{fmt_int(m['total_params'])} ({100 * m['trainable_fraction']:.2f}%)",
     ]
-    if m.get("eval_accuracy") is not None:
-        lines.append(
-            eval_line(
-                m["eval_accuracy"],
-                m["eval_macro_f1"],
-                m.get("eval_mcc"),
-                m["eval_loss"],
-                m["eval_rows"],
-            )
-        )
+    evals = m.get("eval") or []
+    if evals:
+        task = m.get("task", "classification")  # artifacts before tasks were classifiers
+        last = {**evals[-1], "rows": m.get("eval_rows")}
+        lines.append(eval_line(task, last))
     return lines

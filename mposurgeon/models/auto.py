@@ -33,6 +33,55 @@ def model_class(config: Any, task: str = "auto") -> Any:
     return getattr(transformers, name)
 
 
+#: The heads a model is trained with, by task: (head, the Auto class's model-type mapping).
+_HEAD_MAPPINGS = {
+    "sequence-classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "seq2seq-lm": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+}
+
+
+def _mapping(head: str) -> dict[str, str]:
+    from transformers.models.auto import modeling_auto
+
+    return dict(getattr(modeling_auto, _HEAD_MAPPINGS[head]))
+
+
+def has_head(config: Any, head: str) -> bool:
+    """Whether `transformers` has a `head` model (a key of `_HEAD_MAPPINGS`) for `config`'s
+    model type. causal-lm means a decoder-only model: an encoder (BERT's `BertLMHeadModel`)
+    or an encoder-decoder (BART's decoder alone) is not one."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _mapping(head):
+        return False
+    if head == "causal-lm":
+        masked = _masked_lm_types()
+        return not getattr(config, "is_encoder_decoder", False) and model_type not in masked
+    return True
+
+
+def _masked_lm_types() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return set(MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+
+def trained_head(config: Any) -> str | None:
+    """The head of the class `config.architectures` names: "sequence-classification",
+    "causal-lm" or "seq2seq-lm"; None for a base model or another head (BertModel,
+    BertForMaskedLM)."""
+    archs = list(getattr(config, "architectures", None) or [])
+    if not archs:
+        return None
+    if archs[0].endswith("ForSequenceClassification"):
+        return "sequence-classification"
+    model_type = getattr(config, "model_type", None)
+    for head in ("causal-lm", "seq2seq-lm"):
+        if _mapping(head).get(model_type) == archs[0] and has_head(config, head):
+            return head
+    return None
+
+
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Silence transformers' load report and progress bars (MPO keys are expected to be

@@ -1,26 +1,25 @@
-"""eval: the metrics of a trained classifier on labelled data; writes nothing.
+"""eval: the metrics of a trained model on data; writes nothing.
 
-The story: resolve the model (a dense Hugging Face checkpoint with a sequence-classification
-head, an artifact, or a merged output) and verify it as every stage does; check its config
-against its weights; read the data; take the label ids from the model's config (`label2id`:
-the labels of the data it was trained on) and refuse data labels the model does not know;
-load the model as it is (an artifact's MPO modules stay factorized: `load_model`, no merge)
-with the tokenizer `train` uses (a pad token for GPT-2, Llama, BLOOM); tokenize the rows as
-`train` does (`training/data.encode`, `--max-length`) and score them with the function that
-scores `train`'s evaluations (`training/loop.evaluate_classifier`).
+The story: resolve the model (a dense Hugging Face checkpoint with a trained task head, an
+artifact, or a merged output) and verify it as every stage does; check its config against its
+weights; the task is the trained head's (`training.model.trained_task`: a sequence classifier
+or regressor, a causal LM, a seq2seq LM; `--task` must agree); read the data for that task;
+for a classifier take the label ids from the model's config (`label2id`: the labels of the
+data it was trained on) and refuse data labels the model does not know; load the model as it
+is (an artifact's MPO modules stay factorized: `load_model`, no merge) with the tokenizer
+`train` uses (a pad token for GPT-2, Llama, BLOOM); encode the rows as `train` does
+(`Task.encode`, `--max-length`) and score them with the function that scores `train`'s
+evaluations (`training.tasks.evaluate`, and with `--generate` the exact match of greedy
+generations, `training.generation`).
 
 So `eval` of a trained artifact on its `--eval-data`, with train's `--max-length` and
 `--batch-size`, gives the metrics of train's last evaluation (accuracy, macro-F1 and MCC
-equal; the loss equal to rounding: padding depends on the batch), and `eval` of its merged
+equal; losses equal to rounding: padding depends on the batch), and `eval` of its merged
 checkpoint gives them within merge's tolerance. It is how a stage's cost shows: `eval` before,
 `eval` after `truncate`.
 
 A model's config that still holds Hugging Face's default labels (`LABEL_0`, `LABEL_1`, ...)
 accepts data labelled with the integers 0, 1, ... for them.
-
-Task: single-label classification (accuracy, macro-F1, Matthews correlation, mean loss);
-regression, causal-LM and seq2seq scores (`training/metrics.py` has their functions) come with
-`train --task`.
 
 In a recipe, `eval` scores the output of the last stage before it that wrote an artifact, and
 its `expect: {min_eval_accuracy: ...}` gates on it; it writes nothing and always runs.
@@ -34,7 +33,7 @@ from typing import Any
 
 from pydantic import Field
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, DataCollatorWithPadding
+from transformers import AutoConfig
 
 from mposurgeon.errors import DataError
 from mposurgeon.progress import ProgressCallback
@@ -42,12 +41,14 @@ from mposurgeon.stages.common import InputOptions, model_layout, open_input, ten
 from mposurgeon.training.data import (
     DEFAULT_EVAL_SPLIT,
     DataOptions,
+    TaskName,
     TextDataset,
-    encode,
     read_dataset,
 )
-from mposurgeon.training.loop import evaluate_classifier, launch_accelerator
-from mposurgeon.training.model import classifier_labels, trained_classifier
+from mposurgeon.training.generation import Generation, check_generation
+from mposurgeon.training.loop import launch_accelerator
+from mposurgeon.training.model import classifier_labels, trained_model, trained_task
+from mposurgeon.training.tasks import evaluate as evaluate_task
 
 
 class EvalOptions(InputOptions, DataOptions):
@@ -58,12 +59,17 @@ class EvalOptions(InputOptions, DataOptions):
 
     max_length: int = Field(128, ge=2, description="tokens per row (truncated), as train's")
     batch_size: int = Field(16, ge=1, description="rows per batch and process")
+    task: TaskName | None = Field(None, description="the model head's (checked if given)")
+    generate: bool = Field(False, description="score exact match of greedy generations")
+    max_new_tokens: int = Field(32, ge=1, description="tokens generated per row (--generate)")
 
 
 @dataclass
 class EvalResult:
-    """The scores of `model` on `data`: `metrics` holds accuracy, macro_f1, mcc, loss (mean
-    cross-entropy per row, nats) and rows."""
+    """The scores of `model` on `data`: `metrics` holds the task's figures
+    (`training.tasks`: classification accuracy, macro_f1, mcc, loss; regression pearson,
+    spearman, loss; causal-lm and seq2seq loss, perplexity, tokens, and with `--generate`
+    exact_match), and rows. `labels`: a classifier's label names, else empty."""
 
     model: str
     data: dict[str, Any]  # what was read (`TextDataset.record`: path and sha256 of a file)
@@ -81,7 +87,7 @@ def evaluate(
     progress: ProgressCallback | None = None,
     **kwargs: object,
 ) -> EvalResult:
-    """Score the classifier `model` on the labelled rows of `data`; nothing is written.
+    """Score the trained model `model` on the rows of `data`; nothing is written.
 
     `options` or keyword arguments (the same names as the CLI flags) configure it:
     `mposurgeon.evaluate("out/v2-train", data="eval.jsonl").metrics["accuracy"]`.
@@ -89,38 +95,55 @@ def evaluate(
     opts = options or EvalOptions(**kwargs)  # type: ignore[arg-type]
     inp = open_input(model, opts)
     model_layout(inp.path, tensor_shapes(inp))  # config.json read, checked against the weights
+    config = AutoConfig.from_pretrained(inp.path)
+    task = trained_task(inp.path, config, opts.task)
     data = read_dataset(
         opts.data,
         config=opts.data_config,
         split=opts.split,
-        columns=opts.columns(),
+        columns=opts.columns(task=task.name),
         default_split=DEFAULT_EVAL_SPLIT,
         hub_cache=opts.cache_dir,
     )
-    config = AutoConfig.from_pretrained(inp.path)
-    labels = classifier_labels(inp.path, config)
-    data = data.with_labels(_data_labels(data, labels))
+    if opts.generate:
+        check_generation(task, data, "--data")
+    labels: list[str] = []
+    if task.name == "classification":
+        labels = classifier_labels(inp.path, config)
+        data = data.with_labels(_data_labels(data, labels))
     is_artifact = inp.manifest is not None
     # open_input has verified the artifact's checksums.
-    setup = trained_classifier(inp.path, config, is_artifact=is_artifact, verify=False)
-    rows = encode(data, setup.tokenizer, opts.max_length)
+    setup = trained_model(inp.path, config, task, is_artifact=is_artifact, verify=False)
+    rows = task.encode(data, setup.tokenizer, opts.max_length)
     loader = DataLoader(
         rows,  # type: ignore[arg-type]
         batch_size=opts.batch_size,
         shuffle=False,
-        collate_fn=DataCollatorWithPadding(setup.tokenizer),
+        collate_fn=task.collator(setup.tokenizer, setup.model),
     )
+    generation = None
+    if opts.generate:
+        generation = Generation(
+            data,
+            setup.tokenizer,
+            task,
+            max_length=opts.max_length,
+            max_new_tokens=opts.max_new_tokens,
+            batch_size=opts.batch_size,
+        )
     with launch_accelerator() as accelerator:
         net, loader = accelerator.prepare(setup.model, loader)
-        scores = evaluate_classifier(accelerator, net, loader, progress=progress)
+        scores = evaluate_task(
+            accelerator, net, loader, task, generation=generation, progress=progress
+        )
         main = accelerator.is_main_process
     return EvalResult(
         model=str(model),
         data=data.record(),
         data_name=data.name,
-        task="classification",
+        task=task.name,
         labels=labels,
-        metrics={**scores, "rows": len(rows)},
+        metrics=scores,
         kind="artifact" if is_artifact else "hf",
         is_main_process=main,
     )
@@ -139,9 +162,8 @@ def _data_labels(data: TextDataset, labels: list[str]) -> list[str]:
     unknown = [ex for ex in data.examples if str(ex.label) not in labels]
     others = len({str(ex.label) for ex in unknown}) - 1
     more = f" ({others} other unknown label{'s' if others > 1 else ''})" if others else ""
-    unit = data.source.unit if data.source is not None else "line"
     raise DataError(
-        f"{data.name} {unit} {unknown[0].line}: label {unknown[0].label!r} is not one of "
+        f"{data.name} {data.unit} {unknown[0].line}: label {unknown[0].label!r} is not one of "
         f"the model's labels ({', '.join(labels)}){more}",
         hint="evaluate on data labelled like the model's training data",
     )

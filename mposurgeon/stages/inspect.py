@@ -3,7 +3,8 @@
 The report is plain JSON-able data (the `inspect --json` schema of DESIGN.md): `kind`,
 `format_version`, `stage`, `lineage`, `params`, `modules`, and `selection` / `metrics` when a
 stage recorded them. Shapes come from safetensors headers; nothing is computed from weights,
-except for `plot`, which reads the MPO cores to draw their bond spectra.
+except for `plot` on an artifact that was not trained, which reads the MPO cores to draw their
+bond spectra (a trained artifact's `plot` draws its training curves, from the manifest).
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ from mposurgeon.errors import UsageError
 from mposurgeon.methods.mpo.record import MPORecord
 from mposurgeon.methods.mpo.state import record_cores
 from mposurgeon.mpo.decomposition import bond_spectra
-from mposurgeon.plot import ModuleSpectra, plot_spectra, require_matplotlib
+from mposurgeon.plot import (
+    ModuleSpectra,
+    plot_curves,
+    plot_spectra,
+    require_matplotlib,
+    training_curves,
+)
+
+#: The stage whose artifacts `plot` draws as training curves (every other one: bond spectra).
+CURVES_STAGE = "train"
 
 
 def inspect(
@@ -33,8 +43,10 @@ def inspect(
 ) -> dict[str, Any]:
     """The report of an artifact, a Hugging Face model directory or a `.safetensors` file.
 
-    plot: also draw every MPO module's bond spectra into this PNG (needs matplotlib; reads the
-    cores, the only case where inspect reads weights); the report then has `plot`: its path.
+    plot: also draw a figure into this PNG (needs matplotlib); the report then has `plot`: its
+    path. A trained artifact (stage `train`) gets its training curves (loss and eval metrics
+    per step, from the manifest); any other gets every MPO module's bond spectra (this reads
+    the cores, the only case where inspect reads weights).
     """
     if plot is not None:
         require_matplotlib()  # fail before any work
@@ -44,10 +56,18 @@ def inspect(
     manifest = load_artifact(resolved.path, verify=verify) if resolved.kind == "artifact" else None
     with open_tensors(resolved.path) as reader:
         report = _report(reader, manifest)
-        if plot is not None:
+        if plot is not None and manifest is not None and manifest.stage == CURVES_STAGE:
+            metrics = manifest.metrics or {}
+            title = ", ".join(
+                [resolved.name]
+                + [f"{k} {metrics[k]}" for k in ("method", "task") if metrics.get(k) is not None]
+            )
+            report["plot"] = str(plot_curves(training_curves(metrics), plot, title=title))
+        elif plot is not None:
             if manifest is None or not manifest.modules:
                 raise UsageError(
-                    f"--plot draws MPO bond spectra, and {resolved.path} has no MPO modules",
+                    f"--plot draws MPO bond spectra (or a trained artifact's training curves), "
+                    f"and {resolved.path} has no MPO modules",
                     hint="run `mposurgeon decompose` first and plot its output",
                 )
             spectra = module_spectra(reader, manifest)
@@ -56,6 +76,11 @@ def inspect(
     if resolved.model_id:
         report["model_id"] = resolved.model_id
     return report
+
+
+def plot_kind(stage: str | None) -> str:
+    """What `inspect(..., plot=...)` draws for an artifact of `stage` (None: not an artifact)."""
+    return "training curves" if stage == CURVES_STAGE else "bond spectra"
 
 
 def _report(reader: TensorReader, manifest: Manifest | None) -> dict[str, Any]:

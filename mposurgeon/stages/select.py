@@ -48,7 +48,7 @@ from mposurgeon.artifact.manifest import (
 )
 from mposurgeon.artifact.store import atomic_directory, sha256_file
 from mposurgeon.artifact.tensors import ShardedWriter, TensorReader, open_tensors
-from mposurgeon.errors import DataError, ModelNotFoundError, UsageError
+from mposurgeon.errors import ModelNotFoundError, UsageError
 from mposurgeon.methods.mpo.record import MPORecord
 from mposurgeon.methods.mpo.state import record_cores
 from mposurgeon.methods.registry import get_method
@@ -351,32 +351,32 @@ def _fisher(
     progress: ProgressCallback | None,
 ) -> tuple[dict[str, float], int, int]:
     """Fisher scores on the data (a seeded shuffle; at most max_batches batches)."""
-    from transformers import DataCollatorWithPadding
+    from transformers import AutoConfig
 
-    from mposurgeon.training.data import encode, read_dataset
-    from mposurgeon.training.model import classification_model
+    from mposurgeon.training.data import Columns, read_dataset
+    from mposurgeon.training.model import training_model
+    from mposurgeon.training.tasks import generative_task, get_task
 
     assert opts.data is not None
-    dataset = read_dataset(opts.data)
-    if len(dataset.labels) < 2:
-        raise DataError(
-            f"{dataset.path.name} holds only one label ({dataset.labels[0]!r})",
-            hint="fisher scores come from a classifier: the data needs two labels or more",
-        )
-    setup = classification_model(
+    generative = generative_task(AutoConfig.from_pretrained(inp.path))
+    dataset = read_dataset(opts.data, columns=Columns(generative=generative))
+    task = get_task(dataset.task)
+    task.check_training_data(dataset)
+    setup = training_model(
         inp.path,
         is_artifact=inp.manifest is not None,
-        labels=dataset.labels,
+        task=task,
+        data=dataset,
         seed=opts.seed,
         verify=opts.verify_checksums,
     )
-    features = encode(dataset, setup.tokenizer, opts.max_length)
+    features = task.encode(dataset, setup.tokenizer, opts.max_length)
     total = math.ceil(len(features) / opts.batch_size)
     if opts.max_batches is not None:
         total = min(total, opts.max_batches)
     live = {target.name: resolve_module_name(setup.model, target.name) for target in targets}
     batches = _shuffled_batches(
-        features, DataCollatorWithPadding(setup.tokenizer), opts.batch_size, opts.seed
+        features, task.collator(setup.tokenizer, setup.model), opts.batch_size, opts.seed
     )
     scores = fisher_scores(
         setup.model,

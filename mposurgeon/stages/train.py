@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator, model_validator
 from torch import nn
-from transformers import DataCollatorWithPadding
+from transformers import AutoConfig
 
 from mposurgeon.artifact.manifest import ModuleRecord, SelectionRecord
 from mposurgeon.artifact.store import (
@@ -84,8 +84,8 @@ from mposurgeon.stages.common import (
 from mposurgeon.training.data import (
     DEFAULT_EVAL_SPLIT,
     DataOptions,
+    TaskName,
     TextDataset,
-    encode,
     read_dataset,
 )
 from mposurgeon.training.dynamic import (
@@ -94,15 +94,17 @@ from mposurgeon.training.dynamic import (
     carried_selection,
     dynamic_selection,
 )
+from mposurgeon.training.generation import Generation, check_generation
 from mposurgeon.training.loop import (
     CHECKPOINT,
+    Evaluator,
     LoopConfig,
     LoopState,
     TrainingDiverged,
     TrainingRun,
     launch_accelerator,
 )
-from mposurgeon.training.model import classification_model
+from mposurgeon.training.model import ModelSetup, training_model
 from mposurgeon.training.params import count_parameters, unique_state_dict
 from mposurgeon.training.resume import (
     check_resumable,
@@ -112,12 +114,16 @@ from mposurgeon.training.resume import (
     start_over_hint,
     start_partial,
 )
+from mposurgeon.training.tasks import Task, evaluate, generative_task, get_task
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-#: Points kept in `metrics.loss_history`.
-LOSS_HISTORY_POINTS = 20
+#: Points kept in `metrics.loss_history`: every step's loss up to this many steps, else the
+#: mean of each of this many equal buckets (`inspect --plot` draws them).
+LOSS_HISTORY_POINTS = 1000
+#: `final_loss` is the mean loss of the last 1/FINAL_LOSS_BUCKETS of the steps.
+FINAL_LOSS_BUCKETS = 20
 #: Methods `--mode` names (its older spelling of `--method`).
 MODE_ALIASES = ("full", "lightweight", "overparam")
 
@@ -143,6 +149,9 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions):
         None, ge=2, le=64, description="cores of matrices decomposed during training"
     )
     max_length: int = Field(128, ge=2)
+    task: TaskName | None = Field(None, description="None: inferred from the data and model")
+    generate: bool = Field(False, description="score exact match of greedy generations")
+    max_new_tokens: int = Field(32, ge=1, description="tokens generated per row (--generate)")
     resume: bool = False
     dynamic: bool = False
     split_num: int | None = Field(None, ge=1)
@@ -242,14 +251,14 @@ def train(
     model_layout(inp.path, tensor_shapes(inp))  # config.json read, checked against the weights
     method = get_method(opts.method_config())
     _check_source(method, inp, opts)
-    train_data = opts.read_data(hub_cache=opts.cache_dir)
-    if len(train_data.labels) < 2:
-        raise UsageError(
-            f"{train_data.name} holds a single label ({train_data.labels[0]!r}): "
-            "nothing to classify",
-            hint="the training data needs at least two labels",
-        )
+    config = AutoConfig.from_pretrained(inp.path)
+    columns = opts.columns(task=opts.task, generative=generative_task(config))
+    train_data = opts.read_data(hub_cache=opts.cache_dir, columns=columns)
+    task = get_task(train_data.task)
+    task.check_training_data(train_data)
     eval_data = _read_eval_data(opts, train_data)
+    if opts.generate:
+        check_generation(task, eval_data, "--eval-data")
     warnings = _data_warnings(train_data, opts)
 
     with launch_accelerator() as accelerator:
@@ -260,6 +269,7 @@ def train(
                 inp,
                 opts,
                 method,
+                task,
                 train_data,
                 eval_data,
                 warnings,
@@ -302,6 +312,7 @@ def _train_with(
     inp: StageInput,
     opts: TrainOptions,
     method: Method,
+    task: Task,
     train_data: TextDataset,
     eval_data: TextDataset | None,
     warnings: list[str],
@@ -311,10 +322,11 @@ def _train_with(
 ) -> TrainResult:
     """The training run of `train` once its inputs are read and its output planned, in every
     process of the launch: build the model, train it, write the artifact to `out`."""
-    setup = classification_model(
+    setup = training_model(
         inp.path,
         is_artifact=inp.manifest is not None,
-        labels=train_data.labels,
+        task=task,
+        data=train_data,
         seed=opts.seed,
         verify=opts.verify_checksums,
     )
@@ -323,9 +335,9 @@ def _train_with(
     dynamic = _is_dynamic(inp, opts)
     chosen = [] if dynamic else _chosen(net, inp)
     records.update(method.prepare(net, records, chosen))
-    collator = DataCollatorWithPadding(setup.tokenizer)
-    train_rows = encode(train_data, setup.tokenizer, opts.max_length)
-    eval_rows = encode(eval_data, setup.tokenizer, opts.max_length) if eval_data else None
+    collator = task.collator(setup.tokenizer, net)
+    train_rows = task.encode(train_data, setup.tokenizer, opts.max_length)
+    eval_rows = task.encode(eval_data, setup.tokenizer, opts.max_length) if eval_data else None
     run = TrainingRun(
         accelerator,
         net,
@@ -334,6 +346,7 @@ def _train_with(
         collator,
         opts,
         method,
+        _evaluator(task, opts, setup, eval_data),
         progress=progress,
         checkpoint_dir=partial if opts.save_every else None,
     )
@@ -347,7 +360,9 @@ def _train_with(
     state, resumed_from = _run_with_checkpoints(accelerator, run, inp, opts, partial)
     if hook is not None:
         records.update(hook.records())
-    metrics = _metrics(opts, run, state, net, records, accelerator.num_processes, resumed_from)
+    metrics = _metrics(
+        opts, task, run, state, net, records, accelerator.num_processes, resumed_from
+    )
     metrics["data"] = {
         "train": train_data.record(),
         "eval": eval_data.record() if eval_data is not None else None,
@@ -445,10 +460,31 @@ def _read_eval_data(opts: TrainOptions, train_data: TextDataset) -> TextDataset 
         config=opts.data_config if same_set else None,
         split=opts.eval_split,
         default_split=DEFAULT_EVAL_SPLIT,
-        columns=opts.columns(),
+        columns=opts.columns(task=train_data.task),
         hub_cache=opts.cache_dir,
     )
-    return data.with_labels(train_data.labels)
+    return data.with_labels(train_data.labels) if data.task == "classification" else data
+
+
+def _evaluator(
+    task: Task, opts: TrainOptions, setup: ModelSetup, eval_data: TextDataset | None
+) -> Evaluator:
+    """The run's evaluator: the task's metrics, and with `--generate` exact match."""
+    generation = None
+    if opts.generate and eval_data is not None:
+        generation = Generation(
+            eval_data,
+            setup.tokenizer,
+            task,
+            max_length=opts.max_length,
+            max_new_tokens=opts.max_new_tokens,
+            batch_size=opts.batch_size,
+        )
+
+    def evaluator(accelerator: Accelerator, model: nn.Module, loader: Any) -> dict[str, float]:
+        return evaluate(accelerator, model, loader, task, generation=generation)
+
+    return evaluator
 
 
 def _data_warnings(data: TextDataset, opts: TrainOptions) -> list[str]:
@@ -578,6 +614,7 @@ def _dynamic_hook(
 
 def _metrics(
     opts: TrainOptions,
+    task: Task,
     run: TrainingRun,
     state: LoopState,
     net: nn.Module,
@@ -585,8 +622,9 @@ def _metrics(
     num_processes: int,
     resumed_from: int | None,
 ) -> dict[str, Any]:
-    """The manifest's `metrics`. `final_loss` is the mean training loss of the last
-    `loss_history` bucket (the last ceil(steps / 20) steps)."""
+    """The manifest's `metrics`. `loss_history` holds (step, mean loss of the steps since
+    the previous point); `final_loss` is the mean training loss of the last ceil(steps / 20)
+    steps; `eval_<metric>` are the task's figures of the last evaluation."""
     losses = state.losses
     size = max(1, math.ceil(len(losses) / LOSS_HISTORY_POINTS))
     history = [
@@ -594,20 +632,20 @@ def _metrics(
         for i in range(0, len(losses), size)
         for chunk in [losses[i : i + size]]
     ]
+    last = losses[-max(1, math.ceil(len(losses) / FINAL_LOSS_BUCKETS)) :]
     count = count_parameters(net)
     last_eval = state.evals[-1] if state.evals else {}
+    names = [*task.metrics, *(["exact_match"] if opts.generate else [])]
     config = opts.method_config()
     return {
         "method": opts.method,
+        "task": task.name,
         "steps": state.step,
         "epochs": round(state.step / max(run.steps_per_epoch, 1), 3),
-        "final_loss": history[-1]["loss"] if history else None,
+        "final_loss": sum(last) / len(last) if losses else None,
         "loss_history": history,
         "eval": state.evals,
-        "eval_accuracy": last_eval.get("accuracy"),
-        "eval_macro_f1": last_eval.get("macro_f1"),
-        "eval_mcc": last_eval.get("mcc"),
-        "eval_loss": last_eval.get("loss"),
+        **{f"eval_{name}": last_eval.get(name) for name in names},
         "trainable_params": count.trainable,
         "total_params": count.total,
         "trainable_fraction": count.fraction,

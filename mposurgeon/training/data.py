@@ -1,4 +1,4 @@
-"""Labelled text data for `train` and `select --method fisher`: local files, saved data sets,
+"""Text data for `train`, `eval` and `select --method fisher`: local files, saved data sets,
 and data set ids from the local Hugging Face cache.
 
 What `read_dataset(spec, config=, split=, columns=)` reads:
@@ -23,11 +23,16 @@ visible. The line-numbered strict readers stay for the text formats; `datasets` 
 adds: columnar files, saved data sets, configurations and splits, the cache. Rows read through
 `datasets` are named by row number (1-based) in errors.
 
-Columns (`Columns`): classification reads a text (`text`, else `text_a` with an optional
-`text_b` as the second text of a pair) and a `label`; other names with `--text-column`,
-`--text-pair-column`, `--label-column`. Labels are integers or strings, mapped to ids 0..K-1 in
-sorted order (integers numerically), the names kept for `id2label`; a `ClassLabel` column
-(integers with names) gives its names, in its order, for the classes that occur.
+Columns and tasks (`Columns`): classification and regression read a text (`text`, else
+`text_a` with an optional `text_b` as the second text of a pair) and a `label`; causal-lm reads
+`text` (every token) or `prompt` and `completion`; seq2seq reads `source` and `target`; other
+names with `--text-column`, `--text-pair-column`, `--label-column`, `--target-column`. Without
+`--task`, data with a label column is classification, or regression when a label is a number
+with a fraction ("float labels mean regression"); data without one is read for the model's
+generative task. Class labels are integers or strings (a float without fraction is an
+integer), mapped to ids 0..K-1 in sorted order (integers numerically), the names kept for
+`id2label`; a `ClassLabel` column (integers with names) gives its names, in its order, for the
+classes that occur. Regression labels are numbers (in CSV: decimal text), read as floats.
 """
 
 from __future__ import annotations
@@ -35,13 +40,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
+import re
 import tempfile
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -71,17 +78,48 @@ DEFAULT_EVAL_SPLIT = "validation"
 _FORMATS_HINT = "use .jsonl, .json, .csv, .tsv, .parquet or .arrow files, or a saved data set"
 
 
+#: The tasks data can be read for; None: inferred (see `Columns.roles`).
+TaskName = Literal["classification", "regression", "causal-lm", "seq2seq"]
+TASKS: tuple[str, ...] = get_args(TaskName)
+#: Default (input, target) columns of the generative tasks, tried in order; causal-lm also
+#: reads a lone `text` column (loss on every token).
+GENERATIVE_COLUMNS = (("prompt", "completion"), ("source", "target"))
+
+
+@dataclass(frozen=True)
+class Roles:
+    """The columns read, one per role (None: not read), and the task they are read for (None:
+    classification or regression, decided by the label values)."""
+
+    task: str | None
+    text: str
+    text_pair: str | None = None
+    label: str | None = None
+    target: str | None = None
+    pair_optional: bool = False  # the default pair column: a row without it is a single text
+
+
 @dataclass(frozen=True)
 class Columns:
-    """The column of each role, None for the defaults. Classification reads `text` (default
-    `text`, else `text_a`), `text_pair` (default `text_b` beside `text_a`) and `label`.
-    A task with other roles (regression: a float `label`; causal-lm: `text` or
-    `prompt`/`completion`; seq2seq: `source`/`target`) adds its fields here, each with a
-    `--<role>-column` flag."""
+    """Which columns hold each role (None: the task's defaults), and the task to read for.
+
+    Roles: `text`, the input (classification and regression: `text`, else `text_a`; causal-lm:
+    `prompt`, else `source`, else `text`; seq2seq: `source`, else `prompt`); `text_pair`, the
+    second text of a pair (`text_b` beside `text_a`); `label` (`label`); `target`, the text to
+    produce (`completion` beside `prompt`, `target` beside `source`).
+
+    `task` None infers it (`roles`): data with a label column is classification, or
+    regression when some label is a number with a fraction; data without one is read for
+    `generative` (the model's generative task: causal-lm or seq2seq), else an error naming the
+    missing label column.
+    """
 
     text: str | None = None
     text_pair: str | None = None
     label: str | None = None
+    target: str | None = None
+    task: str | None = None
+    generative: str | None = None
 
     @property
     def label_name(self) -> str:
@@ -97,6 +135,85 @@ class Columns:
                 return first, self.text_pair or second
         return None
 
+    def roles(self, name: str, present: Collection[str]) -> Roles:
+        """The columns of data set `name` (its columns: `present`) to read for the task, each
+        checked to be present; a clear error naming the flag to fix otherwise."""
+        task = self.task
+        if task is None:
+            labelled = self.label is not None or self.label_name in present
+            task = None if labelled or self.generative is None else self.generative
+        if task in (None, "classification", "regression"):
+            return self._labelled_roles(name, present, task)
+        return self._generative_roles(name, present, task)
+
+    def _labelled_roles(self, name: str, present: Collection[str], task: str | None) -> Roles:
+        names = self.text_names(present)
+        if names is None:
+            raise DataError(
+                f"{name}: no text column 'text' (or 'text_a' and 'text_b'); columns: "
+                f"{', '.join(present) or 'none'}",
+                hint="name the text column with --text-column",
+            )
+        first, second = names
+        if second is not None and second not in present and self.text_pair is None:
+            second = None  # text_a without text_b: single texts
+        label = self.label_name
+        _check_present(name, present, first, "--text-column")
+        _check_present(name, present, second, "--text-pair-column")
+        if label not in present:
+            generative = (
+                ""
+                if self.task
+                else (
+                    "; data without labels trains a causal-LM (GPT-2, Llama, BLOOM) or seq2seq "
+                    "(T5, BART) model"
+                )
+            )
+            raise DataError(
+                f"{name}: no label column {label!r} (columns: {', '.join(present)}){generative}",
+                hint="name it with --label-column",
+            )
+        return Roles(task, first, second, label, pair_optional=self.text_pair is None)
+
+    def _generative_roles(self, name: str, present: Collection[str], task: str) -> Roles:
+        pairs = list(GENERATIVE_COLUMNS)
+        if task == "seq2seq":
+            pairs.reverse()  # source/target first
+        text, target = self.text, self.target
+        if text is None or target is None:
+            for first, second in pairs:
+                if (text or first) in present and (target or second) in present:
+                    text, target = text or first, target or second
+                    break
+        if task == "causal-lm" and target is None and text is None and "text" in present:
+            text = "text"  # plain text: loss on every token
+        if text is None:
+            wanted = "'prompt' and 'completion', 'source' and 'target'"
+            if task == "causal-lm":
+                wanted = "'text', or " + wanted
+            raise DataError(
+                f"{name}: {task} data needs the columns {wanted} (columns: "
+                f"{', '.join(present) or 'none'})",
+                hint="name them with --text-column and --target-column",
+            )
+        if task == "seq2seq" and target is None:
+            raise DataError(
+                f"{name}: seq2seq data needs a target column beside {text!r} (columns: "
+                f"{', '.join(present)})",
+                hint="name it with --target-column",
+            )
+        _check_present(name, present, text, "--text-column")
+        _check_present(name, present, target, "--target-column")
+        return Roles(task, text, target=target)
+
+
+def _check_present(name: str, present: Collection[str], column: str | None, flag: str) -> None:
+    if column is not None and column not in present:
+        raise DataError(
+            f"{name}: no column {column!r} (columns: {', '.join(present) or 'none'})",
+            hint=f"name it with {flag}",
+        )
+
 
 class DataOptions(BaseModel):
     """Which data set and which of its columns (the data flags of `train`; `split` None: the
@@ -107,25 +224,41 @@ class DataOptions(BaseModel):
     )
     data_config: str | None = Field(None, description="configuration of a data set id")
     split: str | None = Field(None, description="split of a DatasetDict or data set id")
-    text_column: str | None = Field(None, description="default: text, else text_a")
+    text_column: str | None = Field(
+        None, description="the input text (default: text, text_a, prompt or source)"
+    )
     text_pair_column: str | None = Field(None, description="default: text_b beside text_a")
     label_column: str | None = Field(None, description="default: label")
+    target_column: str | None = Field(
+        None, description="the text to produce (default: completion or target)"
+    )
 
     @field_validator("data", mode="before")
     @classmethod
     def _path_as_text(cls, value: object) -> object:
         return os.fspath(value) if isinstance(value, os.PathLike) else value
 
-    def columns(self) -> Columns:
-        return Columns(self.text_column, self.text_pair_column, self.label_column)
+    def columns(self, task: str | None = None, generative: str | None = None) -> Columns:
+        """The columns to read for `task` (None: inferred; see `Columns`)."""
+        return Columns(
+            self.text_column,
+            self.text_pair_column,
+            self.label_column,
+            self.target_column,
+            task=task,
+            generative=generative,
+        )
 
-    def read_data(self, hub_cache: Path | None = None) -> TextDataset:
-        """The data set `data` names (`hub_cache`: where data set ids are looked up)."""
+    def read_data(
+        self, hub_cache: Path | None = None, columns: Columns | None = None
+    ) -> TextDataset:
+        """The data set `data` names (`hub_cache`: where data set ids are looked up), read
+        with `columns` (default: `self.columns()`, the task inferred)."""
         return read_dataset(
             self.data,
             config=self.data_config,
             split=self.split,
-            columns=self.columns(),
+            columns=columns or self.columns(),
             hub_cache=hub_cache,
         )
 
@@ -169,24 +302,29 @@ class DataSource:
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled row: text, optional second text, label as written in the data, and its
-    line in the file (row number, 1-based, for data read through `datasets`)."""
+    """One row: the input text, the second text of a pair, the label (an integer or string
+    class, or a float for regression; None for the generative tasks), the text to produce
+    (causal-lm completion, seq2seq target; None for plain causal-lm text and the labelled
+    tasks), and its line in the file (row number, 1-based, for data read through `datasets`)."""
 
     text: str
     text_pair: str | None
-    label: int | str
+    label: int | str | float | None
     line: int
+    target: str | None = None
 
 
 @dataclass
 class TextDataset:
-    """Rows of one data set and the label mapping (`labels[i]` is the name of label id i).
-    `path` is the file or directory read (the snapshot or cache directory of a data set id)."""
+    """Rows of one data set, the task they were read for, and for classification the label
+    mapping (`labels[i]` is the name of label id i; empty for the other tasks). `path` is the
+    file or directory read (the snapshot or cache directory of a data set id)."""
 
     path: Path
     examples: list[Example]
     labels: list[str]
     source: DataSource | None = None
+    task: str = "classification"
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -195,6 +333,11 @@ class TextDataset:
     def name(self) -> str:
         """The data set as messages name it: the file name, or `id (config, split)`."""
         return self.source.name if self.source is not None else self.path.name
+
+    @property
+    def unit(self) -> str:
+        """What `Example.line` counts: "line" (of a text file) or "row"."""
+        return self.source.unit if self.source is not None else "line"
 
     def record(self) -> dict[str, Any]:
         """What was read, for the manifest (`DataSource.record`)."""
@@ -211,23 +354,26 @@ class TextDataset:
         return {name: i for i, name in enumerate(self.labels)}
 
     def label_ids(self) -> list[int]:
-        """The label id of every example."""
+        """The label id of every example (classification)."""
         mapping = self.label2id
-        unit = self.source.unit if self.source is not None else "line"
         out = []
         for ex in self.examples:
             name = str(ex.label)
             if name not in mapping:
                 raise DataError(
-                    f"{self.name} {unit} {ex.line}: label {ex.label!r} is not one of the "
+                    f"{self.name} {self.unit} {ex.line}: label {ex.label!r} is not one of the "
                     f"training labels ({', '.join(self.labels)})"
                 )
             out.append(mapping[name])
         return out
 
+    def label_values(self) -> list[float]:
+        """The label of every example as a float (regression)."""
+        return [float(ex.label) for ex in self.examples]  # type: ignore[arg-type]
+
     def with_labels(self, labels: Sequence[str]) -> TextDataset:
         """The same rows mapped with another label list (eval data uses the training labels)."""
-        dataset = TextDataset(self.path, self.examples, list(labels), self.source)
+        dataset = TextDataset(self.path, self.examples, list(labels), self.source, self.task)
         dataset.label_ids()  # fail early, naming the line, on an unknown label
         return dataset
 
@@ -310,11 +456,12 @@ def _read_file(path: Path, columns: Columns) -> TextDataset:
     else:
         delimiter = "\t" if kind == "tsv" else ","
         rows, unit = _csv_rows(path, text, delimiter, columns.label_name), "line"
-    examples = [_example(f"{path.name} {unit} {line}", line, row, columns) for line, row in rows]
-    if not examples:
+    if not rows:
         raise DataError(f"{path.name} holds no rows", hint="each row needs text and label")
-    labels = _label_names([ex.label for ex in examples])
-    return TextDataset(path, examples, labels, _file_source(path, unit))
+    present = list(dict.fromkeys(key for _, row in rows for key in row))
+    roles = columns.roles(path.name, present)
+    examples = [_example(f"{path.name} {unit} {line}", line, row, roles) for line, row in rows]
+    return _dataset(path, examples, _file_source(path, unit), roles.task)
 
 
 def _file_source(path: Path, unit: str) -> DataSource:
@@ -370,8 +517,8 @@ def _json_array_rows(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
 def _csv_rows(
     path: Path, text: str, delimiter: str, label: str
 ) -> list[tuple[int, dict[str, Any]]]:
-    """The non-blank rows of a CSV/TSV file with their line numbers; integer labels (column
-    `label`) as integers.
+    """The non-blank rows of a CSV/TSV file with their line numbers; labels (column `label`)
+    that are integers or decimal numbers as int or float.
 
     Strict CSV: an unterminated quoted field or text after a closing quote is an error naming
     the line where the record starts, and so is a header that names a column twice. Fields may
@@ -394,6 +541,8 @@ def _csv_rows(
             value = row.get(label)
             if isinstance(value, str) and _is_int(value):
                 row[label] = int(value)
+            elif isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+                row[label] = float(value)
             rows.append((end, row))
     except csv.Error as exc:
         line = _record_start(text, end)
@@ -430,34 +579,94 @@ def _record_start(text: str, end: int) -> int:
     return line + 1
 
 
+#: A decimal number as CSV writes a real-valued label (no inf, nan or hex).
+_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
 def _is_int(text: str) -> bool:
     return text.strip().lstrip("+-").isdigit()
 
 
-def _example(where: str, line: int, row: dict[str, Any], columns: Columns) -> Example:
-    """The example of one row (`where`: "file line N" for messages)."""
-    names = columns.text_names(row)
+def _example(where: str, line: int, row: dict[str, Any], roles: Roles) -> Example:
+    """The example of one row (`where`: "file line N" for messages), its columns `roles`."""
     found = ", ".join(map(str, row)) or "nothing"
-    if names is None:
+    if roles.text not in row:
         raise DataError(
-            f"{where}: no text column (found {found})",
-            hint="each row needs 'text' (or 'text_a' and 'text_b') and 'label', or name the "
-            "columns with --text-column and --label-column",
+            f"{where}: no text column {roles.text!r} (found {found})",
+            hint="every row needs the same columns; name them with --text-column "
+            "(--label-column, --target-column)",
         )
-    first, second = names
-    for column, flag in ((first, "--text-column"), (columns.text_pair, "--text-pair-column")):
-        if column is not None and column not in row:
-            raise DataError(f"{where}: no column {column!r} (found {found})", hint=f"check {flag}")
-    text, pair = row[first], row.get(second) if second else None
+    if roles.text_pair is not None and roles.text_pair not in row and not roles.pair_optional:
+        raise DataError(
+            f"{where}: no column {roles.text_pair!r} (found {found})",
+            hint="check --text-pair-column",
+        )
+    text, pair = row[roles.text], row.get(roles.text_pair) if roles.text_pair else None
     if not isinstance(text, str) or (pair is not None and not isinstance(pair, str)):
         raise DataError(f"{where}: text must be a string")
-    name = columns.label_name
-    if name not in row or row[name] in (None, ""):
-        raise DataError(f"{where}: missing {name!r}", hint="every row needs a label")
-    label = row[name]
-    if isinstance(label, bool) or not isinstance(label, int | str):
-        raise DataError(f"{where}: label {label!r} is neither an integer nor a string")
-    return Example(text=text, text_pair=pair, label=label, line=line)
+    target = None
+    if roles.target is not None:
+        target = row.get(roles.target)
+        if target is None:
+            raise DataError(f"{where}: missing {roles.target!r}", hint="every row needs a target")
+        if not isinstance(target, str):
+            raise DataError(f"{where}: {roles.target!r} must be a string")
+    label = None
+    if roles.label is not None:
+        label = row.get(roles.label)
+        if label is None or label == "":
+            raise DataError(f"{where}: missing {roles.label!r}", hint="every row needs a label")
+        if isinstance(label, bool) or not isinstance(label, int | str | float):
+            raise DataError(
+                f"{where}: label {label!r} is neither a number nor a string",
+                hint="one class (an integer or string) or one real value per row",
+            )
+        if isinstance(label, float) and not math.isfinite(label):
+            raise DataError(f"{where}: label {label!r} is not a finite number")
+    return Example(text=text, text_pair=pair, label=label, line=line, target=target)
+
+
+def _dataset(
+    path: Path,
+    examples: list[Example],
+    source: DataSource,
+    task: str | None,
+    classes: Sequence[str] | None = None,
+) -> TextDataset:
+    """The data set of `examples` read for `task` (None: regression when some label is a
+    number with a fraction, else classification); `classes`: the names of a ClassLabel
+    column, in its order."""
+    if task is None:
+        fractional = any(
+            isinstance(ex.label, float) and not ex.label.is_integer() for ex in examples
+        )
+        task = "regression" if fractional and classes is None else "classification"
+    where = f"{source.name} {source.unit}"
+    if task == "regression":
+        for ex in examples:
+            if isinstance(ex.label, str):
+                raise DataError(
+                    f"{where} {ex.line}: label {ex.label!r} is not a number",
+                    hint="regression reads one real value per row",
+                )
+        examples = [replace(ex, label=float(ex.label)) for ex in examples]  # type: ignore[arg-type]
+        return TextDataset(path, examples, [], source, task)
+    if task != "classification":
+        return TextDataset(path, examples, [], source, task)
+    for i, ex in enumerate(examples):
+        if isinstance(ex.label, float):
+            if not ex.label.is_integer():
+                raise DataError(
+                    f"{where} {ex.line}: label {ex.label!r} is not a class",
+                    hint="real-valued labels are regression: pass --task regression",
+                )
+            examples[i] = replace(ex, label=int(ex.label))
+    if classes is not None:
+        present_labels = {ex.label for ex in examples}
+        labels = [c for c in classes if c in present_labels]
+    else:
+        labels = _label_names([ex.label for ex in examples])  # type: ignore[misc]
+    return TextDataset(path, examples, labels, source, task)
 
 
 def _label_names(labels: Sequence[int | str]) -> list[str]:
@@ -771,50 +980,34 @@ def _from_datasets(
     present = list(table.column_names)
     if len(table) == 0:
         raise _empty(name, source.split)
-    names = columns.text_names(present)
-    if names is None:
-        raise DataError(
-            f"{name}: no text column 'text' (or 'text_a' and 'text_b'); columns: "
-            f"{', '.join(present)}",
-            hint="name the text column with --text-column",
-        )
-    first, second = names
-    if second is not None and second not in present and columns.text_pair is None:
-        second = None  # text_a without text_b: single texts
-    label = columns.label_name
-    for column, flag in ((first, "--text-column"), (second, "--text-pair-column"), (label, None)):
-        if column is not None and column not in present:
-            what = "label column" if flag is None else "column"
-            raise DataError(
-                f"{name}: no {what} {column!r} (columns: {', '.join(present)})",
-                hint=f"name it with {flag or '--label-column'}",
-            )
-    wanted = [c for c in dict.fromkeys((first, second, label)) if c is not None]
-    data = table.select_columns(wanted).to_dict()
-    feature = table.features[label]
+    roles = columns.roles(name, present)
     classes: list[str] | None = None
-    if isinstance(feature, datasets.ClassLabel):
-        classes = list(feature.names)
-    elif not isinstance(feature, datasets.Value):
-        raise DataError(
-            f"{name}: label column {label!r} holds {type(feature).__name__} values, not one "
-            "label per row",
-            hint="single-label classification needs an integer or string label column",
-        )
-    chosen = Columns(first, second, label)
+    if roles.label is not None:
+        feature = table.features[roles.label]
+        if isinstance(feature, datasets.ClassLabel):
+            classes = list(feature.names)
+        elif not isinstance(feature, datasets.Value):
+            raise DataError(
+                f"{name}: label column {roles.label!r} holds {type(feature).__name__} values, "
+                "not one label per row",
+                hint="a label column holds one class (an integer or string) or one real value "
+                "per row",
+            )
+    wanted = [
+        c for c in dict.fromkeys((roles.text, roles.text_pair, roles.label, roles.target)) if c
+    ]
+    data = table.select_columns(wanted).to_dict()
     examples = []
     for i in range(len(table)):
         where = f"{name} row {i + 1}"
         row = {c: data[c][i] for c in wanted}
-        if classes is not None and isinstance(row[label], int):
-            row[label] = _class_name(where, row[label], classes, label)
-        examples.append(_example(where, i + 1, row, chosen))
-    if classes is not None:
-        present_labels = {ex.label for ex in examples}
-        labels = [c for c in classes if c in present_labels]
-    else:
-        labels = _label_names([ex.label for ex in examples])
-    return TextDataset(path, examples, labels, source)
+        if classes is not None and isinstance(row[roles.label], int):
+            row[roles.label] = _class_name(where, row[roles.label], classes, roles.label)
+        examples.append(_example(where, i + 1, row, roles))
+    task = roles.task
+    if classes is not None and task is None:
+        task = "classification"
+    return _dataset(path, examples, source, task, classes)
 
 
 def _class_name(where: str, value: int, classes: Sequence[str], column: str) -> str:
@@ -826,26 +1019,3 @@ def _class_name(where: str, value: int, classes: Sequence[str], column: str) -> 
         f"{where}: label {value} is not a class of {column!r} ({', '.join(classes)}){unlabelled}",
         hint="train and evaluate on labelled splits",
     )
-
-
-def encode(dataset: TextDataset, tokenizer: Any, max_length: int = 128) -> list[dict[str, Any]]:
-    """Tokenize every example, unpadded, with its `labels` id: feed batches of these to
-    `transformers.DataCollatorWithPadding(tokenizer)`. A tokenizer that turns every row into
-    special tokens only (all unknown, or nothing) does not fit the data: a usage error."""
-    texts = [ex.text for ex in dataset.examples]
-    pairs = [ex.text_pair or "" for ex in dataset.examples]
-    has_pairs = any(ex.text_pair is not None for ex in dataset.examples)
-    enc = tokenizer(texts, pairs if has_pairs else None, truncation=True, max_length=max_length)
-    special = set(tokenizer.all_special_ids)
-    if not any(set(ids) - special for ids in enc["input_ids"]):
-        unk = f" ({tokenizer.unk_token})" if tokenizer.unk_token else ""
-        raise UsageError(
-            f"the tokenizer maps every word of {dataset.name} to its unknown token{unk} "
-            "or to nothing: it does not fit this data",
-            hint="train a checkpoint whose tokenizer covers the language of the data",
-        )
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-    return [
-        {**{k: enc[k][i] for k in keys}, "labels": label}
-        for i, label in enumerate(dataset.label_ids())
-    ]

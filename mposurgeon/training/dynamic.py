@@ -23,7 +23,7 @@ from mposurgeon.methods.mpo.state import decompose_in_place
 from mposurgeon.methods.records import ModuleRecord
 from mposurgeon.models.groups import MODEL_TYPE_ALIASES, group_of
 from mposurgeon.models.surgery import resolve_module_name
-from mposurgeon.training.loop import model_inputs
+from mposurgeon.training.tasks import model_inputs
 
 #: Weight types that dynamic selection scores (the OPF paper's).
 DYNAMIC_WEIGHT_TYPES = ("FFN_1", "FFN_2", "attention")

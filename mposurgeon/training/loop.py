@@ -1,6 +1,6 @@
 """The training loop: AdamW with linear warmup and decay, gradient accumulation and clipping,
-evaluation (accuracy, macro-F1, MCC, loss: `evaluate_classifier`, which `eval` calls too),
-periodic checkpoints and exact resume.
+evaluation (the run's `Evaluator`: `training.tasks.evaluate` for its task, which `eval` calls
+too), periodic checkpoints and exact resume.
 
 Everything goes through `accelerate.Accelerator`: one process on CPU or GPU, or several under
 `accelerate launch` / `torchrun` (DDP, gloo on CPU). There is no hand-written distribution
@@ -26,7 +26,6 @@ naming the file.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -40,7 +39,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from pydantic import BaseModel, Field
@@ -51,10 +49,9 @@ from transformers import get_linear_schedule_with_warmup
 from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
 from mposurgeon.errors import ArtifactError, UsageError, VerificationError
 from mposurgeon.methods.base import Method
-from mposurgeon.models.layers import reuse_dense_weights
 from mposurgeon.progress import ProgressCallback
-from mposurgeon.training.metrics import classification_metrics
 from mposurgeon.training.params import unique_state_dict
+from mposurgeon.training.tasks import model_inputs
 
 CHECKPOINT = "checkpoint"
 _CHECKPOINT_TMP = ".checkpoint-tmp"
@@ -181,54 +178,15 @@ def launch_accelerator() -> Iterator[Accelerator]:
             accelerator.end_training()
 
 
-def model_inputs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
-    """The entries of `batch` that `model.forward` accepts (e.g. no token_type_ids for GPT-2)."""
-    accepted = inspect.signature(model.forward).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
-        return dict(batch)
-    return {k: v for k, v in batch.items() if k in accepted}
-
-
-@torch.no_grad()
-def evaluate_classifier(
-    accelerator: Accelerator,
-    model: nn.Module,
-    loader: Any,
-    *,
-    progress: ProgressCallback | None = None,
-) -> dict[str, float]:
-    """`classification_metrics` (accuracy, macro-F1, MCC) and the mean cross-entropy `loss`
-    (per row, nats) of `model` on the batches of `loader` (prepared by `accelerator`: every
-    process's share of the rows is gathered, each row counted once). The model is left in
-    eval mode; each MPO weight is rebuilt once, not once per batch. `train` (every
-    evaluation) and `eval` both score through here."""
-    unwrapped = accelerator.unwrap_model(model)
-    model.eval()
-    preds, labels, losses = [], [], []
-    total = len(loader)
-    with reuse_dense_weights(unwrapped):
-        for i, batch in enumerate(loader, 1):
-            inputs = model_inputs(unwrapped, batch)
-            target = inputs.pop("labels")
-            logits = model(**inputs).logits.float()
-            loss = F.cross_entropy(logits, target, reduction="none")
-            p, y, lo = accelerator.gather_for_metrics((logits.argmax(-1), target, loss))
-            preds.append(p.cpu())
-            labels.append(y.cpu())
-            losses.append(lo.cpu())
-            if progress is not None:
-                progress("eval", i, total)
-    if not losses:
-        return {**classification_metrics([], []), "loss": math.nan}
-    return {
-        **classification_metrics(torch.cat(preds), torch.cat(labels)),
-        "loss": float(torch.cat(losses).double().mean()),
-    }
+#: Scores a model on the eval loader: (accelerator, prepared model, prepared loader) ->
+#: metrics (`training.tasks.evaluate` bound to the run's task).
+Evaluator = Callable[[Accelerator, nn.Module, Any], dict[str, float]]
 
 
 class TrainingRun:
-    """One training run of `model` (a *ForSequenceClassification with MPO layers or not) on
-    encoded rows (dicts with input_ids, attention_mask, labels, ...) batched by `collator`."""
+    """One training run of `model` (a transformers model with a task head, MPO layers or not)
+    on encoded rows (dicts with input_ids, attention_mask, labels, ...) batched by `collator`,
+    scored by `evaluator` on the eval rows."""
 
     def __init__(
         self,
@@ -239,6 +197,7 @@ class TrainingRun:
         collator: Callable[[list[dict[str, Any]]], dict[str, Tensor]],
         config: LoopConfig,
         method: Method,
+        evaluator: Evaluator,
         *,
         hook: EpochHook | None = None,
         progress: ProgressCallback | None = None,
@@ -252,6 +211,7 @@ class TrainingRun:
         self.collator = collator
         self.config = config
         self.method = method
+        self.evaluator = evaluator
         self.hook = hook
         self.progress = progress
         self.checkpoint_dir = checkpoint_dir
@@ -412,9 +372,9 @@ class TrainingRun:
                 )
 
     def evaluate(self) -> dict[str, Any]:
-        """Accuracy, macro-F1, MCC and mean loss on the eval rows (`evaluate_classifier`);
-        appended to `state.evals`."""
-        scores = evaluate_classifier(self.accelerator, self.model, self.eval_dl)
+        """The task's metrics on the eval rows (the run's evaluator); appended to
+        `state.evals`."""
+        scores = self.evaluator(self.accelerator, self.model, self.eval_dl)
         self.model.train()
         result = {"step": self.state.step, **scores}
         self.state.evals.append(result)

@@ -2,7 +2,7 @@
 
 Classification (class ids, 1-D, one per row): `accuracy`, `macro_f1`, `matthews_corrcoef`,
 bundled by `classification_metrics`. Regression (real values, 1-D): `pearson`, `spearman`.
-Language modelling (per-token losses in nats): `perplexity`.
+Language modelling (per-token losses in nats): `perplexity`, `exp_loss`.
 
 Each function takes torch tensors, NumPy arrays or sequences of numbers, computes in float64
 (exact integer counts for the class metrics) and returns a Python float. The definitions are
@@ -165,5 +165,12 @@ def perplexity(token_losses: Vector, mask: Vector | None = None) -> float:
         losses = losses[keep]
     if losses.numel() == 0:
         return math.nan
-    mean = float(losses.mean())
-    return math.exp(mean) if mean < 709.0 else math.inf  # exp(709.8) overflows a float
+    return exp_loss(float(losses.mean()))
+
+
+def exp_loss(mean_loss: float) -> float:
+    """Perplexity from a mean loss per token (nats): exp(mean_loss); inf where the
+    exponential overflows a float, NaN for NaN."""
+    if math.isnan(mean_loss):
+        return math.nan
+    return math.exp(mean_loss) if mean_loss < 709.0 else math.inf  # exp(709.8) overflows

@@ -1,9 +1,9 @@
-"""A sequence-classification model and its tokenizer for `train`, `eval` and
-`select --method fisher`.
+"""A model with a task head and its tokenizer for `train`, `eval` and `select --method fisher`.
 
-For training, the head is added when the checkpoint has none (seeded, so runs are reproducible)
-and its labels come from the data (`classification_model`). For evaluation, the checkpoint's
-own trained head is used as it is, with the labels of its config (`trained_classifier`).
+For training (`training_model`), a classification or regression head is added when the
+checkpoint has none (seeded, so runs are reproducible) with the labels of the data; causal-lm
+and seq2seq train the model's own LM head. For evaluation (`trained_model`), the checkpoint's
+own trained head is used as it is (`trained_task` tells which), with the labels of its config.
 Decoder-only models (GPT-2, Llama, BLOOM) get a pad token: their EOS token, recorded in the
 config as `pad_token_id`.
 """
@@ -16,16 +16,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from mposurgeon.artifact.load import load_model
 from mposurgeon.artifact.store import VOCABULARY_FILES
 from mposurgeon.errors import ArtifactError, UsageError, one_line
-from mposurgeon.models.auto import quiet_transformers
+from mposurgeon.models.auto import model_class, quiet_transformers
+from mposurgeon.training.data import TextDataset
+from mposurgeon.training.tasks import Task, check_model_task, get_task, head_task
 
 
 @dataclass
-class ClassifierSetup:
+class ModelSetup:
     """The model, its tokenizer, and the pad token set for it (None if it had one)."""
 
     model: nn.Module
@@ -79,50 +81,83 @@ def ensure_pad_token(tokenizer: Any, config: Any) -> str | None:
     return None
 
 
-def classification_model(
-    path: Path, *, is_artifact: bool, labels: list[str], seed: int = 0, verify: bool = True
-) -> ClassifierSetup:
-    """`path`'s model with a sequence-classification head for `labels` (MPO layers in place for
-    an artifact). The head's initialization is seeded."""
+def training_model(
+    path: Path,
+    *,
+    is_artifact: bool,
+    task: Task,
+    data: TextDataset,
+    seed: int = 0,
+    verify: bool = True,
+) -> ModelSetup:
+    """`path`'s model with the head of `task` (MPO layers in place for an artifact): a new
+    head for the labels of `data` (classification, regression), initialized under `seed`, or
+    the model's own LM head (causal-lm, seq2seq)."""
     config = AutoConfig.from_pretrained(path)
+    check_model_task(config, task, path)
     tokenizer = load_tokenizer(path, is_artifact=is_artifact)
     pad = ensure_pad_token(tokenizer, config)
-    config.num_labels = len(labels)
-    config.id2label = dict(enumerate(labels))
-    config.label2id = {name: i for i, name in enumerate(labels)}
+    task.configure(config, data)
     torch.manual_seed(seed)
     if is_artifact:
-        model = load_model(path, "sequence-classification", config=config, verify=verify)
+        model = load_model(path, task.head, config=config, verify=verify)
     else:
         with quiet_transformers():
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model = model_class(config, task.head).from_pretrained(
                 path, config=config, ignore_mismatched_sizes=True
             )
-    return ClassifierSetup(model=model, tokenizer=tokenizer, pad_token_set=pad)
+    return ModelSetup(model=model, tokenizer=tokenizer, pad_token_set=pad)
 
 
-#: The suffix of the transformers classes with a sequence-classification head.
-CLASSIFIER_SUFFIX = "ForSequenceClassification"
+def classification_model(
+    path: Path, *, is_artifact: bool, data: TextDataset, seed: int = 0, verify: bool = True
+) -> ModelSetup:
+    """`training_model` with a sequence-classification head for the labels of `data`."""
+    return training_model(
+        path,
+        is_artifact=is_artifact,
+        task=get_task("classification"),
+        data=data,
+        seed=seed,
+        verify=verify,
+    )
+
+
+def trained_task(path: Path, config: Any, task: str | None = None) -> Task:
+    """The task of the trained head of the model at `path` (its config: `config`): what
+    `eval` scores. `task` (`--task`) must agree with it. A model without a trained head (a
+    base checkpoint such as MiniLM, a masked LM) is a usage error."""
+    found = head_task(config)
+    if found is None:
+        archs = ", ".join(getattr(config, "architectures", None) or []) or "no architecture"
+        raise UsageError(
+            f"{path} has no trained task head ({archs}): eval scores a sequence classifier or "
+            "regressor, a causal LM or a seq2seq LM",
+            hint="train it first: mposurgeon train MODEL --method full --data TRAIN.jsonl "
+            "adds a head for the labels of the data",
+        )
+    outputs = getattr(config, "num_labels", 1)
+    if found == "regression" and outputs != 1:
+        raise UsageError(
+            f"{path} has a regression head with {outputs} outputs: eval scores one real value "
+            "per row"
+        )
+    if getattr(config, "problem_type", None) == "multi_label_classification":
+        raise UsageError(
+            f"{path} has a multi-label classification head: eval scores single-label "
+            "classification"
+        )
+    if task is not None and task != found:
+        raise UsageError(
+            f"{path} has a {found} head: --task {task} does not apply",
+            hint=f"leave --task out (or pass --task {found})",
+        )
+    return get_task(found)
 
 
 def classifier_labels(path: Path, config: Any) -> list[str]:
     """The label names of the classifier whose config (of `path`) is `config`, in id order
-    (`label2id` decides the ids). A model without a trained single-label classification head
-    (a base checkpoint such as MiniLM, a regression head) is a usage error."""
-    architectures = list(getattr(config, "architectures", None) or [])
-    if not any(name.endswith(CLASSIFIER_SUFFIX) for name in architectures):
-        model = ", ".join(architectures) or "no architecture named in its config.json"
-        raise UsageError(
-            f"{path} has no sequence-classification head ({model})",
-            hint="train it first: mposurgeon train MODEL --method full --data TRAIN.jsonl "
-            "adds a head for the labels of the data",
-        )
-    kind = getattr(config, "problem_type", None) or "single_label_classification"
-    if kind != "single_label_classification" or config.num_labels < 2:
-        raise UsageError(
-            f"{path} has a {kind.replace('_', ' ')} head with {config.num_labels} output(s); "
-            "eval scores single-label classification",
-        )
+    (`label2id` decides the ids)."""
     ids = {name: int(i) for name, i in config.label2id.items()}
     if sorted(ids.values()) != list(range(config.num_labels)):
         raise ArtifactError(
@@ -132,20 +167,20 @@ def classifier_labels(path: Path, config: Any) -> list[str]:
     return sorted(ids, key=ids.__getitem__)
 
 
-def trained_classifier(
-    path: Path, config: Any, *, is_artifact: bool, verify: bool = True
-) -> ClassifierSetup:
-    """`path`'s classifier as it is, with its own head, in eval mode, and its tokenizer with
-    a pad token (as `classification_model` gives them to `train`). An artifact's modules stay
+def trained_model(
+    path: Path, config: Any, task: Task, *, is_artifact: bool, verify: bool = True
+) -> ModelSetup:
+    """`path`'s model as it is, with its own `task` head, in eval mode, and its tokenizer with
+    a pad token (as `training_model` gives them to `train`). An artifact's modules stay
     factorized (`load_model`); a dense checkpoint must hold every weight of the model."""
     tokenizer = load_tokenizer(path, is_artifact=is_artifact)
     pad = ensure_pad_token(tokenizer, config)
     if is_artifact:
-        model = load_model(path, "sequence-classification", config=config, verify=verify)
+        model = load_model(path, task.head, config=config, verify=verify)
     else:
         try:
             with quiet_transformers():
-                model, info = AutoModelForSequenceClassification.from_pretrained(
+                model, info = model_class(config, task.head).from_pretrained(
                     path, config=config, output_loading_info=True
                 )
         except (OSError, ValueError, RuntimeError) as exc:
@@ -157,4 +192,4 @@ def trained_classifier(
                 f"{path} lacks weights of its model ({missing}): they would be random",
                 hint="evaluate the checkpoint that training wrote, or train one first",
             )
-    return ClassifierSetup(model=model.eval(), tokenizer=tokenizer, pad_token_set=pad)
+    return ModelSetup(model=model.eval(), tokenizer=tokenizer, pad_token_set=pad)
