@@ -22,8 +22,8 @@ from mposurgeon.artifact.manifest import read_manifest
 from mposurgeon.errors import UsageError
 from mposurgeon.stages.train import TrainingInterrupted
 from mposurgeon.training import dynamic as dynamic_module
-from mposurgeon.training.data import encode, read_dataset
-from mposurgeon.training.loop import model_inputs
+from mposurgeon.training.data import read_dataset
+from mposurgeon.training.tasks import get_task, model_inputs
 from tests.cli_runner import stop_at_step
 from tests.conftest import ARCHITECTURES
 
@@ -60,7 +60,7 @@ def _tensors(artifact: Path) -> dict[str, torch.Tensor]:
 def _eval_logits(model: torch.nn.Module, directory: Path) -> torch.Tensor:
     """The model's logits on the shipped eval data, tokenized by `directory`'s tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    rows = encode(read_dataset(EVAL), tokenizer, 64)
+    rows = get_task("classification").encode(read_dataset(EVAL), tokenizer, 64)
     batch = DataCollatorWithPadding(tokenizer)(rows)
     with torch.no_grad():
         return model.eval()(**model_inputs(model, dict(batch))).logits
