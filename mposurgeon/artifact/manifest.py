@@ -199,6 +199,7 @@ class MetricsRecord(_Open, total=False):
     figures that inspect, recipes and gates read."""
 
     method: str
+    task: str  # absent in artifacts trained before tasks: classification
     steps: NonNegativeInt
     epochs: float
     final_loss: float | None
@@ -208,6 +209,8 @@ class MetricsRecord(_Open, total=False):
     eval_macro_f1: float | None
     eval_mcc: float | None  # Matthews correlation; absent in artifacts trained before it
     eval_loss: float | None
+    best_metric: str | None  # --select-best: the metric, and the step of the weights kept
+    best_step: NonNegativeInt | None
     trainable_params: NonNegativeInt | None
     total_params: NonNegativeInt | None
     trainable_fraction: float | None

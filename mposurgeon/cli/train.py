@@ -83,6 +83,14 @@ def train_command(
     eval_every: Annotated[
         int | None, typer.Option("--eval-every", help="Evaluate every N steps (and at the end).")
     ] = None,
+    select_best: Annotated[
+        str | None,
+        typer.Option(
+            "--select-best",
+            help="Keep the weights of the evaluation best by this metric (accuracy, loss, "
+            "pearson, perplexity, exact_match...), not the last.",
+        ),
+    ] = None,
     save_every: Annotated[
         int | None,
         typer.Option("--save-every", help="Checkpoint every N steps into OUT.partial/."),
@@ -148,6 +156,7 @@ def train_command(
         seed=seed,
         eval_every=eval_every,
         save_every=save_every,
+        select_best=select_best,
         resume=resume,
         dynamic=dynamic,
         split_num=split_num,
@@ -209,5 +218,11 @@ def metrics_lines(m: dict[str, Any]) -> list[str]:
     if evals:
         task = m.get("task", "classification")  # artifacts before tasks were classifiers
         last = {**evals[-1], "rows": m.get("eval_rows")}
+        if m.get("best_step") is not None:
+            last = {**next(e for e in evals if e["step"] == m["best_step"]), "rows": last["rows"]}
+            lines.append(
+                f"kept the weights of step {m['best_step']} (best {m['best_metric']} of "
+                f"{len(evals)} evaluations)"
+            )
         lines.append(eval_line(task, last))
     return lines

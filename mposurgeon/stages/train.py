@@ -97,6 +97,7 @@ from mposurgeon.training.dynamic import (
 from mposurgeon.training.generation import Generation, check_generation
 from mposurgeon.training.loop import (
     CHECKPOINT,
+    BestSelection,
     Evaluator,
     LoopConfig,
     LoopState,
@@ -152,6 +153,9 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions):
     task: TaskName | None = Field(None, description="None: inferred from the data and model")
     generate: bool = Field(False, description="score exact match of greedy generations")
     max_new_tokens: int = Field(32, ge=1, description="tokens generated per row (--generate)")
+    select_best: str | None = Field(
+        None, description="keep the weights of the evaluation best by this metric, not the last"
+    )
     resume: bool = False
     dynamic: bool = False
     split_num: int | None = Field(None, ge=1)
@@ -259,6 +263,7 @@ def train(
     eval_data = _read_eval_data(opts, train_data)
     if opts.generate:
         check_generation(task, eval_data, "--eval-data")
+    _best_selection(opts, task, eval_data, _is_dynamic(inp, opts))
     warnings = _data_warnings(train_data, opts)
 
     with launch_accelerator() as accelerator:
@@ -349,6 +354,7 @@ def _train_with(
         _evaluator(task, opts, setup, eval_data),
         progress=progress,
         checkpoint_dir=partial if opts.save_every else None,
+        select_best=_best_selection(opts, task, eval_data, dynamic),
     )
     hook = None
     if dynamic:
@@ -464,6 +470,37 @@ def _read_eval_data(opts: TrainOptions, train_data: TextDataset) -> TextDataset 
         hub_cache=opts.cache_dir,
     )
     return data.with_labels(train_data.labels) if data.task == "classification" else data
+
+
+def _best_selection(
+    opts: TrainOptions, task: Task, eval_data: TextDataset | None, dynamic: bool
+) -> BestSelection | None:
+    """`--select-best METRIC`, checked: a metric of the task, eval data to score, and a model
+    whose structure does not change during training (dynamic selection changes it)."""
+    if opts.select_best is None:
+        return None
+    metrics = [m for m in task.metrics if m != "tokens"]
+    metrics += ["exact_match"] if opts.generate else []
+    if opts.select_best not in metrics:
+        raise UsageError(
+            f"--select-best {opts.select_best}: {task.name} evaluations report "
+            f"{', '.join(metrics)}",
+            hint="pick one of them"
+            + ("" if opts.generate or not task.generates else " (exact_match needs --generate)"),
+        )
+    if eval_data is None:
+        raise UsageError(
+            "--select-best keeps the weights of the best evaluation: there is no eval data",
+            hint="pass --eval-data (and --eval-every N to evaluate during training)",
+        )
+    if dynamic:
+        raise UsageError(
+            "--select-best cannot go back across the rounds of --dynamic selection: each "
+            "round changes which matrices are MPO",
+            hint="leave --select-best out, or select statically with `mposurgeon select`",
+        )
+    maximize = opts.select_best in task.maximize or opts.select_best == "exact_match"
+    return BestSelection(opts.select_best, maximize)
 
 
 def _evaluator(
@@ -635,6 +672,8 @@ def _metrics(
     last = losses[-max(1, math.ceil(len(losses) / FINAL_LOSS_BUCKETS)) :]
     count = count_parameters(net)
     last_eval = state.evals[-1] if state.evals else {}
+    if state.best_step is not None:  # the evaluation of the weights kept
+        last_eval = next(e for e in state.evals if e["step"] == state.best_step)
     names = [*task.metrics, *(["exact_match"] if opts.generate else [])]
     config = opts.method_config()
     return {
@@ -646,6 +685,8 @@ def _metrics(
         "loss_history": history,
         "eval": state.evals,
         **{f"eval_{name}": last_eval.get(name) for name in names},
+        "best_metric": opts.select_best,
+        "best_step": state.best_step,
         "trainable_params": count.trainable,
         "total_params": count.total,
         "trainable_fraction": count.fraction,

@@ -17,6 +17,11 @@ weights (tied tensors once), the MPO structure, optimizer and scheduler states, 
 RNG states and the position (epoch, batch in epoch, step), taken at optimizer-step boundaries:
 a resumed run takes exactly the steps of the uninterrupted one.
 
+Best weights (`select_best`). After each evaluation whose score beats the best so far, the
+trainable parameters are copied to the CPU (what training changes; the rest is as loaded);
+at the end they are put back, so the model holds the weights of the best evaluation, and
+`state.best_step` says which. Checkpoints carry the copy (`best.safetensors`).
+
 Divergence. A step whose mean loss is NaN or infinite stops the run with `TrainingDiverged`
 (a `VerificationError`, exit 3), and so do non-finite weights before a checkpoint is written and
 at the end: no checkpoint and no result ever holds NaN weights. A checkpoint that cannot be read
@@ -42,6 +47,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from pydantic import BaseModel, Field
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 from transformers import get_linear_schedule_with_warmup
@@ -49,6 +55,7 @@ from transformers import get_linear_schedule_with_warmup
 from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
 from mposurgeon.errors import ArtifactError, UsageError, VerificationError
 from mposurgeon.methods.base import Method
+from mposurgeon.models.auto import quiet_transformers
 from mposurgeon.progress import ProgressCallback
 from mposurgeon.training.params import unique_state_dict
 from mposurgeon.training.tasks import model_inputs
@@ -58,6 +65,7 @@ _CHECKPOINT_TMP = ".checkpoint-tmp"
 _CHECKPOINT_OLD = ".checkpoint-old"
 _SHARD = 10**12  # checkpoint weights in one file
 _WEIGHTS = "model.safetensors"
+_BEST = "best.safetensors"  # with --select-best: the trainable weights of the best step
 _DIVERGED_HINT = "lower --lr (and --mpo-lr), or clip gradients harder with --max-grad-norm"
 
 
@@ -117,6 +125,22 @@ class LoopConfig(BaseModel):
     save_every: int | None = Field(None, ge=1)
 
 
+@dataclass(frozen=True)
+class BestSelection:
+    """`--select-best`: keep the weights of the evaluation with the best `metric` (higher is
+    better when `maximize`); a NaN score is never the best, a tie keeps the earlier."""
+
+    metric: str
+    maximize: bool
+
+    def better(self, score: float, best: float | None) -> bool:
+        if math.isnan(score):
+            return False
+        if best is None:
+            return True
+        return score > best if self.maximize else score < best
+
+
 @dataclass
 class LoopState:
     """Where a run is: optimizer steps taken, position in the data, losses, evaluations."""
@@ -126,6 +150,8 @@ class LoopState:
     batch_in_epoch: int = 0
     losses: list[float] = field(default_factory=list)  # mean training loss of each step
     evals: list[dict[str, Any]] = field(default_factory=list)
+    best_step: int | None = None  # with --select-best: the step of the weights kept
+    best_score: float | None = None
 
 
 class EpochHook(Protocol):
@@ -202,6 +228,7 @@ class TrainingRun:
         hook: EpochHook | None = None,
         progress: ProgressCallback | None = None,
         checkpoint_dir: Path | None = None,
+        select_best: BestSelection | None = None,
     ) -> None:
         self.accelerator = accelerator
         self.unwrapped = model
@@ -215,6 +242,8 @@ class TrainingRun:
         self.hook = hook
         self.progress = progress
         self.checkpoint_dir = checkpoint_dir
+        self.select_best = select_best
+        self.best_weights: dict[str, Tensor] | None = None  # trainable tensors of best_step
         self.sampler = EpochSampler(len(self.train_rows), config.seed)
         self.state = LoopState()
         self.checkpoint_step: int | None = None  # step of the last checkpoint written or read
@@ -290,7 +319,12 @@ class TrainingRun:
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> LoopState:
-        """Train until `total_steps`; evaluate at the end. Returns the final state."""
+        """Train until `total_steps`; evaluate at the end. Returns the final state.
+        transformers' notes on the way (which loss a class uses, ...) stay off stderr."""
+        with quiet_transformers():
+            return self._run()
+
+    def _run(self) -> LoopState:
         cfg, state = self.config, self.state
         if not self._restored:
             set_seed(cfg.seed)
@@ -306,6 +340,8 @@ class TrainingRun:
         self._check_weights()
         if self.eval_dl is not None and (not state.evals or state.evals[-1]["step"] != state.step):
             self.evaluate()
+        if self.best_weights is not None and state.best_step != state.step:
+            self.unwrapped.load_state_dict(self.best_weights, strict=False)
         return state
 
     def _epoch(self) -> None:
@@ -378,7 +414,19 @@ class TrainingRun:
         self.model.train()
         result = {"step": self.state.step, **scores}
         self.state.evals.append(result)
+        best, state = self.select_best, self.state
+        if best is not None and best.better(float(scores[best.metric]), state.best_score):
+            state.best_step, state.best_score = state.step, float(scores[best.metric])
+            self.best_weights = self._trainable_weights()
         return result
+
+    def _trainable_weights(self) -> dict[str, Tensor]:
+        """A copy (on the CPU) of every trainable parameter: all that training changes."""
+        return {
+            name: p.detach().to("cpu", copy=True)
+            for name, p in self.unwrapped.named_parameters()
+            if p.requires_grad
+        }
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -407,6 +455,8 @@ class TrainingRun:
                 },
                 tmp / "optimizer.pt",
             )
+            if self.best_weights is not None:
+                save_file(self.best_weights, str(tmp / _BEST))
             info = {
                 "state": asdict(self.state),
                 "num_processes": acc.num_processes,
@@ -478,6 +528,9 @@ class TrainingRun:
         rng_file = directory / f"rng-{acc.process_index}.pt"
         with reading_checkpoint(rng_file):
             _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+        if self.select_best is not None and state.best_step is not None:
+            with reading_checkpoint(directory / _BEST):
+                self.best_weights = load_file(str(directory / _BEST))
         self.state = state
         self.checkpoint_step = self.state.step
         self._restored = True
