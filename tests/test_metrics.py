@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mposurgeon.training import loop
 from mposurgeon.training import metrics as M
+from mposurgeon.training import tasks
 
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True)
 
@@ -96,9 +96,11 @@ def test_degenerate_classification_inputs() -> None:
         M.macro_f1(torch.zeros(2, 2), torch.zeros(2, 2))
 
 
-def test_the_loop_scores_with_the_metrics_module() -> None:
-    """One home: the training loop imports classification_metrics, it keeps no copy."""
-    assert loop.classification_metrics is M.classification_metrics
+def test_the_tasks_score_with_the_metrics_module() -> None:
+    """One home: the task scorers import the metric functions, they keep no copy."""
+    assert tasks.classification_metrics is M.classification_metrics
+    assert tasks.pearson is M.pearson and tasks.spearman is M.spearman
+    assert tasks.exp_loss is M.exp_loss
 
 
 @SETTINGS
@@ -219,3 +221,9 @@ def test_perplexity_is_exp_of_the_mean_token_loss() -> None:
     assert math.isnan(M.perplexity([1.0, 2.0], [0, 0]))
     with pytest.raises(ValueError, match="mask of 1 values for 2"):
         M.perplexity([1.0, 2.0], [1])
+
+
+def test_exp_loss_is_perplexity_of_a_mean_loss() -> None:
+    assert M.exp_loss(1.0) == math.e and M.exp_loss(0.0) == 1.0
+    assert M.exp_loss(800.0) == math.inf and math.isnan(M.exp_loss(math.nan))
+    assert M.perplexity([0.5, 1.5]) == M.exp_loss(1.0)

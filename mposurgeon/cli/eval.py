@@ -40,6 +40,8 @@ def eval_command(
     batch_size: Annotated[
         int, typer.Option("--batch-size", "-b", help="Rows per batch (per process).")
     ] = 16,
+    precision: opt.Precision = None,
+    device: opt.Device = "auto",
     *,
     data_flags: opt.DataFlags,
     flags: opt.StageFlags,
@@ -62,6 +64,8 @@ def eval_command(
         **data_flags.options(),
         max_length=max_length,
         batch_size=batch_size,
+        precision=precision,  # type: ignore[arg-type]
+        device=device,  # type: ignore[arg-type]
         revision=flags.revision,
         offline=flags.offline,
         cache_dir=flags.cache_dir,

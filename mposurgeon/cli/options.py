@@ -95,6 +95,17 @@ Generate = Annotated[
 MaxNewTokens = Annotated[
     int, typer.Option("--max-new-tokens", help="--generate: tokens generated per row at most.")
 ]
+Precision = Annotated[
+    str | None,
+    typer.Option(
+        "--precision",
+        help="fp32, or bf16 / fp16 mixed precision (autocast; bf16 runs on the CPU too). "
+        "Default: accelerate launch's --mixed_precision, else fp32.",
+    ),
+]
+Device = Annotated[
+    str, typer.Option("--device", help="auto (a GPU when there is one), cpu or cuda.")
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
@@ -216,7 +227,7 @@ def _flag_group(
     command after its own parameters, and hand them to it as one `group` in `param`."""
     unknown = [n for n in names if n not in types]
     if unknown:
-        raise ValueError(f"not {group.__name__}: {unknown}")
+        raise ValueError(f"not shared flags of {group.__name__}: {unknown}")
     defaults = group()
 
     def decorate(command: Callable[..., None]) -> Callable[..., None]:

@@ -83,6 +83,15 @@ def train_command(
     eval_every: Annotated[
         int | None, typer.Option("--eval-every", help="Evaluate every N steps (and at the end).")
     ] = None,
+    precision: opt.Precision = None,
+    device: opt.Device = "auto",
+    gradient_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--gradient-checkpointing",
+            help="Recompute activations in the backward pass: less memory, more time.",
+        ),
+    ] = False,
     select_best: Annotated[
         str | None,
         typer.Option(
@@ -157,6 +166,9 @@ def train_command(
         eval_every=eval_every,
         save_every=save_every,
         select_best=select_best,
+        precision=precision,  # type: ignore[arg-type]
+        device=device,  # type: ignore[arg-type]
+        gradient_checkpointing=gradient_checkpointing,
         resume=resume,
         dynamic=dynamic,
         split_num=split_num,
@@ -207,9 +219,10 @@ def metrics_lines(m: dict[str, Any]) -> list[str]:
     epochs = f"{m['epochs']:g} epoch" + ("" if m["epochs"] == 1 else "s")
     lines = [
         f"trained {m['steps']} steps ({epochs}, method {m['method']}"
+        + (f", task {m['task']}" if m.get("task") else "")
+        + (f", {m['precision']}" if m.get("precision") not in (None, "fp32") else "")
         + (f", resumed at step {resumed}" if resumed is not None else "")
         + (f", {m['num_processes']} processes" if (m.get("num_processes") or 1) > 1 else "")
-        + (f", task {m['task']}" if m.get("task") else "")
         + f"): final loss {final}",
         f"trainable parameters: {fmt_int(m['trainable_params'])} of "
         f"{fmt_int(m['total_params'])} ({100 * m['trainable_fraction']:.2f}%)",

@@ -46,7 +46,7 @@ from mposurgeon.training.data import (
     read_dataset,
 )
 from mposurgeon.training.generation import Generation, check_generation
-from mposurgeon.training.loop import launch_accelerator
+from mposurgeon.training.loop import Device, Precision, launch_accelerator
 from mposurgeon.training.model import classifier_labels, trained_model, trained_task
 from mposurgeon.training.tasks import evaluate as evaluate_task
 
@@ -62,6 +62,10 @@ class EvalOptions(InputOptions, DataOptions):
     task: TaskName | None = Field(None, description="the model head's (checked if given)")
     generate: bool = Field(False, description="score exact match of greedy generations")
     max_new_tokens: int = Field(32, ge=1, description="tokens generated per row (--generate)")
+    precision: Precision | None = Field(
+        None, description="bf16, fp16: autocast, as train's; None: the launcher's, or fp32"
+    )
+    device: Device = Field("auto", description="auto: a GPU when there is one")
 
 
 @dataclass
@@ -131,7 +135,7 @@ def evaluate(
             max_new_tokens=opts.max_new_tokens,
             batch_size=opts.batch_size,
         )
-    with launch_accelerator() as accelerator:
+    with launch_accelerator(opts.precision, opts.device) as accelerator:
         net, loader = accelerator.prepare(setup.model, loader)
         scores = evaluate_task(
             accelerator, net, loader, task, generation=generation, progress=progress

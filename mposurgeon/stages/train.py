@@ -104,8 +104,13 @@ from mposurgeon.training.loop import (
     TrainingDiverged,
     TrainingRun,
     launch_accelerator,
+    precision_of,
 )
-from mposurgeon.training.model import ModelSetup, training_model
+from mposurgeon.training.model import (
+    ModelSetup,
+    enable_gradient_checkpointing,
+    training_model,
+)
 from mposurgeon.training.params import count_parameters, unique_state_dict
 from mposurgeon.training.resume import (
     check_resumable,
@@ -266,7 +271,7 @@ def train(
     _best_selection(opts, task, eval_data, _is_dynamic(inp, opts))
     warnings = _data_warnings(train_data, opts)
 
-    with launch_accelerator() as accelerator:
+    with launch_accelerator(opts.precision, opts.device) as accelerator:
         out, partial = _plan_in_main_process(accelerator, inp, opts)
         try:
             return _train_with(
@@ -340,6 +345,8 @@ def _train_with(
     dynamic = _is_dynamic(inp, opts)
     chosen = [] if dynamic else _chosen(net, inp)
     records.update(method.prepare(net, records, chosen))
+    if opts.gradient_checkpointing:
+        enable_gradient_checkpointing(net, inp.path)
     collator = task.collator(setup.tokenizer, net)
     train_rows = task.encode(train_data, setup.tokenizer, opts.max_length)
     eval_rows = task.encode(eval_data, setup.tokenizer, opts.max_length) if eval_data else None
@@ -369,6 +376,7 @@ def _train_with(
     metrics = _metrics(
         opts, task, run, state, net, records, accelerator.num_processes, resumed_from
     )
+    metrics["precision"] = precision_of(accelerator)
     metrics["data"] = {
         "train": train_data.record(),
         "eval": eval_data.record() if eval_data is not None else None,
@@ -694,6 +702,7 @@ def _metrics(
         "lr": opts.peak_lr,
         "method_options": config.model_dump(mode="json"),
         "batch_size": opts.batch_size,
+        "gradient_checkpointing": opts.gradient_checkpointing,
         "num_processes": num_processes,
         "train_rows": len(run.train_rows),
         "eval_rows": len(run.eval_rows or []),

@@ -40,11 +40,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
@@ -104,6 +105,11 @@ def reading_checkpoint(file: Path) -> Iterator[None]:
         raise DamagedCheckpoint(file, damage_detail(exc)) from exc
 
 
+Precision = Literal["fp32", "bf16", "fp16"]
+Device = Literal["auto", "cpu", "cuda"]
+#: --precision -> accelerate's mixed_precision.
+MIXED_PRECISION: dict[str, str] = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
 #: The largest seed: `numpy.random.seed` (which accelerate's `set_seed` calls) takes 0..2**32-1.
 MAX_SEED = 2**32 - 1
 
@@ -123,6 +129,13 @@ class LoopConfig(BaseModel):
     seed: int = Field(0, ge=0, le=MAX_SEED, description="NumPy takes seeds below 2**32")
     eval_every: int | None = Field(None, ge=1)
     save_every: int | None = Field(None, ge=1)
+    precision: Precision | None = Field(
+        None, description="bf16, fp16: mixed precision (autocast); None: the launcher's, or fp32"
+    )
+    device: Device = Field("auto", description="auto: a GPU when there is one")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: less memory, more time"
+    )
 
 
 @dataclass(frozen=True)
@@ -187,21 +200,55 @@ class EpochSampler(Sampler[int]):
 
 
 @contextmanager
-def launch_accelerator() -> Iterator[Accelerator]:
-    """An Accelerator for this launch: CPU (gloo) for a multi-process launch without GPUs.
+def launch_accelerator(
+    precision: Precision | None = None, device: Device = "auto"
+) -> Iterator[Accelerator]:
+    """An Accelerator for this launch: `precision` as accelerate's mixed precision (fp32:
+    none; bf16, fp16: autocast, the weights and optimizer stay float32; None: what
+    `accelerate launch --mixed_precision` set, else fp32), on `device` (auto: a GPU when there
+    is one; a multi-process launch without GPUs uses the CPU, gloo). A request the machine
+    cannot serve (cuda without a GPU, fp16 without one) is a usage error.
 
     On the way out it destroys the process group it started, if it started one: gloo's worker
     threads must not outlive the interpreter, or it aborts at exit (SIGABRT, "terminate called
-    without an active exception"). A group the caller had set up is left alone.
+    without an active exception"). A group the caller had set up is left alone. The settings
+    are forgotten too, so the next launch in this process may choose others (accelerate keeps
+    them process-wide).
     """
+    cuda = torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        raise UsageError(
+            "--device cuda: torch sees no CUDA device here",
+            hint="use --device cpu (or auto), or install a CUDA build of torch on a GPU machine",
+        )
+    on_cpu = device == "cpu" or not cuda
+    if precision == "fp16" and on_cpu:
+        raise UsageError(
+            "--precision fp16 needs a GPU: float16 autocast does not run on the CPU",
+            hint="use --precision bf16 on the CPU",
+        )
     started_here = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(cpu=distributed and not torch.cuda.is_available())
+    accelerator = Accelerator(
+        cpu=device == "cpu" or (distributed and not cuda),
+        mixed_precision=None if precision is None else MIXED_PRECISION[precision],
+    )
+    if accelerator.mixed_precision == "fp16" and on_cpu:
+        raise UsageError(
+            "fp16 mixed precision (from accelerate launch) needs a GPU",
+            hint="launch with --mixed_precision bf16 on the CPU",
+        )
     try:
         yield accelerator
     finally:
         if started_here:
             accelerator.end_training()
+            AcceleratorState._reset_state()
+
+
+def precision_of(accelerator: Accelerator) -> Precision:
+    """The precision `accelerator` trains in: fp32, bf16 or fp16."""
+    return {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[str(accelerator.mixed_precision)]
 
 
 #: Scores a model on the eval loader: (accelerator, prepared model, prepared loader) ->

@@ -193,3 +193,21 @@ def trained_model(
                 hint="evaluate the checkpoint that training wrote, or train one first",
             )
     return ModelSetup(model=model.eval(), tokenizer=tokenizer, pad_token_set=pad)
+
+
+def enable_gradient_checkpointing(model: nn.Module, path: Path) -> None:
+    """Recompute each layer's activations in the backward pass instead of keeping them
+    (torch's non-reentrant checkpointing: frozen inputs need no gradient, dropout draws the
+    same numbers again)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UsageError(
+            f"--gradient-checkpointing: transformers has no gradient checkpointing for "
+            f"{type(model).__name__} ({path})",
+            hint="leave --gradient-checkpointing out",
+        )
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+    if enable is not None:
+        enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
