@@ -133,3 +133,48 @@ def test_shipped_recipes_run_fully_and_pass_their_gates(name: str, tmp_path: Pat
     assert any(s.gates for s in report.stages)  # every shipped recipe gates something
     final = read_manifest(Path(report.stages[-1].output))
     assert final.stage == "merge" and final.metrics["verify"]["ok"]
+
+
+def test_data_options_are_files_beside_the_recipe_or_data_set_ids(
+    bert: Path, tmp_path: Path
+) -> None:
+    """A data file is resolved beside the recipe; a name that is no file there and does not
+    look like a path is a data set id, kept as written (read from the local HF cache)."""
+    (tmp_path / "eval.jsonl").write_text('{"text": "a", "label": 0}\n', encoding="utf-8")
+    stages = (
+        "  - eval: {data: eval.jsonl}\n"
+        "  - eval: {data: glue, data_config: sst2}\n    name: by-id\n"
+        "  - eval: {data: org/name}\n    name: by-org-id\n"
+        "  - eval: {data: ./missing.jsonl}\n    name: by-path\n"
+    )
+    recipe = load_recipe(_recipe(tmp_path, bert, stages))
+    data = [stage.options["data"] for stage in recipe.stages]
+    assert data == [
+        str(tmp_path / "eval.jsonl"), "glue", "org/name", str(tmp_path / "missing.jsonl")
+    ]
+
+
+def test_data_fingerprints_follow_the_data(tmp_path: Path) -> None:
+    from mposurgeon.training.data import data_fingerprint
+
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "a.arrow").write_bytes(b"1")
+    before = data_fingerprint(saved)
+    (saved / "a.arrow").write_bytes(b"2")
+    assert before is not None and data_fingerprint(saved) != before
+    assert data_fingerprint("some-org/not-cached") == "some-org/not-cached"
+    assert data_fingerprint(tmp_path / "missing.jsonl") is None
+
+
+def test_every_task_figure_has_a_gate() -> None:
+    from mposurgeon.stages.recipe import Expectations, _gates
+
+    expect = Expectations(min_eval_pearson=0.8, max_eval_perplexity=2.0, min_eval_exact_match=0.5)
+    measured = {"eval_pearson": 0.83, "eval_perplexity": 2.5, "eval_exact_match": None}
+    results = {g.condition: (g.measured, g.ok) for g in _gates(expect, measured)}
+    assert results == {
+        "min_eval_pearson": (0.83, True),
+        "max_eval_perplexity": (2.5, False),
+        "min_eval_exact_match": (None, False),  # not measured: the gate fails
+    }

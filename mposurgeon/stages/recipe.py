@@ -45,7 +45,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mposurgeon.artifact.manifest import MANIFEST_NAME, Manifest, manifest_sha256, read_manifest
-from mposurgeon.artifact.store import sha256_file
+from mposurgeon.artifact.resolve import HUB_ID, is_path_like
 from mposurgeon.errors import (
     ArtifactError,
     ModelNotFoundError,
@@ -56,6 +56,7 @@ from mposurgeon.errors import (
 from mposurgeon.progress import ProgressCallback
 from mposurgeon.stages.common import InputOptions, default_workdir
 from mposurgeon.stages.registry import BY_NAME
+from mposurgeon.training.data import data_fingerprint
 
 #: the stage without an options class: its only option is `verify_checksums`.
 INSPECT = "inspect"
@@ -85,6 +86,13 @@ class Expectations(BaseModel):
     max_params_ratio: float | None = None
     max_mpo_ratio: float | None = None
     min_eval_accuracy: float | None = None
+    min_eval_macro_f1: float | None = None
+    min_eval_mcc: float | None = None
+    min_eval_pearson: float | None = None
+    min_eval_spearman: float | None = None
+    min_eval_exact_match: float | None = None
+    max_eval_loss: float | None = None
+    max_eval_perplexity: float | None = None
     max_merge_diff: float | None = None
 
 
@@ -384,12 +392,29 @@ def _model_path(value: str, base: Path) -> str:
 
 
 def _resolve_paths(options: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
-    """Data files and the like are relative to the recipe file; made absolute here."""
+    """Data files and the like are relative to the recipe file; made absolute here. A data
+    option that names nothing there and does not look like a path is a data set id (read
+    from the local Hugging Face cache), kept as written."""
     out = dict(options)
     for key in PATH_OPTIONS:
-        if isinstance(out.get(key), str):
-            out[key] = str(_path(out[key], base, f"{where}: option '{key}'"))
+        value = out.get(key)
+        if not isinstance(value, str):
+            continue
+        if key in DATA_OPTIONS and _is_data_id(value, base):
+            _no_nul(value, f"{where}: option '{key}'")
+            continue
+        out[key] = str(_path(value, base, f"{where}: option '{key}'"))
     return out
+
+
+def _is_data_id(value: str, base: Path) -> bool:
+    """Whether a data option names a data set id (`glue`, `org/name`), not a file."""
+    if not HUB_ID.fullmatch(value) or is_path_like(value):
+        return False
+    try:
+        return not (base / value).exists() and not Path(value).suffix
+    except (OSError, ValueError):
+        return False
 
 
 def _local_model(model: str) -> Path | None:
@@ -410,8 +435,9 @@ def _check_outputs(recipe: Recipe) -> None:
         reads.append(("the recipe's model", model))
     for stage in recipe.stages:
         for key in DATA_OPTIONS:
-            if isinstance(stage.options.get(key), str):
-                reads.append((f"{stage.label}'s {key} file", Path(stage.options[key])))
+            value = stage.options.get(key)
+            if isinstance(value, str) and Path(value).is_absolute():  # not a data set id
+                reads.append((f"{stage.label}'s {key} file", Path(value)))
     for stage in recipe.stages:
         if not _writes(stage):
             continue
@@ -559,16 +585,13 @@ def _input_identity(model: str) -> str | None:
 
 
 def _data_digests(stage: RecipeStage) -> dict[str, str | None]:
-    """The sha256 of every data file the stage reads (None: unreadable now)."""
-    digests: dict[str, str | None] = {}
-    for key in DATA_OPTIONS:
-        value = stage.options.get(key)
-        if isinstance(value, str):
-            try:
-                digests[key] = sha256_file(Path(value))
-            except OSError:
-                digests[key] = None
-    return digests
+    """What every data option of the stage reads, as `data_fingerprint` gives it (None:
+    unreadable now)."""
+    return {
+        key: data_fingerprint(value)
+        for key in DATA_OPTIONS
+        if isinstance(value := stage.options.get(key), str)
+    }
 
 
 def _up_to_date(
@@ -694,7 +717,8 @@ def _measure(stage: RecipeStage, current: str, result: Any, base_params: int | N
     metrics["params_ratio"] = params["total"] / base_params if base_params else None
     metrics["mpo_ratio"] = params.get("mpo_ratio")
     recorded = manifest.metrics or {}
-    metrics["eval_accuracy"] = recorded.get("eval_accuracy")
+    for key in _EVAL_GATES:
+        metrics[key] = recorded.get(key)
     verify = recorded.get("verify") or {}
     metrics["merge_diff"] = verify.get("max_abs_diff")
     return metrics
@@ -705,9 +729,20 @@ _GATES = {
     "max_predicted_error": ("max_predicted_error", max),
     "max_params_ratio": ("params_ratio", max),
     "max_mpo_ratio": ("mpo_ratio", max),
-    "min_eval_accuracy": ("eval_accuracy", min),
     "max_merge_diff": ("merge_diff", max),
 }
+#: The evaluation figures gates read (a train stage's last or best evaluation, an eval
+#: stage's scores): `min_eval_accuracy` gates on `eval_accuracy`, and so on.
+_EVAL_GATES = tuple(
+    name.split("_", 1)[1] for name in Expectations.model_fields if "_eval_" in name
+)
+_GATES.update(
+    {
+        name: (name.split("_", 1)[1], min if name.startswith("min_") else max)
+        for name in Expectations.model_fields
+        if "_eval_" in name
+    }
+)
 
 
 def _gates(expect: Expectations, metrics: dict[str, Any]) -> list[GateResult]:

@@ -38,6 +38,7 @@ classes that occur. Regression labels are numbers (in CSV: decimal text), read a
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -376,6 +377,28 @@ class TextDataset:
         dataset = TextDataset(self.path, self.examples, list(labels), self.source, self.task)
         dataset.label_ids()  # fail early, naming the line, on an unknown label
         return dataset
+
+
+def data_fingerprint(spec: str | Path) -> str | None:
+    """What `spec` reads, as one string that changes when the data does (recipes rerun a
+    stage whose data changed): a file's sha256; a directory's sha256 over its files' relative
+    paths and sha256; a data set id with the commit of its hub cache snapshot (`glue@<sha>`),
+    or the id alone when only the `datasets` cache holds it. None when it cannot be read."""
+    path = Path(spec)
+    try:
+        if path.is_file():
+            return sha256_file(path)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            listing = [[str(p.relative_to(path)), sha256_file(p)] for p in files]
+            return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    except OSError:
+        return None
+    text = os.fspath(spec)
+    if not HUB_ID.fullmatch(text):
+        return None
+    snapshot = _hub_snapshot(text, None)
+    return f"{text}@{snapshot.name}" if snapshot is not None else text
 
 
 def read_dataset(
