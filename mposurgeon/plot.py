@@ -188,7 +188,9 @@ def _save(fig: Any, path: str | Path) -> Path:
 # -- training curves -------------------------------------------------------------------------
 
 #: Keys of an evaluation that place or count it rather than measure the model: never drawn.
-NOT_METRICS = frozenset({"step", "epoch", "rows", "tokens", "examples", "samples"})
+NOT_METRICS = frozenset(
+    {"step", "epoch", "rows", "tokens", "generated_rows", "examples", "samples"}
+)
 #: Eval metrics on a [0, 1] scale ([-1, 1] for correlations), drawn together in one panel.
 BOUNDED_METRICS = frozenset(
     {
