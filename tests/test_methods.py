@@ -40,8 +40,8 @@ TRAIN = REPO / "data" / "sentiment-train.jsonl"
 
 
 def test_registry_holds_the_three_training_methods_and_the_mpo_state() -> None:
-    assert method_names(training=True) == ["full", "lightweight", "overparam"]
-    assert method_names() == ["full", "lightweight", "overparam", "mpo"]
+    assert method_names(training=True) == ["full", "lightweight", "overparam", "lora"]
+    assert method_names() == ["full", "lightweight", "overparam", "lora", "mpo"]
     for name in method_names():
         config = method_config(name)
         method = get_method(name)
@@ -55,13 +55,13 @@ def test_registry_holds_the_three_training_methods_and_the_mpo_state() -> None:
 def test_each_method_declares_its_measured_learning_rate() -> None:
     """The defaults of benchmarks/RESULTS.md (man-sections sweep): a config field default."""
     lrs = {name: method_config(name).default("lr") for name in method_names(training=True)}
-    assert lrs == {"full": 2e-4, "lightweight": 5e-4, "overparam": 1e-4}
+    assert lrs == {"full": 2e-4, "lightweight": 5e-4, "overparam": 1e-4, "lora": 5e-4}
     assert get_method("lightweight").config.lr == 5e-4
 
 
 def test_unknown_and_state_only_methods_are_refused_by_name() -> None:
-    with pytest.raises(mposurgeon.errors.UsageError, match="'lora' is not a known method"):
-        method_config("lora")
+    with pytest.raises(mposurgeon.errors.UsageError, match="'dora' is not a known method"):
+        method_config("dora")
     with pytest.raises(mposurgeon.errors.UsageError, match="'mpo' is not a training method"):
         method_config("mpo", training=True)
 
@@ -93,8 +93,8 @@ def test_train_help_lists_every_training_method_on_its_own_line(capsys) -> None:
 @pytest.mark.parametrize(
     ("flags", "needles"),
     [
-        (("--method", "lora"), ("unknown method 'lora'", "full, lightweight, overparam")),
-        (("--method", "mpo"), ("unknown method 'mpo'", "full, lightweight, overparam")),
+        (("--method", "dora"), ("unknown method 'dora'", "full, lightweight, overparam, lora")),
+        (("--method", "mpo"), ("unknown method 'mpo'", "full, lightweight, overparam, lora")),
         (("--mode", "lightweight", "--method", "full"), ("disagree",)),
         (("--method", "lightweight", "--num-cores", "4"), ("--num-cores is not an option",)),
         ((), ("method",)),

@@ -129,6 +129,28 @@ def train_command(
         int | None,
         typer.Option("--num-cores", help="overparam: cores of matrices decomposed in place (5)."),
     ] = None,
+    lora_r: Annotated[
+        int | None, typer.Option("--lora-r", help="lora: rank of the update (8).")
+    ] = None,
+    lora_alpha: Annotated[
+        float | None,
+        typer.Option("--lora-alpha", help="lora: the update is scaled by alpha/r (16)."),
+    ] = None,
+    lora_dropout: Annotated[
+        float | None, typer.Option("--lora-dropout", help="lora: dropout on the input of A (0).")
+    ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            "--layers",
+            "-l",
+            help="lora: weight groups to adapt, e.g. attention,FFN_1 (default: PEFT's targets).",
+        ),
+    ] = None,
+    target_modules: Annotated[
+        str | None,
+        typer.Option("--target-modules", help="lora: regex of whole module names to adapt."),
+    ] = None,
     *,
     data_flags: opt.DataFlags,
     flags: opt.StageFlags,
@@ -175,6 +197,11 @@ def train_command(
         top_n=top_n,
         weight_types=weight_types,  # type: ignore[arg-type]
         num_cores=num_cores,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        layers=layers,  # type: ignore[arg-type]
+        target_modules=target_modules,
         **flags.stage_kwargs(),
     )
     try:

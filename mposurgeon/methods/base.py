@@ -100,6 +100,11 @@ class Method:
         """The records of the trained model's transformed modules (live names)."""
         return dict(records)
 
+    def file_key(self, live_key: str) -> str:
+        """The name the artifact stores the live tensor `live_key` under (its record's
+        names: what `install` reads back after `from_pretrained` loads the rest)."""
+        return live_key
+
     # -- the module state it owns ------------------------------------------------------------
 
     def to_dense(self, record: ModuleRecord, tensors: Mapping[str, Tensor]) -> Tensor:

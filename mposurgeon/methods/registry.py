@@ -15,6 +15,7 @@ from mposurgeon.errors import UsageError
 from mposurgeon.methods.config import MethodConfig
 from mposurgeon.methods.full.config import FullConfig
 from mposurgeon.methods.lightweight.config import LightweightConfig
+from mposurgeon.methods.lora.config import LoraConfig
 from mposurgeon.methods.mpo.config import MPOConfig
 from mposurgeon.methods.overparam.config import OverparamConfig
 from mposurgeon.methods.records import ModuleRecord
@@ -27,6 +28,7 @@ REGISTERED: tuple[type[MethodConfig], ...] = (
     FullConfig,
     LightweightConfig,
     OverparamConfig,
+    LoraConfig,
     MPOConfig,
 )
 

@@ -154,6 +154,11 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions):
     num_cores: int | None = Field(
         None, ge=2, le=64, description="cores of matrices decomposed during training"
     )
+    lora_r: int | None = Field(None, ge=1, description="lora: rank of the update")
+    lora_alpha: float | None = Field(None, gt=0, allow_inf_nan=False, description="lora: alpha")
+    lora_dropout: float | None = Field(None, ge=0, lt=1, description="lora: input dropout")
+    layers: list[str] | None = Field(None, description="PET methods: weight groups to adapt")
+    target_modules: str | None = Field(None, description="PET methods: regex of module names")
     max_length: int = Field(128, ge=2)
     task: TaskName | None = Field(None, description="None: inferred from the data and model")
     generate: bool = Field(False, description="score exact match of greedy generations")
@@ -171,6 +176,13 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions):
     @classmethod
     def _eval_path_as_text(cls, value: object) -> object:
         return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _split_layers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
 
     @field_validator("weight_types", mode="before")
     @classmethod
@@ -384,7 +396,7 @@ def _train_with(
     if accelerator.is_main_process:
         selection = hook.selection() if hook is not None else carried_selection(net, inp.selection)
         final = method.trained_records(net, records)
-        _write_artifact(out, net, setup.tokenizer, inp, opts, final, metrics, selection)
+        _write_artifact(out, method, net, setup.tokenizer, inp, opts, final, metrics, selection)
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
     return TrainResult(
@@ -571,6 +583,7 @@ def _plan_output(inp: StageInput, opts: TrainOptions) -> tuple[Path, Path]:
 
 def _write_artifact(
     out: Path,
+    method: Method,
     net: nn.Module,
     tokenizer: Any,
     inp: StageInput,
@@ -586,7 +599,7 @@ def _write_artifact(
         tensors, _ = unique_state_dict(net)
         with ShardedWriter(tmp, opts.max_shard_size) as writer:
             for key, tensor in tensors.items():
-                writer.add(key, tensor)
+                writer.add(method.file_key(key), tensor)
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         finish_artifact(

@@ -1,0 +1,1 @@
+"""`lora`: low-rank updates of the targeted matrices, through the `peft` library."""

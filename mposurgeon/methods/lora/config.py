@@ -1,0 +1,38 @@
+"""`lora`: the config (rank, alpha, dropout, which matrices)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field, field_validator
+
+from mposurgeon.methods.config import MethodConfig
+from mposurgeon.methods.lora.record import LoraRecord
+
+
+class LoraConfig(MethodConfig):
+    """LoRA through `peft`: each targeted matrix W gets W + (alpha / r) B A with A (r, in),
+    B (out, r); A starts random, B at zero (the model starts as the base model); only A, B and
+    the task head train. Targets: `layers` groups or a `target_modules` regex, else PEFT's
+    default for the model type (query and value for BERT)."""
+
+    name: ClassVar[str] = "lora"
+    summary: ClassVar[str] = (
+        "LoRA (peft): low-rank updates of the targeted matrices and the head train"
+    )
+    implementation: ClassVar[str] = "mposurgeon.methods.lora.method:LoraMethod"
+    record: ClassVar[type[LoraRecord]] = LoraRecord
+
+    lr: float = Field(5e-4, gt=0, allow_inf_nan=False, description="peak learning rate")
+    lora_r: int = Field(8, ge=1, description="rank of the update")
+    lora_alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description="scale alpha / r")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
+    layers: list[str] | None = Field(None, description="weight groups, e.g. attention,FFN_1")
+    target_modules: str | None = Field(None, description="regex, full match on module names")
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value

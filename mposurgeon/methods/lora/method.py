@@ -1,0 +1,166 @@
+"""`lora` through `peft`: adapters injected in place (`peft.inject_adapter_in_model`, no
+`PeftModel` wrapper, so module names stay the model's), merged as W + (alpha / r) B A.
+
+Live names are PEFT's (`M.base_layer.weight`, `M.lora_A.default.weight`); the artifact stores
+`M.weight`, `M.lora_A.weight`, `M.lora_B.weight` (`file_key`), so `from_pretrained` on the
+artifact loads the base weights and `install` adds the factors.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from mposurgeon.errors import ArtifactError, UsageError
+from mposurgeon.methods.base import Method, head_parameter_names
+from mposurgeon.methods.lora.config import LoraConfig
+from mposurgeon.methods.lora.record import LoraRecord
+from mposurgeon.methods.records import ModuleRecord
+from mposurgeon.models.groups import Target, select_targets
+from mposurgeon.models.layers import ForwardMode
+from mposurgeon.models.orientation import as_weight
+
+#: PEFT's live names -> the artifact's: no `.base_layer`, no adapter name.
+_LIVE = re.compile(r"\.base_layer(?=\.)|(?<=\.lora_[AB])\.default(?=\.)")
+_ADAPTER = "default"
+
+
+class LoraMethod(Method):
+    config_class: ClassVar[type[LoraConfig]] = LoraConfig
+    config: LoraConfig
+
+    # -- training ----------------------------------------------------------------------------
+
+    def prepare(
+        self, model: nn.Module, records: dict[str, ModuleRecord], chosen: Sequence[str]
+    ) -> dict[str, ModuleRecord]:
+        targets = [t for t in self._targets(model) if t.name not in records]
+        if not targets:
+            raise UsageError(
+                "lora: every targeted matrix is already transformed (MPO) in this input",
+                hint="target other matrices with --layers or --target-modules",
+            )
+        cfg = self.config
+        _inject(model, [t.name for t in targets], cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                conv1d=_conv1d(targets))  # fmt: skip
+        state = model.state_dict()
+        return {
+            t.name: LoraRecord(
+                name=t.name,
+                method=self.name,
+                kind=t.kind,
+                weight_key=t.weight_key,
+                shape=list(t.shape),
+                dtype=str(state[f"{t.name}.base_layer.weight"].dtype).removeprefix("torch."),
+                params=cfg.lora_r * (t.out_dim + t.in_dim),
+                dense_params=t.out_dim * t.in_dim,
+                r=cfg.lora_r,
+                alpha=cfg.lora_alpha,
+            )
+            for t in targets
+        }
+
+    def _targets(self, model: nn.Module) -> list[Target]:
+        """The matrices to adapt: `layers` / `target_modules`, else PEFT's default for the
+        model type (query and value for BERT), matched against whole module names."""
+        cfg = self.config
+        layers, regex = cfg.layers, cfg.target_modules
+        if layers is None and regex is None:
+            regex = _peft_default(model)
+        keys = model.state_dict().keys()
+        return select_targets(model, keys, layers=layers, target_modules=regex)
+
+    def set_trainable(self, model: nn.Module) -> None:
+        head = head_parameter_names(model)
+        for name, p in model.named_parameters():
+            p.requires_grad_(".lora_" in name or name in head)
+
+    def file_key(self, live_key: str) -> str:
+        return _LIVE.sub("", live_key)
+
+    # -- the module state it owns ------------------------------------------------------------
+
+    def to_dense(self, record: ModuleRecord, tensors: Mapping[str, Tensor]) -> Tensor:
+        assert isinstance(record, LoraRecord)
+        weight = tensors[record.weight_key].double()
+        a = tensors[f"{record.name}.lora_A.weight"].double()
+        b = tensors[f"{record.name}.lora_B.weight"].double()
+        return weight + as_weight(record.scaling * (b @ a), record.kind)
+
+    def install(
+        self,
+        model: nn.Module,
+        records: Sequence[ModuleRecord],
+        tensors: Mapping[str, Tensor],
+        forward_mode: ForwardMode = "auto",
+    ) -> None:
+        lora = [r for r in records if isinstance(r, LoraRecord)]
+        if not lora:
+            return
+        settings = {(r.r, r.alpha) for r in lora}
+        if len(settings) > 1:
+            raise ArtifactError(
+                f"LoRA modules of several ranks or alphas ({sorted(settings)}) in one artifact"
+            )
+        ((rank, alpha),) = settings
+        _inject(model, [r.name for r in lora], rank, alpha, 0.0,
+                conv1d=any(r.kind == "conv1d" for r in lora))  # fmt: skip
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            for rec in lora:
+                layer = modules[rec.name]
+                for factor in ("A", "B"):
+                    target = getattr(layer, f"lora_{factor}")[_ADAPTER].weight
+                    target.copy_(tensors[f"{rec.name}.lora_{factor}.weight"])
+
+
+def _inject(
+    model: nn.Module, names: list[str], rank: int, alpha: float, dropout: float, *, conv1d: bool
+) -> None:
+    """Put LoRA layers on the modules `names` (whole names) of `model`, in place."""
+    import peft
+
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=names,
+        fan_in_fan_out=conv1d,
+    )
+    peft.inject_adapter_in_model(config, model, adapter_name=_ADAPTER)
+
+
+def _conv1d(targets: Sequence[Target]) -> bool:
+    """Whether the targets are GPT-2 Conv1D layers (PEFT's fan_in_fan_out); a mix of Conv1D
+    and Linear layers cannot share one LoRA config."""
+    kinds = {t.kind for t in targets}
+    if "embedding" in kinds:
+        raise UsageError(
+            "lora adapts Linear and Conv1D layers: the targets include an embedding",
+            hint="leave embeddings out of --layers / --target-modules",
+        )
+    if kinds == {"conv1d", "linear"}:
+        raise UsageError(
+            "lora: the targets mix GPT-2 Conv1D and Linear layers, which one LoRA config "
+            "cannot hold",
+            hint="target one kind (e.g. --layers attention,FFN_1,FFN_2)",
+        )
+    return kinds == {"conv1d"}
+
+
+def _peft_default(model: nn.Module) -> str:
+    """PEFT's default LoRA targets of the model type, as a regex of whole module names."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    names = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    if not names:
+        raise UsageError(
+            f"lora has no default targets for model type {model_type!r}",
+            hint="name them with --layers (e.g. attention) or --target-modules",
+        )
+    return r".*\.(?:" + "|".join(re.escape(n) for n in names) + ")"
