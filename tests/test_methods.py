@@ -40,8 +40,9 @@ TRAIN = REPO / "data" / "sentiment-train.jsonl"
 
 
 def test_registry_holds_the_three_training_methods_and_the_mpo_state() -> None:
-    assert method_names(training=True) == ["full", "lightweight", "overparam", "lora"]
-    assert method_names() == ["full", "lightweight", "overparam", "lora", "mpo"]
+    trained = ["full", "lightweight", "overparam", "lora", "bitfit", "apet"]
+    assert method_names(training=True) == trained
+    assert method_names() == [*trained, "mpo"]
     for name in method_names():
         config = method_config(name)
         method = get_method(name)
@@ -55,7 +56,10 @@ def test_registry_holds_the_three_training_methods_and_the_mpo_state() -> None:
 def test_each_method_declares_its_measured_learning_rate() -> None:
     """The defaults of benchmarks/RESULTS.md (man-sections sweep): a config field default."""
     lrs = {name: method_config(name).default("lr") for name in method_names(training=True)}
-    assert lrs == {"full": 2e-4, "lightweight": 5e-4, "overparam": 1e-4, "lora": 5e-4}
+    assert lrs == {
+        "full": 2e-4, "lightweight": 5e-4, "overparam": 1e-4,
+        "lora": 5e-4, "bitfit": 1e-3, "apet": 1e-3,
+    }  # fmt: skip
     assert get_method("lightweight").config.lr == 5e-4
 
 
@@ -90,11 +94,14 @@ def test_train_help_lists_every_training_method_on_its_own_line(capsys) -> None:
     assert "--method" in text and "--mode" in text
 
 
+ALL_TRAINING = "full, lightweight, overparam, lora, bitfit, apet"
+
+
 @pytest.mark.parametrize(
     ("flags", "needles"),
     [
-        (("--method", "dora"), ("unknown method 'dora'", "full, lightweight, overparam, lora")),
-        (("--method", "mpo"), ("unknown method 'mpo'", "full, lightweight, overparam, lora")),
+        (("--method", "dora"), ("unknown method 'dora'", ALL_TRAINING)),
+        (("--method", "mpo"), ("unknown method 'mpo'", ALL_TRAINING)),
         (("--mode", "lightweight", "--method", "full"), ("disagree",)),
         (("--method", "lightweight", "--num-cores", "4"), ("--num-cores is not an option",)),
         ((), ("method",)),

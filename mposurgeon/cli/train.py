@@ -139,17 +139,25 @@ def train_command(
     lora_dropout: Annotated[
         float | None, typer.Option("--lora-dropout", help="lora: dropout on the input of A (0).")
     ] = None,
+    budget: Annotated[
+        int | None,
+        typer.Option("--budget", help="apet: exactly N elements of the targets train (4096)."),
+    ] = None,
+    budget_seed: Annotated[
+        int | None, typer.Option("--budget-seed", help="apet: seeds the choice of elements (0).")
+    ] = None,
     layers: Annotated[
         str | None,
         typer.Option(
             "--layers",
             "-l",
-            help="lora: weight groups to adapt, e.g. attention,FFN_1 (default: PEFT's targets).",
+            help="lora, apet: weight groups to adapt, e.g. attention,FFN_1 (default: PEFT's "
+            "targets; apet: attention,FFN_1,FFN_2).",
         ),
     ] = None,
     target_modules: Annotated[
         str | None,
-        typer.Option("--target-modules", help="lora: regex of whole module names to adapt."),
+        typer.Option("--target-modules", help="lora, apet: regex of whole module names to adapt."),
     ] = None,
     *,
     data_flags: opt.DataFlags,
@@ -200,6 +208,8 @@ def train_command(
         lora_r=lora_r,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        budget=budget,
+        budget_seed=budget_seed,
         layers=layers,  # type: ignore[arg-type]
         target_modules=target_modules,
         **flags.stage_kwargs(),

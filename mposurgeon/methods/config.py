@@ -45,3 +45,10 @@ class MethodConfig(BaseModel):
     def options(cls) -> list[str]:
         """The names of the method's options."""
         return list(cls.model_fields)
+
+
+def comma_list(cls: type, value: object) -> object:
+    """A pydantic `mode="before"` validator: "a, b" -> ["a", "b"] (lists pass unchanged)."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value

@@ -12,6 +12,8 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 from mposurgeon.errors import UsageError
+from mposurgeon.methods.apet.config import ApetConfig
+from mposurgeon.methods.bitfit.config import BitFitConfig
 from mposurgeon.methods.config import MethodConfig
 from mposurgeon.methods.full.config import FullConfig
 from mposurgeon.methods.lightweight.config import LightweightConfig
@@ -29,6 +31,8 @@ REGISTERED: tuple[type[MethodConfig], ...] = (
     LightweightConfig,
     OverparamConfig,
     LoraConfig,
+    BitFitConfig,
+    ApetConfig,
     MPOConfig,
 )
 

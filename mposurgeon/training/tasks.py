@@ -42,6 +42,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from mposurgeon.errors import DataError, UsageError
 from mposurgeon.models.auto import has_head, trained_head
@@ -460,13 +461,14 @@ def evaluate(
     """The task's metrics (`task.metrics`) and `rows` of `model` on the batches of `loader`
     (prepared by `accelerator`: every process's share gathered, each row counted once), and
     with `generation` (`training.generation.Generation`) its `exact_match`. The model is left
-    in eval mode; each MPO weight is rebuilt once, not once per batch. `train` (every
+    in eval mode; each MPO weight (and parametrized weight: apet) is rebuilt once, not once
+    per batch. `train` (every
     evaluation) and `eval` both score through here."""
     unwrapped = accelerator.unwrap_model(model)
     model.eval()
     scorer = task.scorer()
     total = len(loader)
-    with reuse_dense_weights(unwrapped):
+    with reuse_dense_weights(unwrapped), parametrize.cached():
         for i, batch in enumerate(loader, 1):
             inputs = model_inputs(unwrapped, batch)
             labels = inputs.pop("labels")

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator
 
-from mposurgeon.methods.config import MethodConfig
+from mposurgeon.methods.config import MethodConfig, comma_list
 from mposurgeon.methods.lora.record import LoraRecord
 
 
@@ -30,9 +30,4 @@ class LoraConfig(MethodConfig):
     layers: list[str] | None = Field(None, description="weight groups, e.g. attention,FFN_1")
     target_modules: str | None = Field(None, description="regex, full match on module names")
 
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _split(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
+    _split = field_validator("layers", mode="before")(comma_list)

@@ -1,0 +1,1 @@
+"""`apet`: exactly B parameters, chosen at random among the targeted matrices, train."""

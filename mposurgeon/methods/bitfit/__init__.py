@@ -1,0 +1,1 @@
+"""`bitfit`: only the biases (and the task head) train."""
