@@ -158,7 +158,9 @@ def test_bad_budgets_are_refused(
     for extra, needle in [
         (("--method", "apet", "--budget", "0"), "invalid option --budget"),
         (("--method", "apet", "--budget", "100000000"), "more than the"),
-        (("--method", "lora", "--budget", "8"), "--budget is not an option of method lora"),
+        (("--method", "lora", "--budget", "8"), "--budget 8 is below one rank"),
+        (("--method", "lora", "--budget", "800", "--lora-r", "2"), "not both"),
+        (("--method", "bitfit", "--budget", "8"), "--budget is not an option of method bitfit"),
     ]:
         assert_one_line_error(run_cli(capsys, *args, *extra), 2, needle)
         assert not out.exists()

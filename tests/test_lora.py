@@ -137,3 +137,13 @@ def test_bad_lora_options_are_refused_before_any_work(
         assert not out.exists()
     with pytest.raises(UsageError, match="no default targets"):
         get_method("lora").prepare(_classifier(tiny_classifier_dir("albert")), {}, [])
+
+
+def test_a_budget_picks_the_largest_rank_that_fits(minilm_dir: Path) -> None:
+    """Rank 1 of query and value in 6 layers trains 12 x 768 = 9,216 parameters."""
+    for budget, rank in [(73_728, 8), (73_727, 7), (9_216, 1)]:
+        records = get_method(LoraConfig(budget=budget)).prepare(_classifier(minilm_dir), {}, [])
+        assert {r.r for r in records.values()} == {rank}  # type: ignore[attr-defined]
+        assert sum(r.params for r in records.values()) == 9_216 * rank <= budget
+    with pytest.raises(UsageError, match="below one rank"):
+        get_method(LoraConfig(budget=9_215)).prepare(_classifier(minilm_dir), {}, [])

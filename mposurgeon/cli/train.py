@@ -141,7 +141,11 @@ def train_command(
     ] = None,
     budget: Annotated[
         int | None,
-        typer.Option("--budget", help="apet: exactly N elements of the targets train (4096)."),
+        typer.Option(
+            "--budget",
+            help="apet: exactly N elements of the targets train (4096); lora: the largest "
+            "rank whose parameters fit in N.",
+        ),
     ] = None,
     budget_seed: Annotated[
         int | None, typer.Option("--budget-seed", help="apet: seeds the choice of elements (0).")

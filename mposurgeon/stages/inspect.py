@@ -86,14 +86,24 @@ def plot_kind(stage: str | None) -> str:
 def _report(reader: TensorReader, manifest: Manifest | None) -> dict[str, Any]:
     records = dict(manifest.modules) if manifest else {}
     modules = [_mpo_row(rec) for rec in records.values() if isinstance(rec, MPORecord)]
-    owned = {key for rec in records.values() for key in rec.tensor_shapes()}
+    mpo_keys = {
+        key for rec in records.values() if isinstance(rec, MPORecord) for key in rec.tensor_shapes()
+    }
+    # other methods' own tensors (LoRA factors, APET positions) are no dense matrices
+    extra = {
+        key
+        for rec in records.values()
+        if not isinstance(rec, MPORecord)
+        for key in rec.tensor_shapes()
+        if key != rec.weight_key
+    }
     total = mpo = 0
     for key in reader.keys():
         n = math.prod(reader.shape(key))
         total += n
-        if key in owned:
+        if key in mpo_keys:
             mpo += n
-        elif key.endswith(".weight") and len(reader.shape(key)) == 2:
+        elif key not in extra and key.endswith(".weight") and len(reader.shape(key)) == 2:
             modules.append(_dense_row(key, reader))
     report: dict[str, Any] = {
         "format_version": manifest.format_version if manifest else None,
@@ -110,6 +120,7 @@ def _report(reader: TensorReader, manifest: Manifest | None) -> dict[str, Any]:
         if manifest.metrics:
             report["metrics"] = manifest.metrics
             report["params"]["trainable"] = manifest.metrics.get("trainable_params")
+            report["params"]["trainable_head"] = manifest.metrics.get("trainable_head")
         selection = manifest.selection.model_dump(mode="json") if manifest.selection else None
         if selection:  # as recorded (an empty record is left out)
             report["selection"] = selection

@@ -157,7 +157,9 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions):
     lora_r: int | None = Field(None, ge=1, description="lora: rank of the update")
     lora_alpha: float | None = Field(None, gt=0, allow_inf_nan=False, description="lora: alpha")
     lora_dropout: float | None = Field(None, ge=0, lt=1, description="lora: input dropout")
-    budget: int | None = Field(None, ge=1, description="apet: elements that train")
+    budget: int | None = Field(
+        None, ge=1, description="apet: elements that train; lora: parameters, sets the rank"
+    )
     budget_seed: int | None = Field(None, ge=0, description="apet: seeds their choice")
     layers: list[str] | None = Field(None, description="PET methods: weight groups to adapt")
     target_modules: str | None = Field(None, description="PET methods: regex of module names")
@@ -711,6 +713,7 @@ def _metrics(
         "best_metric": opts.select_best,
         "best_step": state.best_step,
         "trainable_params": count.trainable,
+        "trainable_head": count.trainable_head,
         "total_params": count.total,
         "trainable_fraction": count.fraction,
         "seed": opts.seed,

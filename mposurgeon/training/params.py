@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from mposurgeon.methods.base import head_parameter_names
+
 
 @dataclass(frozen=True)
 class ParamCount:
@@ -17,6 +19,7 @@ class ParamCount:
 
     trainable: int
     total: int
+    trainable_head: int = 0  # the task head's share of `trainable`
 
     @property
     def fraction(self) -> float:
@@ -24,11 +27,16 @@ class ParamCount:
 
 
 def count_parameters(model: nn.Module) -> ParamCount:
-    """Trainable and total parameter elements, each tied tensor counted once."""
+    """Trainable and total parameter elements, each tied tensor counted once, and the
+    trainable elements of the task head (`methods.base.head_parameter_names`)."""
     params = list(model.parameters())  # deduplicated by identity
+    head = head_parameter_names(model)
     return ParamCount(
         trainable=sum(p.numel() for p in params if p.requires_grad),
         total=sum(p.numel() for p in params),
+        trainable_head=sum(
+            p.numel() for n, p in model.named_parameters() if n in head and p.requires_grad
+        ),
     )
 
 

@@ -45,8 +45,23 @@ class LoraMethod(Method):
                 hint="target other matrices with --layers or --target-modules",
             )
         cfg = self.config
-        _inject(model, [t.name for t in targets], cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                conv1d=_conv1d(targets))  # fmt: skip
+        per_rank = sum(t.out_dim + t.in_dim for t in targets)
+        rank = cfg.rank(per_rank)
+        if rank < 1:
+            raise UsageError(
+                f"lora: --budget {cfg.budget:,} is below one rank: rank 1 of these "
+                f"{len(targets)} matrices trains {per_rank:,} parameters",
+                hint=f"raise --budget to at least {per_rank:,}, or target fewer matrices",
+            )
+        _inject(
+            model,
+            [t.name for t in targets],
+            rank,
+            cfg.lora_alpha,
+            cfg.lora_dropout,
+            conv1d=_conv1d(targets),
+        )
+
         state = model.state_dict()
         return {
             t.name: LoraRecord(
@@ -56,9 +71,9 @@ class LoraMethod(Method):
                 weight_key=t.weight_key,
                 shape=list(t.shape),
                 dtype=str(state[f"{t.name}.base_layer.weight"].dtype).removeprefix("torch."),
-                params=cfg.lora_r * (t.out_dim + t.in_dim),
+                params=rank * (t.out_dim + t.in_dim),
                 dense_params=t.out_dim * t.in_dim,
-                r=cfg.lora_r,
+                r=rank,
                 alpha=cfg.lora_alpha,
             )
             for t in targets
