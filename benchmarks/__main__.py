@@ -18,6 +18,7 @@ from benchmarks import (
     bench_decompose,
     bench_defaults,
     bench_memory,
+    bench_precision,
     bench_process,
     bench_scaling,
     bench_train,
@@ -32,6 +33,7 @@ SUITES = {
     "memory": bench_memory.run,
     "truncation": bench_truncation.run,
     "train": bench_train.run,
+    "precision": bench_precision.run,
 }
 #: Suites run only when named (`python -m benchmarks defaults`: about an hour on 2 cores);
 #: their rows are kept from the previous results.json otherwise.

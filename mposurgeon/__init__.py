@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # what `_LAZY` names, for type checkers and editors
     from mposurgeon.stages.decompose import decompose as decompose
     from mposurgeon.stages.eval import EvalOptions as EvalOptions
     from mposurgeon.stages.eval import evaluate as evaluate
+    from mposurgeon.stages.export_peft import ExportPeftOptions as ExportPeftOptions
+    from mposurgeon.stages.export_peft import export_peft as export_peft
     from mposurgeon.stages.inspect import inspect as inspect
     from mposurgeon.stages.merge import MergeOptions as MergeOptions
     from mposurgeon.stages.merge import merge as merge
@@ -45,6 +47,8 @@ _LAZY: dict[str, str] = {
     **{stage.function_name: stage.module for stage in _STAGES},
     **{stage.options: stage.module for stage in _STAGES if stage.options is not None},
     "load_model": "mposurgeon.artifact.load",
+    "export_peft": "mposurgeon.stages.export_peft",
+    "ExportPeftOptions": "mposurgeon.stages.export_peft",
     "run_recipe": "mposurgeon.stages.recipe",
 }
 

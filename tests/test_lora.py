@@ -147,3 +147,39 @@ def test_a_budget_picks_the_largest_rank_that_fits(minilm_dir: Path) -> None:
         assert sum(r.params for r in records.values()) == 9_216 * rank <= budget
     with pytest.raises(UsageError, match="below one rank"):
         get_method(LoraConfig(budget=9_215)).prepare(_classifier(minilm_dir), {}, [])
+
+
+def test_export_peft_round_trip_gives_the_artifacts_logits(
+    trained: Path, tiny_classifier_dir: Callable[[str], Path], tmp_path: Path, capsys
+) -> None:
+    """export-peft writes an adapter that peft loads onto the base checkpoint (a classifier
+    with the same labels) with the artifact's outputs; the head travels as modules_to_save."""
+    import json
+
+    import peft
+
+    out = tmp_path / "adapter"
+    result = run_cli(capsys, "export-peft", trained, "-o", out, "--json")
+    assert result.code == 0, result
+    summary = json.loads(result.out)
+    assert summary["modules"] == 8 and summary["rank"] == 4 and summary["task_type"] == "SEQ_CLS"
+    assert (out / "adapter_config.json").is_file()
+    assert (out / "adapter_model.safetensors").is_file()
+    config = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
+    base_dir = tiny_classifier_dir("bert")
+    assert config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["base_model_name_or_path"] == str(base_dir)
+    assert result.err == ""  # no warnings from peft or transformers
+    base = _classifier(base_dir)  # a fresh random head: the adapter brings the trained one
+    loaded = peft.PeftModel.from_pretrained(base, out).eval()
+    factorized = mposurgeon.load_model(trained)
+    torch.testing.assert_close(
+        _logits(loaded, base_dir), _logits(factorized, base_dir), rtol=0, atol=1e-5
+    )
+
+
+def test_export_peft_refuses_what_peft_cannot_hold(tiny_mpo: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "adapter"
+    result = run_cli(capsys, "export-peft", tiny_mpo, "-o", out)
+    assert_one_line_error(result, 2, "has modules of mpo: PEFT adapters hold LoRA updates")
+    assert not out.exists()

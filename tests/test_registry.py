@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_cli_commands_are_the_stages_then_run() -> None:
     commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
-    assert list(commands) == [*(s.name for s in STAGES), "run"]
+    assert list(commands) == [*(s.name for s in STAGES), "run", "export-peft"]
 
 
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.name)

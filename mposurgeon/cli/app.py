@@ -41,10 +41,14 @@ app = typer.Typer(
 
 
 def _add_commands() -> None:
-    """One command per stage, its CLI module's `<name>_command`, in the stages' order; then run."""
+    """One command per stage, its CLI module's `<name>_command`, in the stages' order; then
+    run, and export-peft (which writes a PEFT adapter, not an artifact a recipe chains)."""
     for stage in STAGES:
         app.command(stage.name)(getattr(import_module(stage.command_module), stage.command))
     app.command("run")(run_command)
+    app.command("export-peft")(
+        import_module("mposurgeon.cli.export_peft").export_peft_command
+    )
 
 
 _add_commands()

@@ -1,0 +1,46 @@
+"""`mposurgeon export-peft`: parse flags, call the stage, render the result."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mposurgeon.cli import options as opt
+from mposurgeon.cli.render import print_json, progress_bar, stdout
+
+
+@opt.shared_flags("output", "workdir", "overwrite", "no_verify", "json_out", "quiet")
+def export_peft_command(
+    artifact: Annotated[str, typer.Argument(help="Artifact of train --method lora.")],
+    *,
+    flags: opt.StageFlags,
+) -> None:
+    """Write a LoRA artifact as a PEFT adapter directory (adapter_config.json,
+    adapter_model.safetensors) that peft.PeftModel.from_pretrained(base, DIR) loads.
+
+    Example:
+
+        mposurgeon export-peft mposurgeon-out/minilm/v2-train -o minilm-lora-adapter
+    """
+    from mposurgeon.stages.export_peft import ExportPeftOptions, export_peft
+
+    options = ExportPeftOptions(**flags.stage_kwargs())
+    with progress_bar(flags.no_progress) as progress:
+        result = export_peft(artifact, options, progress=progress)
+    summary = {
+        "output": str(result.output),
+        "modules": result.modules,
+        "rank": result.rank,
+        "base_model": result.base_model,
+        "task_type": result.task_type,
+    }
+    if flags.json_out:
+        print_json(summary)
+        return
+    stdout.print(
+        f"exported {result.modules} LoRA modules (rank {result.rank}, task "
+        f"{result.task_type or '-'}) for base model {result.base_model}",
+        markup=False,
+    )
+    stdout.print(f"wrote {result.output}  (load: peft.PeftModel.from_pretrained(base, DIR))")
