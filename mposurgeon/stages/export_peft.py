@@ -15,6 +15,7 @@ path (`base_model_name_or_path`). Nothing is written unless the whole export suc
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,9 @@ def export_peft(
         task_type=task_type,
         base_model_name_or_path=base,
     )
-    wrapped = peft.get_peft_model(model, peft_config)
+    with warnings.catch_warnings():  # transformers' deprecation notes, about peft's calls
+        warnings.simplefilter("ignore", FutureWarning)
+        wrapped = peft.get_peft_model(model, peft_config)
     modules = dict(wrapped.base_model.model.named_modules())
     with open_tensors(inp.path) as reader, torch.no_grad():
         for i, rec in enumerate(lora, 1):
@@ -111,7 +114,8 @@ def export_peft(
                 progress("export", i, len(lora))
     out = plan_output(inp, opts, "export-peft")
     try:
-        with atomic_directory(out, overwrite=opts.overwrite) as tmp:
+        with atomic_directory(out, overwrite=opts.overwrite) as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
             wrapped.save_pretrained(tmp)
     except BaseException:
         release_claim(out)  # a versioned directory claimed for this export, never published
