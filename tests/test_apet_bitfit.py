@@ -164,3 +164,34 @@ def test_bad_budgets_are_refused(
     ]:
         assert_one_line_error(run_cli(capsys, *args, *extra), 2, needle)
         assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"method": "apet", "budget": 300},
+        {"method": "lora", "budget": 2000},
+        {"method": "bitfit"},
+        {"method": "full"},
+    ],
+    ids=lambda o: o["method"],
+)
+def test_dry_run_counts_what_training_trains_without_loading_weights(
+    tiny_classifier_dir: Callable[[str], Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    options: dict,
+) -> None:
+    base = tiny_classifier_dir("bert")
+    real = mposurgeon.train(base, output=tmp_path / "real", data=TRAIN, max_steps=1, **options)
+    import transformers
+
+    def no_weights(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a dry run loaded weights")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(no_weights))
+    workdir = tmp_path / "wd"
+    dry = mposurgeon.train(base, workdir=workdir, data=TRAIN, dry_run=True, **options)
+    assert dry.output is None and not workdir.exists()
+    for key in ("trainable_params", "trainable_head", "total_params", "modules"):
+        assert dry.metrics[key] == real.metrics[key], key

@@ -100,6 +100,13 @@ def train_command(
             "pearson, perplexity, exact_match...), not the last.",
         ),
     ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print what the method would train (counted on the meta device); write nothing.",
+        ),
+    ] = False,
     save_every: Annotated[
         int | None,
         typer.Option("--save-every", help="Checkpoint every N steps into OUT.partial/."),
@@ -200,6 +207,7 @@ def train_command(
         eval_every=eval_every,
         save_every=save_every,
         select_best=select_best,
+        dry_run=dry_run,
         precision=precision,  # type: ignore[arg-type]
         device=device,  # type: ignore[arg-type]
         gradient_checkpointing=gradient_checkpointing,
@@ -234,8 +242,17 @@ def train_command(
     for warning in result.warnings:
         stderr.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
     if flags.json_out:
-        print_json(
-            {"output": str(result.output), "metrics": result.metrics, "warnings": result.warnings}
+        output = None if result.output is None else str(result.output)
+        print_json({"output": output, "metrics": result.metrics, "warnings": result.warnings})
+        return
+    if result.output is None:
+        m = result.metrics
+        method = m["trainable_params"] - m["trainable_head"]
+        stdout.print(
+            f"dry run: method {m['method']} would train {fmt_int(method)} parameters in "
+            f"{m['modules']} modules, and {fmt_int(m['trainable_head'])} of the {m['task']} "
+            f"head: {fmt_int(m['trainable_params'])} of {fmt_int(m['total_params'])} in all. "
+            "Nothing was loaded or written."
         )
         return
     _render(result.output, result.metrics)

@@ -69,6 +69,7 @@ from mposurgeon.errors import MposurgeonError, UsageError
 from mposurgeon.methods.base import Method, TrainingSource
 from mposurgeon.methods.config import MethodConfig
 from mposurgeon.methods.registry import get_method, method_config, method_names
+from mposurgeon.models.auto import model_class, quiet_transformers
 from mposurgeon.models.surgery import resolve_module_name
 from mposurgeon.progress import ProgressCallback
 from mposurgeon.stages.common import (
@@ -120,7 +121,13 @@ from mposurgeon.training.resume import (
     start_over_hint,
     start_partial,
 )
-from mposurgeon.training.tasks import Task, evaluate, generative_task, get_task
+from mposurgeon.training.tasks import (
+    Task,
+    check_model_task,
+    evaluate,
+    generative_task,
+    get_task,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -169,6 +176,9 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions):
     max_new_tokens: int = Field(32, ge=1, description="tokens generated per row (--generate)")
     select_best: str | None = Field(
         None, description="keep the weights of the evaluation best by this metric, not the last"
+    )
+    dry_run: bool = Field(
+        False, description="count what the method would train (meta device); write nothing"
     )
     resume: bool = False
     dynamic: bool = False
@@ -254,7 +264,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 @dataclass
 class TrainResult:
-    output: Path
+    output: Path | None  # None for a dry run
     metrics: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     is_main_process: bool = True
@@ -286,6 +296,8 @@ def train(
         check_generation(task, eval_data, "--eval-data")
     _best_selection(opts, task, eval_data, _is_dynamic(inp, opts))
     warnings = _data_warnings(train_data, opts)
+    if opts.dry_run:
+        return TrainResult(None, _dry_run(inp, method, task, train_data), warnings)
 
     with launch_accelerator(opts.precision, opts.device) as accelerator:
         out, partial = _plan_in_main_process(accelerator, inp, opts)
@@ -442,6 +454,40 @@ def _run_with_checkpoints(
             where = f" (the checkpoint resumed from is kept in {partial})" if kept else ""
             raise TrainingDiverged(f"{exc}; nothing was written{where}", exc.hint) from None
         raise
+
+
+def _dry_run(
+    inp: StageInput, method: Method, task: Task, data: TextDataset
+) -> dict[str, Any]:
+    """What `method` would train on the model of `inp`, counted on the `meta` device: the
+    model is built from its config (no weight is read), the method prepares it and marks its
+    trainable set. An input with MPO modules is refused (their cores are not in the config)."""
+    import torch
+
+    if inp.modules:
+        raise UsageError(
+            f"--dry-run counts from the config alone, and {inp.path} has MPO modules, whose "
+            "cores only its files hold",
+            hint="count on the checkpoint it came from, or train it",
+        )
+    config = AutoConfig.from_pretrained(inp.path)
+    check_model_task(config, task, inp.path)
+    task.configure(config, data)
+    with torch.device("meta"), quiet_transformers():
+        net = model_class(config, task.head).from_config(config)
+    records = method.prepare(net, {}, [])
+    method.set_trainable(net)
+    count = count_parameters(net)
+    return {
+        "dry_run": True,
+        "method": method.name,
+        "method_options": method.config.model_dump(mode="json"),
+        "task": task.name,
+        "trainable_params": count.trainable,
+        "trainable_head": count.trainable_head,
+        "total_params": count.total,
+        "modules": len(records),
+    }
 
 
 # -- checks ----------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ class ApetMethod(Method):
             weight = modules[target.name].weight
             values = torch.zeros(mine.numel(), dtype=weight.dtype, device=weight.device)
             parametrize.register_parametrization(
-                modules[target.name], "weight", SparseDelta(mine, values)
+                modules[target.name], "weight", SparseDelta(mine.to(weight.device), values)
             )
             out[target.name] = ApetRecord(
                 name=target.name,
