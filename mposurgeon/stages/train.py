@@ -67,7 +67,7 @@ from mposurgeon.artifact.store import (
 from mposurgeon.artifact.tensors import ShardedWriter
 from mposurgeon.errors import MposurgeonError, UsageError
 from mposurgeon.methods.base import Method, TrainingSource
-from mposurgeon.methods.config import MethodConfig
+from mposurgeon.methods.config import MethodConfig, comma_list
 from mposurgeon.methods.registry import get_method, method_config, method_names
 from mposurgeon.models.auto import model_class, quiet_transformers
 from mposurgeon.models.surgery import resolve_module_name
@@ -191,19 +191,7 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions):
     def _eval_path_as_text(cls, value: object) -> object:
         return os.fspath(value) if isinstance(value, os.PathLike) else value
 
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _split_layers(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
-
-    @field_validator("weight_types", mode="before")
-    @classmethod
-    def _split(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
+    _split = field_validator("weight_types", "layers", mode="before")(comma_list)
 
     @model_validator(mode="before")
     @classmethod

@@ -233,12 +233,12 @@ def launch_accelerator(
         cpu=device == "cpu" or (distributed and not cuda),
         mixed_precision=None if precision is None else MIXED_PRECISION[precision],
     )
-    if accelerator.mixed_precision == "fp16" and on_cpu:
-        raise UsageError(
-            "fp16 mixed precision (from accelerate launch) needs a GPU",
-            hint="launch with --mixed_precision bf16 on the CPU",
-        )
     try:
+        if accelerator.mixed_precision == "fp16" and on_cpu:
+            raise UsageError(
+                "fp16 mixed precision (from accelerate launch) needs a GPU",
+                hint="launch with --mixed_precision bf16 on the CPU",
+            )
         yield accelerator
     finally:
         if started_here:
