@@ -195,3 +195,42 @@ def test_dry_run_counts_what_training_trains_without_loading_weights(
     assert dry.output is None and not workdir.exists()
     for key in ("trainable_params", "trainable_head", "total_params", "modules"):
         assert dry.metrics[key] == real.metrics[key], key
+
+
+# -- adapter -----------------------------------------------------------------------------------
+
+
+def test_adapters_start_as_the_base_model_and_count_exactly(minilm_dir: Path) -> None:
+    """12 adapters (6 attention outputs, 6 FFN outputs) of width 384: size x 769 + 384 each."""
+    from mposurgeon.methods.adapter.config import AdapterConfig
+
+    model = _classifier(minilm_dir)
+    base = _logits(model, minilm_dir)
+    method = get_method(AdapterConfig(adapter_size=16))
+    records = method.prepare(model, {}, [])
+    method.set_trainable(model)
+    assert len(records) == 12 and _method_params(model) == 12 * (16 * 769 + 384) == 152_256
+    assert torch.equal(_logits(model.eval(), minilm_dir), base)
+    budget = method.config.model_copy(update={"adapter_size": None, "budget": 100_000})
+    sized = get_method(budget).prepare(_classifier(minilm_dir), {}, [])
+    assert {r.size for r in sized.values()} == {10}  # type: ignore[attr-defined]
+    assert sum(r.params for r in sized.values()) <= 100_000 < 12 * (11 * 769 + 384)
+
+
+def test_an_adapter_artifact_runs_factorized_and_merge_refuses_it(
+    tiny_classifier_dir: Callable[[str], Path], tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "adapter"
+    result = mposurgeon.train(
+        tiny_classifier_dir("bert"), output=out, method="adapter", adapter_size=4, data=TRAIN,
+        eval_data=EVAL, max_steps=4, lr=1e-2,
+    )  # fmt: skip
+    assert result.metrics["modules"] == 4  # 2 layers x (attention output, FFN output)
+    tensors = load_file(out / "model.safetensors")
+    assert any(float(v.abs().max()) > 0 for k, v in tensors.items() if ".adapter.up." in k)
+    again = mposurgeon.evaluate(out, data=EVAL).metrics
+    assert again["accuracy"] == result.metrics["eval_accuracy"]
+    assert again["loss"] == pytest.approx(result.metrics["eval_loss"], abs=1e-6)
+    merged = tmp_path / "merged"
+    assert_one_line_error(run_cli(capsys, "merge", out, "-o", merged), 2, "no dense form")
+    assert not merged.exists()

@@ -40,7 +40,7 @@ TRAIN = REPO / "data" / "sentiment-train.jsonl"
 
 
 def test_registry_holds_the_three_training_methods_and_the_mpo_state() -> None:
-    trained = ["full", "lightweight", "overparam", "lora", "bitfit", "apet"]
+    trained = ["full", "lightweight", "overparam", "lora", "bitfit", "apet", "adapter"]
     assert method_names(training=True) == trained
     assert method_names() == [*trained, "mpo"]
     for name in method_names():
@@ -58,7 +58,7 @@ def test_each_method_declares_its_measured_learning_rate() -> None:
     lrs = {name: method_config(name).default("lr") for name in method_names(training=True)}
     assert lrs == {
         "full": 2e-4, "lightweight": 5e-4, "overparam": 1e-4,
-        "lora": 5e-4, "bitfit": 1e-3, "apet": 1e-3,
+        "lora": 5e-4, "bitfit": 1e-3, "apet": 1e-3, "adapter": 1e-3,
     }  # fmt: skip
     assert get_method("lightweight").config.lr == 5e-4
 
@@ -94,7 +94,7 @@ def test_train_help_lists_every_training_method_on_its_own_line(capsys) -> None:
     assert "--method" in text and "--mode" in text
 
 
-ALL_TRAINING = "full, lightweight, overparam, lora, bitfit, apet"
+ALL_TRAINING = "full, lightweight, overparam, lora, bitfit, apet, adapter"
 
 
 @pytest.mark.parametrize(

@@ -150,12 +150,16 @@ def train_command(
         int | None,
         typer.Option(
             "--budget",
-            help="apet: exactly N elements of the targets train (4096); lora: the largest "
-            "rank whose parameters fit in N.",
+            help="apet: exactly N elements of the targets train (4096); lora, adapter: the "
+            "largest rank / size whose parameters fit in N.",
         ),
     ] = None,
     budget_seed: Annotated[
         int | None, typer.Option("--budget-seed", help="apet: seeds the choice of elements (0).")
+    ] = None,
+    adapter_size: Annotated[
+        int | None,
+        typer.Option("--adapter-size", help="adapter: bottleneck width (16)."),
     ] = None,
     layers: Annotated[
         str | None,
@@ -222,6 +226,7 @@ def train_command(
         lora_dropout=lora_dropout,
         budget=budget,
         budget_seed=budget_seed,
+        adapter_size=adapter_size,
         layers=layers,  # type: ignore[arg-type]
         target_modules=target_modules,
         **flags.stage_kwargs(),

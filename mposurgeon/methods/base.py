@@ -107,11 +107,18 @@ class Method:
 
     # -- the module state it owns ------------------------------------------------------------
 
+    #: Whether `to_dense` gives the module's weight (merge checks it before any work).
+    has_dense_form: ClassVar[bool] = False
+
     def to_dense(self, record: ModuleRecord, tensors: Mapping[str, Tensor]) -> Tensor:
         """The dense weight of `record`'s module, oriented as the original checkpoint stored
         it, from its tensors, in float32 or float64 (merge casts it to `record.dtype`);
         refuse with a `UsageError` if the state has no dense form."""
-        raise UsageError(
+        raise self.no_dense_form(record)
+
+    def no_dense_form(self, record: ModuleRecord) -> UsageError:
+        """The error `merge` gives for a module whose state no dense weight can hold."""
+        return UsageError(
             f"{record.name}: the {self.name} method has no dense form to merge into",
             hint="run it in factorized form with `mposurgeon.load_model(ARTIFACT)` instead",
         )

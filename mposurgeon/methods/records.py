@@ -9,7 +9,7 @@ stays cheap.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, NonNegativeInt, PositiveInt
 from pydantic_core import PydanticCustomError
@@ -60,6 +60,10 @@ class ModuleRecord(BaseModel):
     params: NonNegativeInt
     dense_params: NonNegativeInt
     tied_keys: list[ModuleName] = []
+
+    #: Whether the module's own weight stays a plain tensor of the files beside the method's
+    #: tensors (an adapter follows the module) rather than being replaced (MPO cores) or owned.
+    keeps_weight: ClassVar[bool] = False
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """The tensors of this module's state in the artifact's files, with their shapes."""

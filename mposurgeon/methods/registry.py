@@ -12,6 +12,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 from mposurgeon.errors import UsageError
+from mposurgeon.methods.adapter.config import AdapterConfig
 from mposurgeon.methods.apet.config import ApetConfig
 from mposurgeon.methods.bitfit.config import BitFitConfig
 from mposurgeon.methods.config import MethodConfig
@@ -33,6 +34,7 @@ REGISTERED: tuple[type[MethodConfig], ...] = (
     LoraConfig,
     BitFitConfig,
     ApetConfig,
+    AdapterConfig,
     MPOConfig,
 )
 

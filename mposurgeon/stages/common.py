@@ -226,9 +226,11 @@ def model_layout(path: Path, shapes: TensorShapes | None = None) -> ModelLayout:
 
 def check_no_dense_twin(records: Mapping[str, ModuleRecord], keys: Collection[str]) -> None:
     """Refuse a module whose weight is a dense tensor of the files (`keys`) as well, unless
-    its record owns that tensor (a LoRA module keeps its base weight)."""
+    its record owns that tensor (a LoRA module keeps its base weight) or keeps it (an
+    adapter follows the module)."""
     for name, rec in records.items():
-        if rec.weight_key in keys and rec.weight_key not in rec.tensor_shapes():
+        owned = rec.weight_key in rec.tensor_shapes() or rec.keeps_weight
+        if rec.weight_key in keys and not owned:
             raise ArtifactError(
                 f"{MANIFEST_NAME} has an invalid field modules.{name}: its weight "
                 f"{rec.weight_key} is a dense tensor in the files as well",

@@ -85,6 +85,9 @@ def merge(
     shapes = tensor_shapes(inp)
     check_mpo_records(model_layout(inp.path, shapes), records, shapes)
     for rec in records.values():
+        method = get_method(rec.method)
+        if not method.has_dense_form:
+            raise method.no_dense_form(rec)
         _dtype_of(rec, opts.dtype)
     out = plan_output(inp, opts, "merge")
     comparison = None

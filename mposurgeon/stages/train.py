@@ -165,9 +165,10 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions):
     lora_alpha: float | None = Field(None, gt=0, allow_inf_nan=False, description="lora: alpha")
     lora_dropout: float | None = Field(None, ge=0, lt=1, description="lora: input dropout")
     budget: int | None = Field(
-        None, ge=1, description="apet: elements that train; lora: parameters, sets the rank"
+        None, ge=1, description="apet: elements that train; lora, adapter: sets rank / size"
     )
     budget_seed: int | None = Field(None, ge=0, description="apet: seeds their choice")
+    adapter_size: int | None = Field(None, ge=1, description="adapter: bottleneck width")
     layers: list[str] | None = Field(None, description="PET methods: weight groups to adapt")
     target_modules: str | None = Field(None, description="PET methods: regex of module names")
     max_length: int = Field(128, ge=2)

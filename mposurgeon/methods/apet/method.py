@@ -72,6 +72,7 @@ def choose_elements(total: int, budget: int, seed: int) -> Tensor:
 
 class ApetMethod(Method):
     config_class: ClassVar[type[ApetConfig]] = ApetConfig
+    has_dense_form: ClassVar[bool] = True
     config: ApetConfig
 
     # -- training ----------------------------------------------------------------------------

@@ -31,6 +31,7 @@ _ADAPTER = "default"
 
 class LoraMethod(Method):
     config_class: ClassVar[type[LoraConfig]] = LoraConfig
+    has_dense_form: ClassVar[bool] = True
     config: LoraConfig
 
     # -- training ----------------------------------------------------------------------------

@@ -31,6 +31,7 @@ class MPOMethod(Method):
     """Modules held as MPO cores `M.mpo.core.k`."""
 
     config_class: ClassVar[type[MPOConfig]] = MPOConfig
+    has_dense_form: ClassVar[bool] = True
 
     def to_dense(self, record: ModuleRecord, tensors: Mapping[str, Tensor]) -> Tensor:
         assert isinstance(record, MPORecord)

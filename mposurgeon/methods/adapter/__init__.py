@@ -1,0 +1,1 @@
+"""`adapter`: Houlsby bottleneck adapters after the attention output and the FFN output."""
