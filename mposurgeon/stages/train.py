@@ -106,6 +106,7 @@ from mposurgeon.training.loop import (
     TrainingRun,
     launch_accelerator,
     precision_of,
+    slow_bf16,
 )
 from mposurgeon.training.model import (
     ModelSetup,
@@ -289,6 +290,11 @@ def train(
         return TrainResult(None, _dry_run(inp, method, task, train_data), warnings)
 
     with launch_accelerator(opts.precision, opts.device) as accelerator:
+        if slow_bf16(accelerator):
+            warnings.append(
+                "--precision bf16: this CPU has no native bf16 kernels, so a step runs about "
+                "18x slower than fp32 (it saves ~25% of activation memory); prefer fp32 here"
+            )
         out, partial = _plan_in_main_process(accelerator, inp, opts)
         try:
             return _train_with(

@@ -246,6 +246,19 @@ def launch_accelerator(
             AcceleratorState._reset_state()
 
 
+def slow_bf16(accelerator: Accelerator) -> bool:
+    """Whether `accelerator` runs bf16 autocast on a CPU without native bf16 kernels (no
+    AVX512-BF16 or AMX): torch then emulates bf16 matmuls, ~18x slower than fp32 on MiniLM
+    (benchmarks/RESULTS.md, `python -m benchmarks precision`)."""
+    if accelerator.mixed_precision != "bf16" or accelerator.device.type != "cpu":
+        return False
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return check is not None and not bool(check())
+    except RuntimeError:
+        return False
+
+
 def precision_of(accelerator: Accelerator) -> Precision:
     """The precision `accelerator` trains in: fp32, bf16 or fp16."""
     return {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[str(accelerator.mixed_precision)]
