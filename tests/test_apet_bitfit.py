@@ -234,3 +234,16 @@ def test_an_adapter_artifact_runs_factorized_and_merge_refuses_it(
     merged = tmp_path / "merged"
     assert_one_line_error(run_cli(capsys, "merge", out, "-o", merged), 2, "no dense form")
     assert not merged.exists()
+
+
+def test_a_budget_named_by_a_method_is_what_that_method_would_train(minilm_dir: Path) -> None:
+    """apet --budget lora --lora-r 4 trains exactly LoRA r=4's count (4 x 9,216); an adapter
+    budgeted by lora r=8 takes the largest size that fits in 73,728."""
+    common = dict(data=TRAIN, dry_run=True)
+    apet = mposurgeon.train(minilm_dir, method="apet", budget="lora", lora_r=4, **common).metrics
+    assert apet["trainable_params"] - apet["trainable_head"] == 4 * 9_216
+    adapter = mposurgeon.train(minilm_dir, method="adapter", budget="lora", **common).metrics
+    spent = adapter["trainable_params"] - adapter["trainable_head"]
+    assert spent == 12 * (7 * 769 + 384) <= 73_728 < 12 * (8 * 769 + 384)
+    with pytest.raises(Exception, match="--budget nope: a number, or a training method"):
+        mposurgeon.train(minilm_dir, method="apet", budget="nope", **common)

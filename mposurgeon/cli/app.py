@@ -202,9 +202,14 @@ def _run(args: list[str], debug: bool, json_out: bool) -> None:
 
 
 def _validation_message(exc: Exception) -> str:
+    """Pydantic's errors as one line: `invalid option --lr: ...`; an error of the options as a
+    whole (no field: two options that disagree) without the option prefix."""
     errors = getattr(exc, "errors", lambda: [])()
-    parts = [
-        f"--{'-'.join(str(p) for p in e.get('loc', ())).replace('_', '-')}: {e.get('msg')}"
-        for e in errors
-    ]
-    return "invalid option " + "; ".join(parts) if parts else str(exc).splitlines()[0]
+    parts = []
+    for e in errors:
+        loc = "-".join(str(p) for p in e.get("loc", ())).replace("_", "-")
+        msg = str(e.get("msg")).removeprefix("Value error, ")
+        parts.append(f"option --{loc}: {msg}" if loc else msg)
+    if not parts:
+        return str(exc).splitlines()[0]
+    return "invalid " + "; ".join(parts) if errors[0].get("loc") else "; ".join(parts)

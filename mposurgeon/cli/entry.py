@@ -8,6 +8,7 @@ into the CLI's one-line message and exit code 130 (one JSON object too with `--j
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any, NoReturn
 
@@ -23,17 +24,32 @@ def failure(message: str, hint: str | None, exit_code: int, kind: str) -> dict[s
 
 
 def main() -> NoReturn:
-    """Import and run the CLI; a Ctrl-C before it has taken over exits 130 without a traceback."""
-    try:
-        from mposurgeon.cli.app import main as run
+    """Import and run the CLI; a Ctrl-C before it has taken over exits 130 without a traceback.
 
+    While the CLI imports, SIGINT only records that it came (raising KeyboardInterrupt inside
+    the import machinery can surface as "Exception ignored in ..." with a traceback that no
+    handler catches); once the import is done, a recorded Ctrl-C exits as one."""
+    try:
+        received: list[int] = []
+        previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
+        try:
+            from mposurgeon.cli.app import main as run
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
         run()
     except KeyboardInterrupt:
-        # Only reached when the CLI has not handled it itself (it was still importing).
-        sys.stderr.write(f"error: {INTERRUPTED}\n")
-        if "--json" in sys.argv[1:]:
-            import json
+        # A Ctrl-C while importing, or one the CLI has not handled itself.
+        _interrupted()
 
-            sys.stdout.write(json.dumps(failure(INTERRUPTED, None, 130, "KeyboardInterrupt")))
-            sys.stdout.write("\n")
-        sys.exit(130)
+
+def _interrupted() -> NoReturn:
+    """Exit 130 with the CLI's one-line message (and one JSON object with `--json`)."""
+    sys.stderr.write(f"error: {INTERRUPTED}\n")
+    if "--json" in sys.argv[1:]:
+        import json
+
+        sys.stdout.write(json.dumps(failure(INTERRUPTED, None, 130, "KeyboardInterrupt")))
+        sys.stdout.write("\n")
+    sys.exit(130)

@@ -147,11 +147,12 @@ def train_command(
         float | None, typer.Option("--lora-dropout", help="lora: dropout on the input of A (0).")
     ] = None,
     budget: Annotated[
-        int | None,
+        str | None,
         typer.Option(
             "--budget",
             help="apet: exactly N elements of the targets train (4096); lora, adapter: the "
-            "largest rank / size whose parameters fit in N.",
+            "largest rank / size whose parameters fit in N. A method name (--budget lora): "
+            "as many as it would train with the options given.",
         ),
     ] = None,
     budget_seed: Annotated[

@@ -165,9 +165,21 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions):
     lora_r: int | None = Field(None, ge=1, description="lora: rank of the update")
     lora_alpha: float | None = Field(None, gt=0, allow_inf_nan=False, description="lora: alpha")
     lora_dropout: float | None = Field(None, ge=0, lt=1, description="lora: input dropout")
-    budget: int | None = Field(
-        None, ge=1, description="apet: elements that train; lora, adapter: sets rank / size"
+    budget: int | str | None = Field(
+        None,
+        description="apet: elements that train; lora, adapter: sets rank / size; a method "
+        "name: as many as that method would train with these options",
     )
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget_number(cls, value: object) -> object:
+        """A whole number (as text too, from the CLI) of at least 1, or a method name."""
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ValueError("must be at least 1")
+        return value
     budget_seed: int | None = Field(None, ge=0, description="apet: seeds their choice")
     adapter_size: int | None = Field(None, ge=1, description="adapter: bottleneck width")
     layers: list[str] | None = Field(None, description="PET methods: weight groups to adapt")
@@ -220,7 +232,17 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions):
         config = method_config(self.method, training=True)
         methods = [method_config(name) for name in method_names(training=True)]
         options = {o for c in methods for o in c.options() if o in type(self).model_fields}
-        for option in sorted(options - set(config.options())):
+        allowed = set(config.options())
+        if isinstance(self.budget, str):  # --budget METHOD: that method's options count too
+            if self.budget not in method_names(training=True):
+                raise ValueError(
+                    f"--budget {self.budget}: a number, or a training method "
+                    f"({', '.join(method_names(training=True))})"
+                )
+            if "budget" not in allowed:
+                raise ValueError(f"--budget is not an option of method {self.method}")
+            allowed |= set(method_config(self.budget).options()) - {"lr", "budget"}
+        for option in sorted(options - allowed):
             if getattr(self, option) is not None:
                 flag = "--" + option.replace("_", "-")
                 raise ValueError(f"{flag} is not an option of method {self.method}")
@@ -228,10 +250,13 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions):
             self.lr = config.default("lr")
         return self
 
-    def method_config(self) -> MethodConfig:
-        """The method's config: its options given here, its defaults for the rest."""
-        config = method_config(self.method, training=True)
+    def method_config(self, method: str | None = None) -> MethodConfig:
+        """The config of the method (or of `method`): its options given here, its defaults
+        for the rest."""
+        config = method_config(method or self.method, training=True)
         given = {k: getattr(self, k) for k in config.options()}
+        if method is not None:  # another method's count (--budget METHOD): not its budget
+            given.pop("budget", None)
         return config(**{k: v for k, v in given.items() if v is not None})
 
     @property
@@ -274,13 +299,18 @@ def train(
     opts = options or TrainOptions(**kwargs)  # type: ignore[arg-type]
     inp = open_input(model, opts)
     model_layout(inp.path, tensor_shapes(inp))  # config.json read, checked against the weights
-    method = get_method(opts.method_config())
-    _check_source(method, inp, opts)
     config = AutoConfig.from_pretrained(inp.path)
     columns = opts.columns(task=opts.task, generative=generative_task(config))
     train_data = opts.read_data(hub_cache=opts.cache_dir, columns=columns)
     task = get_task(train_data.task)
     task.check_training_data(train_data)
+    if isinstance(opts.budget, str):  # --budget METHOD: what that method would train
+        other = get_method(opts.method_config(opts.budget))
+        counted = _dry_run(inp, other, task, train_data)
+        spent = counted["trainable_params"] - counted["trainable_head"]
+        opts = opts.model_copy(update={"budget": spent})
+    method = get_method(opts.method_config())
+    _check_source(method, inp, opts)
     eval_data = _read_eval_data(opts, train_data)
     if opts.generate:
         check_generation(task, eval_data, "--eval-data")
@@ -461,9 +491,10 @@ def _dry_run(
 
     if inp.modules:
         raise UsageError(
-            f"--dry-run counts from the config alone, and {inp.path} has MPO modules, whose "
-            "cores only its files hold",
-            hint="count on the checkpoint it came from, or train it",
+            f"counting a method's parameters from the config alone (--dry-run, --budget "
+            f"METHOD) needs a checkpoint, and {inp.path} has MPO modules, whose cores only its "
+            "files hold",
+            hint="count on the checkpoint it came from, or give --budget as a number",
         )
     config = AutoConfig.from_pretrained(inp.path)
     check_model_task(config, task, inp.path)
