@@ -247,3 +247,25 @@ def test_a_budget_named_by_a_method_is_what_that_method_would_train(minilm_dir: 
     assert spent == 12 * (7 * 769 + 384) <= 73_728 < 12 * (8 * 769 + 384)
     with pytest.raises(Exception, match="--budget nope: a number, or a training method"):
         mposurgeon.train(minilm_dir, method="apet", budget="nope", **common)
+
+
+@pytest.mark.parametrize("method", ["apet", "lora", "adapter"])
+def test_an_interrupted_run_resumes_to_the_same_weights(
+    method: str, tiny_classifier_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """The method's layers are rebuilt from its options before the checkpoint is read."""
+    from mposurgeon.stages.train import TrainingInterrupted
+    from tests.cli_runner import stop_at_step
+
+    base = tiny_classifier_dir("bert")
+    common = dict(method=method, data=TRAIN, max_steps=6, batch_size=16, lr=1e-2, save_every=2)
+    straight = mposurgeon.train(base, output=tmp_path / "straight", **common)
+    with pytest.raises(TrainingInterrupted):
+        mposurgeon.train(base, output=tmp_path / "resumed", progress=stop_at_step(5), **common)
+    resumed = mposurgeon.train(base, output=tmp_path / "resumed", resume=True, **common)
+    assert resumed.resumed_from_step == 4
+    a, b = (
+        load_file(straight.output / "model.safetensors"),
+        load_file(resumed.output / "model.safetensors"),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
