@@ -18,7 +18,9 @@ class LoraConfig(MethodConfig):
     B (out, r); A starts random, B at zero (the model starts as the base model); only A, B and
     the task head train. Targets: `layers` groups or a `target_modules` regex, else PEFT's
     default for the model type (query and value for BERT). `budget` picks the rank: the
-    largest whose trainable parameters (r x the sum of in + out over the targets) fit."""
+    largest whose trainable parameters (r x the sum of in + out over the targets) fit.
+    Default rate measured on man-sections (r 8 on query and value, 3 epochs): 0.818 at 2e-3,
+    0.639 at 5e-4 (higher rates not measured yet)."""
 
     name: ClassVar[str] = "lora"
     summary: ClassVar[str] = (
@@ -27,7 +29,7 @@ class LoraConfig(MethodConfig):
     implementation: ClassVar[str] = "mposurgeon.methods.lora.method:LoraMethod"
     record: ClassVar[type[LoraRecord]] = LoraRecord
 
-    lr: float = Field(5e-4, gt=0, allow_inf_nan=False, description="peak learning rate")
+    lr: float = Field(2e-3, gt=0, allow_inf_nan=False, description="peak learning rate")
     lora_r: int | None = Field(None, ge=1, description="rank of the update (8; see budget)")
     lora_alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description="scale alpha / r")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
