@@ -11,7 +11,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 import mposurgeon
 from mposurgeon.artifact.manifest import read_manifest
@@ -21,25 +20,13 @@ from mposurgeon.methods.apet.method import choose_elements
 from mposurgeon.methods.base import head_parameter_names
 from mposurgeon.methods.registry import get_method
 from tests.cli_runner import assert_one_line_error, run_cli
+from tests.tiny_models import sample_logits, seeded_classifier
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "data" / "sentiment-train.jsonl"
 EVAL = REPO / "data" / "sentiment-eval.jsonl"
-
-
-def _classifier(path: Path) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = AutoConfig.from_pretrained(path, num_labels=2)
-    return AutoModelForSequenceClassification.from_pretrained(path, config=config).eval()
-
-
-def _logits(model: torch.nn.Module, path: Path) -> torch.Tensor:
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    batch = tokenizer(["a fine film", "the battery was awful"], padding=True, return_tensors="pt")
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def _method_params(model: torch.nn.Module) -> int:
@@ -62,16 +49,16 @@ def test_choose_elements_draws_exactly_budget_distinct_positions(total: int, dat
 def test_minilm_apet_4096_trains_exactly_4096_elements_and_starts_as_the_base(
     minilm_dir: Path,
 ) -> None:
-    model = _classifier(minilm_dir)
-    base = _logits(model, minilm_dir)
+    model = seeded_classifier(minilm_dir)
+    base = sample_logits(model, minilm_dir)
     method = get_method(ApetConfig(budget=4096, budget_seed=7))
     records = method.prepare(model, {}, [])
     method.set_trainable(model)
     assert _method_params(model) == 4096 == sum(r.params for r in records.values())
     assert len(records) == 36  # spread over every block matrix of the 6 layers
-    assert torch.equal(_logits(model.eval(), minilm_dir), base)
+    assert torch.equal(sample_logits(model.eval(), minilm_dir), base)
     with pytest.raises(UsageError, match="more than the"):
-        get_method(ApetConfig(budget=10**9)).prepare(_classifier(minilm_dir), {}, [])
+        get_method(ApetConfig(budget=10**9)).prepare(seeded_classifier(minilm_dir), {}, [])
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +123,7 @@ def test_bitfit_trains_biases_only(
     base = tiny_classifier_dir("bert")
     out = tmp_path / "bitfit"
     result = mposurgeon.train(base, output=out, method="bitfit", data=TRAIN, max_steps=3, lr=1e-2)
-    before = dict(_classifier(base).named_parameters())
+    before = dict(seeded_classifier(base).named_parameters())
     after = mposurgeon.load_model(out)
     head = head_parameter_names(after)
     changed = {n for n, p in after.named_parameters() if not torch.equal(p, before[n])}
@@ -204,15 +191,15 @@ def test_adapters_start_as_the_base_model_and_count_exactly(minilm_dir: Path) ->
     """12 adapters (6 attention outputs, 6 FFN outputs) of width 384: size x 769 + 384 each."""
     from mposurgeon.methods.adapter.config import AdapterConfig
 
-    model = _classifier(minilm_dir)
-    base = _logits(model, minilm_dir)
+    model = seeded_classifier(minilm_dir)
+    base = sample_logits(model, minilm_dir)
     method = get_method(AdapterConfig(adapter_size=16))
     records = method.prepare(model, {}, [])
     method.set_trainable(model)
     assert len(records) == 12 and _method_params(model) == 12 * (16 * 769 + 384) == 152_256
-    assert torch.equal(_logits(model.eval(), minilm_dir), base)
+    assert torch.equal(sample_logits(model.eval(), minilm_dir), base)
     budget = method.config.model_copy(update={"adapter_size": None, "budget": 100_000})
-    sized = get_method(budget).prepare(_classifier(minilm_dir), {}, [])
+    sized = get_method(budget).prepare(seeded_classifier(minilm_dir), {}, [])
     assert {r.size for r in sized.values()} == {10}  # type: ignore[attr-defined]
     assert sum(r.params for r in sized.values()) <= 100_000 < 12 * (11 * 769 + 384)
 

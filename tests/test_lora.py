@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 import mposurgeon
 from mposurgeon.artifact.manifest import read_manifest
@@ -19,6 +18,7 @@ from mposurgeon.methods.base import head_parameter_names
 from mposurgeon.methods.lora.config import LoraConfig
 from mposurgeon.methods.registry import get_method
 from tests.cli_runner import assert_one_line_error, run_cli
+from tests.tiny_models import sample_logits, seeded_classifier
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,28 +27,13 @@ TRAIN = REPO / "data" / "sentiment-train.jsonl"
 EVAL = REPO / "data" / "sentiment-eval.jsonl"
 
 
-def _classifier(path: Path) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = AutoConfig.from_pretrained(path, num_labels=2)
-    return AutoModelForSequenceClassification.from_pretrained(path, config=config).eval()
-
-
-def _logits(model: torch.nn.Module, path: Path) -> torch.Tensor:
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    batch = tokenizer(["a fine film", "the battery was awful"], padding=True, return_tensors="pt")
-    with torch.no_grad():
-        return model(**batch).logits
-
-
 def test_minilm_lora_r8_on_query_and_value_trains_exactly_73728_parameters(
     minilm_dir: Path,
 ) -> None:
     """6 layers x 2 matrices x r 8 x (384 in + 384 out); at initialization (B = 0) the logits
     are the base model's, bit for bit."""
-    model = _classifier(minilm_dir)
-    base = _logits(model, minilm_dir)
+    model = seeded_classifier(minilm_dir)
+    base = sample_logits(model, minilm_dir)
     method = get_method(LoraConfig(lora_r=8))
     records = method.prepare(model, {}, [])
     method.set_trainable(model)
@@ -58,7 +43,7 @@ def test_minilm_lora_r8_on_query_and_value_trains_exactly_73728_parameters(
     assert trained - in_head == 6 * 2 * 8 * (384 + 384) == 73_728
     assert sum(r.params for r in records.values()) == 73_728
     assert sorted({n.rsplit(".", 1)[-1] for n in records}) == ["query", "value"]
-    assert torch.equal(_logits(model.eval(), minilm_dir), base)
+    assert torch.equal(sample_logits(model.eval(), minilm_dir), base)
 
 
 @pytest.fixture(scope="module")
@@ -136,17 +121,18 @@ def test_bad_lora_options_are_refused_before_any_work(
         assert_one_line_error(run_cli(capsys, *args, *method, *extra), 2, needle)
         assert not out.exists()
     with pytest.raises(UsageError, match="no default targets"):
-        get_method("lora").prepare(_classifier(tiny_classifier_dir("albert")), {}, [])
+        get_method("lora").prepare(seeded_classifier(tiny_classifier_dir("albert")), {}, [])
 
 
 def test_a_budget_picks_the_largest_rank_that_fits(minilm_dir: Path) -> None:
     """Rank 1 of query and value in 6 layers trains 12 x 768 = 9,216 parameters."""
     for budget, rank in [(73_728, 8), (73_727, 7), (9_216, 1)]:
-        records = get_method(LoraConfig(budget=budget)).prepare(_classifier(minilm_dir), {}, [])
+        model = seeded_classifier(minilm_dir)
+        records = get_method(LoraConfig(budget=budget)).prepare(model, {}, [])
         assert {r.r for r in records.values()} == {rank}  # type: ignore[attr-defined]
         assert sum(r.params for r in records.values()) == 9_216 * rank <= budget
     with pytest.raises(UsageError, match="below one rank"):
-        get_method(LoraConfig(budget=9_215)).prepare(_classifier(minilm_dir), {}, [])
+        get_method(LoraConfig(budget=9_215)).prepare(seeded_classifier(minilm_dir), {}, [])
 
 
 def test_export_peft_round_trip_gives_the_artifacts_logits(
@@ -170,11 +156,11 @@ def test_export_peft_round_trip_gives_the_artifacts_logits(
     assert config["r"] == 4 and config["lora_alpha"] == 8
     assert config["base_model_name_or_path"] == str(base_dir)
     assert result.err == ""  # no warnings from peft or transformers
-    base = _classifier(base_dir)  # a fresh random head: the adapter brings the trained one
+    base = seeded_classifier(base_dir)  # a fresh random head: the adapter brings the trained one
     loaded = peft.PeftModel.from_pretrained(base, out).eval()
     factorized = mposurgeon.load_model(trained)
     torch.testing.assert_close(
-        _logits(loaded, base_dir), _logits(factorized, base_dir), rtol=0, atol=1e-5
+        sample_logits(loaded, base_dir), sample_logits(factorized, base_dir), rtol=0, atol=1e-5
     )
 
 

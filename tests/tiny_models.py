@@ -205,6 +205,31 @@ def build_tiny_tokenizer(arch: str, out_dir: Path, texts: Sequence[Path] = ()) -
     fast.save_pretrained(out_dir)
 
 
+def seeded_classifier(path: Path, num_labels: int = 2) -> Any:
+    """`path`'s model with a sequence-classification head of `num_labels`, initialized under
+    seed 0, in eval mode (the base a PET method starts from)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+    return AutoModelForSequenceClassification.from_pretrained(path, config=config).eval()
+
+
+def sample_logits(model: Any, path: Path) -> Any:
+    """`model`'s logits on two short sentences, tokenized by `path`'s tokenizer (EOS as pad
+    for tokenizers without one)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(["a fine film", "the battery was awful"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch).logits
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("arch", choices=ARCHITECTURES)

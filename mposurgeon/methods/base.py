@@ -16,7 +16,7 @@ mappings of name to tensor.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -152,6 +152,14 @@ def head_parameter_names(model: nn.Module) -> set[str]:
         return set()
     inside = {id(p) for p in base.parameters()}
     return {n for n, p in model.named_parameters() if id(p) not in inside}
+
+
+def train_only(model: nn.Module, trains: Callable[[str], bool]) -> None:
+    """Set `requires_grad` of every parameter of `model`: those whose name `trains` accepts,
+    and the task head's (`head_parameter_names`), train; every other one is frozen."""
+    head = head_parameter_names(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(trains(name) or name in head)
 
 
 def split_decay(

@@ -45,7 +45,7 @@ from mposurgeon.training.data import (
     TextDataset,
     read_dataset,
 )
-from mposurgeon.training.generation import Generation, check_generation
+from mposurgeon.training.generation import check_generation, generation_for
 from mposurgeon.training.loop import Device, Precision, launch_accelerator
 from mposurgeon.training.model import classifier_labels, trained_model, trained_task
 from mposurgeon.training.tasks import evaluate as evaluate_task
@@ -112,7 +112,7 @@ def evaluate(
     if opts.generate:
         check_generation(task, data, "--data")
     labels: list[str] = []
-    if task.name == "classification":
+    if task.has_classes:
         labels = classifier_labels(inp.path, config)
         data = data.with_labels(_data_labels(data, labels))
     is_artifact = inp.manifest is not None
@@ -125,16 +125,7 @@ def evaluate(
         shuffle=False,
         collate_fn=task.collator(setup.tokenizer, setup.model),
     )
-    generation = None
-    if opts.generate:
-        generation = Generation(
-            data,
-            setup.tokenizer,
-            task,
-            max_length=opts.max_length,
-            max_new_tokens=opts.max_new_tokens,
-            batch_size=opts.batch_size,
-        )
+    generation = generation_for(opts, task, data, setup.tokenizer)
     with launch_accelerator(opts.precision, opts.device) as accelerator:
         net, loader = accelerator.prepare(setup.model, loader)
         scores = evaluate_task(

@@ -95,7 +95,7 @@ from mposurgeon.training.dynamic import (
     carried_selection,
     dynamic_selection,
 )
-from mposurgeon.training.generation import Generation, check_generation
+from mposurgeon.training.generation import check_generation, generation_for
 from mposurgeon.training.loop import (
     CHECKPOINT,
     BestSelection,
@@ -565,7 +565,7 @@ def _read_eval_data(opts: TrainOptions, train_data: TextDataset) -> TextDataset 
         columns=opts.columns(task=train_data.task),
         hub_cache=opts.cache_dir,
     )
-    return data.with_labels(train_data.labels) if data.task == "classification" else data
+    return data.with_labels(train_data.labels) if get_task(data.task).has_classes else data
 
 
 def _best_selection(
@@ -595,24 +595,14 @@ def _best_selection(
             "round changes which matrices are MPO",
             hint="leave --select-best out, or select statically with `mposurgeon select`",
         )
-    maximize = opts.select_best in task.maximize or opts.select_best == "exact_match"
-    return BestSelection(opts.select_best, maximize)
+    return BestSelection(opts.select_best, opts.select_best in task.maximize)
 
 
 def _evaluator(
     task: Task, opts: TrainOptions, setup: ModelSetup, eval_data: TextDataset | None
 ) -> Evaluator:
     """The run's evaluator: the task's metrics, and with `--generate` exact match."""
-    generation = None
-    if opts.generate and eval_data is not None:
-        generation = Generation(
-            eval_data,
-            setup.tokenizer,
-            task,
-            max_length=opts.max_length,
-            max_new_tokens=opts.max_new_tokens,
-            batch_size=opts.batch_size,
-        )
+    generation = generation_for(opts, task, eval_data, setup.tokenizer)
 
     def evaluator(accelerator: Accelerator, model: nn.Module, loader: Any) -> dict[str, float]:
         return evaluate(accelerator, model, loader, task, generation=generation)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -49,6 +49,31 @@ def check_generation(task: Task, data: TextDataset | None, flag: str) -> None:
         )
 
 
+class GenerationOptions(Protocol):
+    """The options `--generate` reads (train's and eval's)."""
+
+    generate: bool
+    max_length: int
+    max_new_tokens: int
+    batch_size: int
+
+
+def generation_for(
+    options: GenerationOptions, task: Task, data: TextDataset | None, tokenizer: Any
+) -> Generation | None:
+    """The exact-match scorer of `data` that `options` ask for (`--generate`), else None."""
+    if not options.generate or data is None:
+        return None
+    return Generation(
+        data,
+        tokenizer,
+        task,
+        max_length=options.max_length,
+        max_new_tokens=options.max_new_tokens,
+        batch_size=options.batch_size,
+    )
+
+
 @dataclass
 class Generation:
     """Scores `exact_match` of the rows of `data` that have a reference."""
@@ -63,7 +88,7 @@ class Generation:
     @property
     def causal(self) -> bool:
         """Whether the model continues its input (causal-lm) rather than answering it."""
-        return self.task.name == "causal-lm"
+        return self.task.shift
 
     @property
     def examples(self) -> list[Example]:

@@ -261,7 +261,8 @@ def slow_bf16(accelerator: Accelerator) -> bool:
 
 def precision_of(accelerator: Accelerator) -> Precision:
     """The precision `accelerator` trains in: fp32, bf16 or fp16."""
-    return {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[str(accelerator.mixed_precision)]
+    precision = {v: k for k, v in MIXED_PRECISION.items()}[str(accelerator.mixed_precision)]
+    return precision  # type: ignore[return-value]
 
 
 #: Scores a model on the eval loader: (accelerator, prepared model, prepared loader) ->

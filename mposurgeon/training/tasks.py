@@ -93,6 +93,11 @@ class Task:
     maximize: ClassVar[frozenset[str]] = frozenset()
     #: Whether `--generate` can score it (a text to produce).
     generates: ClassVar[bool] = False
+    #: Whether rows carry class labels, numbered by the model's `label2id`.
+    has_classes: ClassVar[bool] = False
+    #: Whether the model continues its input (causal: logits at t predict the token at t + 1)
+    #: rather than answering it (seq2seq).
+    shift: ClassVar[bool] = False
 
     def check_training_data(self, data: TextDataset) -> None:
         """Refuse training data the task cannot learn from."""
@@ -147,6 +152,7 @@ class Classification(Task):
     head = "sequence-classification"
     metrics = ("accuracy", "macro_f1", "mcc", "loss")
     maximize = frozenset({"accuracy", "macro_f1", "mcc"})
+    has_classes = True
 
     def check_training_data(self, data: TextDataset) -> None:
         if len(data.labels) < 2:
@@ -280,9 +286,8 @@ def pad_ids(rows: Sequence[Sequence[int]], value: int, *, left: bool = False) ->
 
 class _TokenTask(Task):
     metrics = ("loss", "perplexity", "tokens")
+    maximize = frozenset({"exact_match"})  # with --generate
     generates = True
-    #: Whether logits at position t predict the label at t + 1 (causal) or at t (seq2seq).
-    shift: ClassVar[bool]
 
     def collator(self, tokenizer: Any, model: nn.Module) -> Callable[[Rows], dict[str, Tensor]]:
         decoder_inputs = getattr(model, "prepare_decoder_input_ids_from_labels", None)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from mposurgeon.errors import UsageError
 from mposurgeon.methods.adapter.config import DEFAULT_SIZE, AdapterConfig
 from mposurgeon.methods.adapter.record import AdapterRecord
-from mposurgeon.methods.base import Method, head_parameter_names
+from mposurgeon.methods.base import Method, train_only
 from mposurgeon.methods.records import ModuleRecord
 from mposurgeon.models.groups import Target, attention_projection, select_targets
 from mposurgeon.models.layers import ForwardMode
@@ -90,9 +90,7 @@ class AdapterMethod(Method):
         return size
 
     def set_trainable(self, model: nn.Module) -> None:
-        head = head_parameter_names(model)
-        for name, p in model.named_parameters():
-            p.requires_grad_(".adapter." in name or name in head)
+        train_only(model, lambda name: ".adapter." in name)
 
     def install(
         self,

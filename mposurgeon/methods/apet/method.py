@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from mposurgeon.errors import ArtifactError, UsageError
 from mposurgeon.methods.apet.config import ApetConfig
 from mposurgeon.methods.apet.record import ApetRecord
-from mposurgeon.methods.base import Method, head_parameter_names
+from mposurgeon.methods.base import Method, train_only
 from mposurgeon.methods.records import ModuleRecord
 from mposurgeon.models.groups import Target, select_targets
 from mposurgeon.models.layers import ForwardMode
@@ -126,9 +126,7 @@ class ApetMethod(Method):
         return targets
 
     def set_trainable(self, model: nn.Module) -> None:
-        head = head_parameter_names(model)
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.endswith(".parametrizations.weight.0.values") or name in head)
+        train_only(model, lambda name: name.endswith(".parametrizations.weight.0.values"))
 
     def file_key(self, live_key: str) -> str:
         for pattern, replacement in _LIVE:

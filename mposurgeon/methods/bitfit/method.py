@@ -7,7 +7,7 @@ from typing import ClassVar
 from torch import nn
 
 from mposurgeon.errors import UsageError
-from mposurgeon.methods.base import Method, head_parameter_names
+from mposurgeon.methods.base import Method, head_parameter_names, train_only
 from mposurgeon.methods.bitfit.config import BitFitConfig
 
 
@@ -22,5 +22,4 @@ class BitFitMethod(Method):
                 f"{type(model).__name__} has no bias terms: bitfit would train the head only",
                 hint="use --method lora (or another method) for a model without biases",
             )
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.endswith(".bias") or name in head)
+        train_only(model, lambda name: name.endswith(".bias"))

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from mposurgeon.errors import ArtifactError, UsageError
-from mposurgeon.methods.base import Method, head_parameter_names
+from mposurgeon.methods.base import Method, train_only
 from mposurgeon.methods.lora.config import LoraConfig
 from mposurgeon.methods.lora.record import LoraRecord
 from mposurgeon.methods.records import ModuleRecord
@@ -91,9 +91,7 @@ class LoraMethod(Method):
         return select_targets(model, keys, layers=layers, target_modules=regex)
 
     def set_trainable(self, model: nn.Module) -> None:
-        head = head_parameter_names(model)
-        for name, p in model.named_parameters():
-            p.requires_grad_(".lora_" in name or name in head)
+        train_only(model, lambda name: ".lora_" in name)
 
     def file_key(self, live_key: str) -> str:
         return _LIVE.sub("", live_key)
