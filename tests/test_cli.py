@@ -278,13 +278,16 @@ def test_merge_of_a_plain_checkpoint_is_refused(bert: Path, tmp_path: Path, caps
 def test_merge_verify_failure_exits_3_and_writes_nothing(artifact, tmp_path, capsys, monkeypatch):
     import mposurgeon.stages.merge as merge_stage
 
-    real = merge_stage.dense_weight
+    real = merge_stage.dense_tensors
 
     def perturbed(*args, **kwargs):  # a merge bug: noise (a constant would vanish after LayerNorm)
-        weight = real(*args, **kwargs)
-        return weight + 0.5 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
+        noise = torch.Generator().manual_seed(0)
+        return {
+            k: w + 0.5 * torch.randn(w.shape, generator=noise)
+            for k, w in real(*args, **kwargs).items()
+        }
 
-    monkeypatch.setattr(merge_stage, "dense_weight", perturbed)
+    monkeypatch.setattr(merge_stage, "dense_tensors", perturbed)
     result = run_cli(capsys, "merge", artifact, "-o", tmp_path / "m", "--verify")
     assert_one_line_error(result, 3, "differ")
     assert not (tmp_path / "m").exists()

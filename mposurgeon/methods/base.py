@@ -6,8 +6,8 @@ calls, in order: `check_source` (refuse an input the method cannot train, before
 `prepare` (install the method's layers into the live model), then, each time the optimizer is
 built, `set_trainable` and `parameter_groups`, and at the end `trained_records`. The artifact
 side works on the records whose `method` is this method's name (the record class names the
-tensors it owns: `ModuleRecord.tensor_shapes`): `to_dense` (for `merge`) and `install` (for
-`load_model`).
+tensors it owns: `ModuleRecord.tensor_shapes`): `to_dense` and `dense_tensors` (for `merge`)
+and `install` (for `load_model`).
 
 Methods know models and math, never files, stages or the terminal: tensors come in as
 mappings of name to tensor.
@@ -115,6 +115,14 @@ class Method:
         it, from its tensors, in float32 or float64 (merge casts it to `record.dtype`);
         refuse with a `UsageError` if the state has no dense form."""
         raise self.no_dense_form(record)
+
+    def dense_tensors(
+        self, record: ModuleRecord, tensors: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Every tensor of the merged checkpoint that `record`'s state gives, by name: its
+        dense weight (`to_dense`), and any other tensor of the original module the method
+        changed (IA3's scaled bias), in float32 or float64."""
+        return {record.weight_key: self.to_dense(record, tensors)}
 
     def no_dense_form(self, record: ModuleRecord) -> UsageError:
         """The error `merge` gives for a module whose state no dense weight can hold."""

@@ -17,6 +17,7 @@ from mposurgeon.methods.apet.config import ApetConfig
 from mposurgeon.methods.bitfit.config import BitFitConfig
 from mposurgeon.methods.config import MethodConfig
 from mposurgeon.methods.full.config import FullConfig
+from mposurgeon.methods.ia3.config import Ia3Config
 from mposurgeon.methods.lightweight.config import LightweightConfig
 from mposurgeon.methods.lora.config import LoraConfig
 from mposurgeon.methods.mpo.config import MPOConfig
@@ -32,6 +33,7 @@ REGISTERED: tuple[type[MethodConfig], ...] = (
     LightweightConfig,
     OverparamConfig,
     LoraConfig,
+    Ia3Config,
     BitFitConfig,
     ApetConfig,
     AdapterConfig,

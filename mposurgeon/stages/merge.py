@@ -130,7 +130,8 @@ def _write_dense(
                 tensor = tensor.to(getattr(torch, opts.dtype))
             writer.add(key, tensor)
         elif key == next(iter(rec.tensor_shapes())):
-            writer.add(rec.weight_key, dense_weight(rec, reader, opts.dtype))
+            for name, tensor in dense_tensors(rec, reader, opts.dtype).items():
+                writer.add(name, tensor)
             merged += 1
         if progress:
             progress("merge", i + 1, len(keys))
@@ -148,6 +149,16 @@ def dense_weight(rec: ModuleRecord, reader: TensorReader, dtype: str = "auto") -
     `dtype` ("auto": its recorded dtype)."""
     weight = get_method(rec.method).to_dense(rec, reader)
     return weight.to(_dtype_of(rec, dtype)).contiguous()
+
+
+def dense_tensors(
+    rec: ModuleRecord, reader: TensorReader, dtype: str = "auto"
+) -> dict[str, torch.Tensor]:
+    """Every tensor of the merged checkpoint one transformed module gives (its dense weight,
+    IA3's scaled bias) by name, as the original checkpoint stored them, in `dtype`."""
+    to = _dtype_of(rec, dtype)
+    tensors = get_method(rec.method).dense_tensors(rec, reader)
+    return {name: t.to(to).contiguous() for name, t in tensors.items()}
 
 
 def _dtype_of(rec: ModuleRecord, dtype: str = "auto") -> torch.dtype:
