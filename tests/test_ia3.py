@@ -114,3 +114,26 @@ def test_ia3_takes_no_budget_and_no_rank(
         )  # fmt: skip
         assert_one_line_error(result, 2, message)
         assert not (tmp_path / "o").exists()
+
+
+def test_export_peft_round_trip_gives_the_artifacts_logits(
+    trained: Path, tiny_classifier_dir: Callable[[str], Path], tmp_path: Path, capsys
+) -> None:
+    import json
+
+    import peft
+
+    out = tmp_path / "adapter"
+    result = run_cli(capsys, "export-peft", trained, "-o", out, "--json")
+    assert result.code == 0, result
+    summary = json.loads(result.out)
+    assert summary["peft_type"] == "IA3" and summary["modules"] == 10
+    config = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
+    assert len(config["feedforward_modules"]) == 2  # the FFN output projections
+    base_dir = tiny_classifier_dir("bert")
+    loaded = peft.PeftModel.from_pretrained(seeded_classifier(base_dir), out).eval()
+    factorized = mposurgeon.load_model(trained)
+    torch.testing.assert_close(
+        sample_logits(loaded, base_dir), sample_logits(factorized, base_dir), rtol=0, atol=1e-5
+    )
+

@@ -148,7 +148,8 @@ def test_export_peft_round_trip_gives_the_artifacts_logits(
     result = run_cli(capsys, "export-peft", trained, "-o", out, "--json")
     assert result.code == 0, result
     summary = json.loads(result.out)
-    assert summary["modules"] == 8 and summary["rank"] == 4 and summary["task_type"] == "SEQ_CLS"
+    assert summary["modules"] == 8 and summary["peft_type"] == "LORA"
+    assert summary["method"] == "lora" and summary["task_type"] == "SEQ_CLS"
     assert (out / "adapter_config.json").is_file()
     assert (out / "adapter_model.safetensors").is_file()
     config = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
@@ -167,5 +168,5 @@ def test_export_peft_round_trip_gives_the_artifacts_logits(
 def test_export_peft_refuses_what_peft_cannot_hold(tiny_mpo: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "adapter"
     result = run_cli(capsys, "export-peft", tiny_mpo, "-o", out)
-    assert_one_line_error(result, 2, "has modules of mpo: PEFT adapters hold LoRA updates")
+    assert_one_line_error(result, 2, "has modules of mpo: a PEFT adapter holds one method PEFT")
     assert not out.exists()

@@ -39,8 +39,9 @@ TRAIN = REPO / "data" / "sentiment-train.jsonl"
 # -- the registry ----------------------------------------------------------------------------
 
 
-def test_registry_holds_the_three_training_methods_and_the_mpo_state() -> None:
-    trained = ["full", "lightweight", "overparam", "lora", "bitfit", "apet", "adapter"]
+def test_registry_holds_the_training_methods_and_the_mpo_state() -> None:
+    trained = ["full", "lightweight", "overparam", "lora", "ia3", "prompt-tuning", "bitfit"]
+    trained += ["apet", "adapter"]
     assert method_names(training=True) == trained
     assert method_names() == [*trained, "mpo"]
     for name in method_names():
@@ -58,7 +59,8 @@ def test_each_method_declares_its_measured_learning_rate() -> None:
     lrs = {name: method_config(name).default("lr") for name in method_names(training=True)}
     assert lrs == {
         "full": 2e-4, "lightweight": 5e-4, "overparam": 1e-4,
-        "lora": 2e-3, "bitfit": 1e-2, "apet": 1e-3, "adapter": 1e-3,
+        "lora": 2e-3, "ia3": 3e-3, "prompt-tuning": 3e-2, "bitfit": 1e-2, "apet": 1e-3,
+        "adapter": 1e-3,
     }  # fmt: skip
     assert get_method("lightweight").config.lr == 5e-4
 
@@ -94,7 +96,7 @@ def test_train_help_lists_every_training_method_on_its_own_line(capsys) -> None:
     assert "--method" in text and "--mode" in text
 
 
-ALL_TRAINING = "full, lightweight, overparam, lora, bitfit, apet, adapter"
+ALL_TRAINING = "full, lightweight, overparam, lora, ia3, prompt-tuning, bitfit, apet, adapter"
 
 
 @pytest.mark.parametrize(
@@ -200,6 +202,6 @@ def test_a_method_without_a_dense_form_refuses_to_merge_saying_what_to_do() -> N
         out_dim=4, in_dim=4, out_modes=[2, 2], in_modes=[2, 2], out_padding=0, in_padding=0,
         bonds=[1, 4, 1], central_index=0, params=32, dense_params=16,
     )  # fmt: skip
-    with pytest.raises(mposurgeon.errors.UsageError, match="no dense form") as err:
+    with pytest.raises(mposurgeon.errors.UsageError, match="no dense weight can hold") as err:
         BiasOnlyMethod().to_dense(rec, {})
     assert "load_model" in (err.value.hint or "")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import mposurgeon
+from mposurgeon.methods.registry import get_method
 from tests.conftest import ARCHITECTURES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -72,6 +73,10 @@ def test_regression_trains_and_merges_on_every_architecture(
         ("t5", "seq2seq", "lora", {"layers": "attention"}),
         ("bart", "seq2seq", "bitfit", {}),
         ("t5", "seq2seq", "apet", {"budget": 200}),
+        ("gpt2", "causal-lm", "ia3", {}),
+        ("t5", "seq2seq", "ia3", {}),
+        ("llama", "causal-lm", "prompt-tuning", {"num_virtual_tokens": 4}),
+        ("bart", "seq2seq", "prompt-tuning", {"num_virtual_tokens": 4}),
     ],
 )
 def test_parameter_efficient_methods_train_language_models(
@@ -94,6 +99,6 @@ def test_parameter_efficient_methods_train_language_models(
     assert m["task"] == task and m["eval_loss"] < before
     again = mposurgeon.evaluate(out, data=data[task]).metrics
     assert again["loss"] == pytest.approx(m["eval_loss"], abs=1e-6)
-    if method != "adapter":
+    if get_method(method).has_dense_form:
         merged = mposurgeon.merge(out, output=tmp_path / "merged", verify=True)
         assert merged.comparison is not None and merged.comparison.ok

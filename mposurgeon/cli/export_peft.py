@@ -12,11 +12,13 @@ from mposurgeon.cli.render import print_json, progress_bar, stdout
 
 @opt.shared_flags("output", "workdir", "overwrite", "no_verify", "json_out", "quiet")
 def export_peft_command(
-    artifact: Annotated[str, typer.Argument(help="Artifact of train --method lora.")],
+    artifact: Annotated[
+        str, typer.Argument(help="Artifact of train --method lora, ia3 or prompt-tuning.")
+    ],
     *,
     flags: opt.StageFlags,
 ) -> None:
-    """Write a LoRA artifact as a PEFT adapter directory (adapter_config.json,
+    """Write a LoRA, IA3 or prompt-tuning artifact as a PEFT adapter directory (adapter_config.json,
     adapter_model.safetensors) that peft.PeftModel.from_pretrained(base, DIR) loads.
 
     Example:
@@ -30,8 +32,9 @@ def export_peft_command(
         result = export_peft(artifact, options, progress=progress)
     summary = {
         "output": str(result.output),
+        "method": result.method,
+        "peft_type": result.peft_type,
         "modules": result.modules,
-        "rank": result.rank,
         "base_model": result.base_model,
         "task_type": result.task_type,
     }
@@ -39,8 +42,8 @@ def export_peft_command(
         print_json(summary)
         return
     stdout.print(
-        f"exported {result.modules} LoRA modules (rank {result.rank}, task "
-        f"{result.task_type or '-'}) for base model {result.base_model}",
+        f"exported {result.method} ({result.modules} modules) as a PEFT {result.peft_type} "
+        f"adapter (task {result.task_type or '-'}) for base model {result.base_model}",
         markup=False,
     )
     stdout.print(f"wrote {result.output}  (load: peft.PeftModel.from_pretrained(base, DIR))")

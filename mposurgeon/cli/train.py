@@ -150,9 +150,9 @@ def train_command(
         str | None,
         typer.Option(
             "--budget",
-            help="apet: exactly N elements of the targets train (4096); lora, adapter: the "
-            "largest rank / size whose parameters fit in N. A method name (--budget lora): "
-            "as many as it would train with the options given.",
+            help="apet: exactly N elements of the targets train (4096); lora, adapter, "
+            "prompt-tuning: the largest rank / size / length whose parameters fit in N. "
+            "A method name (--budget lora): as many as it would train with the options given.",
         ),
     ] = None,
     budget_seed: Annotated[
@@ -162,18 +162,31 @@ def train_command(
         int | None,
         typer.Option("--adapter-size", help="adapter: bottleneck width (16)."),
     ] = None,
+    num_virtual_tokens: Annotated[
+        int | None,
+        typer.Option("--num-virtual-tokens", help="prompt-tuning: prompt length (20)."),
+    ] = None,
+    prompt_init: Annotated[
+        str | None,
+        typer.Option(
+            "--prompt-init",
+            help="prompt-tuning: vocab (random vocabulary embeddings, default) or random.",
+        ),
+    ] = None,
     layers: Annotated[
         str | None,
         typer.Option(
             "--layers",
             "-l",
-            help="lora, apet: weight groups to adapt, e.g. attention,FFN_1 (default: PEFT's "
-            "targets; apet: attention,FFN_1,FFN_2).",
+            help="lora, ia3, apet: weight groups to adapt, e.g. attention,FFN_1 (default: "
+            "PEFT's targets; apet: attention,FFN_1,FFN_2).",
         ),
     ] = None,
     target_modules: Annotated[
         str | None,
-        typer.Option("--target-modules", help="lora, apet: regex of whole module names to adapt."),
+        typer.Option(
+            "--target-modules", help="lora, ia3, apet: regex of whole module names to adapt."
+        ),
     ] = None,
     *,
     data_flags: opt.DataFlags,
@@ -228,6 +241,8 @@ def train_command(
         budget=budget,
         budget_seed=budget_seed,
         adapter_size=adapter_size,
+        num_virtual_tokens=num_virtual_tokens,
+        prompt_init=prompt_init,  # type: ignore[arg-type]
         layers=layers,  # type: ignore[arg-type]
         target_modules=target_modules,
         **flags.stage_kwargs(),

@@ -126,10 +126,33 @@ class Method:
 
     def no_dense_form(self, record: ModuleRecord) -> UsageError:
         """The error `merge` gives for a module whose state no dense weight can hold."""
-        return UsageError(
-            f"{record.name}: the {self.name} method has no dense form to merge into",
-            hint="run it in factorized form with `mposurgeon.load_model(ARTIFACT)` instead",
+        export = (
+            ", or hand it to PEFT with `mposurgeon export-peft`" if self.exports_to_peft else ""
         )
+        return UsageError(
+            f"{record.name}: the {self.name} method adds computation that no dense weight "
+            "can hold, so merge cannot fold it",
+            hint=f"run the artifact with `mposurgeon.load_model(ARTIFACT)`{export}",
+        )
+
+    # -- PEFT interop (export-peft) ----------------------------------------------------------
+
+    @property
+    def exports_to_peft(self) -> bool:
+        """Whether PEFT knows the method (`peft_config` is implemented)."""
+        return type(self).peft_config is not Method.peft_config
+
+    def peft_config(self, records: Sequence[ModuleRecord], **common: Any) -> Any:
+        """The `peft.PeftConfig` of an adapter holding `records` (file names), with
+        `common` (task_type, modules_to_save, base_model_name_or_path) passed through."""
+        raise NotImplementedError(f"PEFT has no {self.name} adapters")
+
+    def copy_to_peft(
+        self, peft_model: Any, records: Sequence[ModuleRecord], tensors: Mapping[str, Tensor]
+    ) -> None:
+        """Copy the trained tensors of `records` into `peft_model` (a `PeftModel` made by
+        `peft.get_peft_model` with `peft_config(records)`)."""
+        raise NotImplementedError(f"PEFT has no {self.name} adapters")
 
     def install(
         self,

@@ -22,6 +22,7 @@ from mposurgeon.methods.lightweight.config import LightweightConfig
 from mposurgeon.methods.lora.config import LoraConfig
 from mposurgeon.methods.mpo.config import MPOConfig
 from mposurgeon.methods.overparam.config import OverparamConfig
+from mposurgeon.methods.prompt_tuning.config import PromptTuningConfig
 from mposurgeon.methods.records import ModuleRecord
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ REGISTERED: tuple[type[MethodConfig], ...] = (
     OverparamConfig,
     LoraConfig,
     Ia3Config,
+    PromptTuningConfig,
     BitFitConfig,
     ApetConfig,
     AdapterConfig,

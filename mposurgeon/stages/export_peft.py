@@ -1,11 +1,12 @@
-"""export-peft: write a trained LoRA artifact as a PEFT adapter directory.
+"""export-peft: write a trained LoRA, IA3 or prompt-tuning artifact as a PEFT adapter directory.
 
-The story: open and verify the artifact; every module record must be a `lora` record (the
-methods PEFT knows); load the model with its base weights and its trained head (`transformers`
-reads the artifact's files; the LoRA factors are left for later); wrap it with
-`peft.get_peft_model` under a `LoraConfig` of the artifact's targets, rank and alpha (a
+The story: open and verify the artifact; its module records must all be of one method that
+PEFT knows (`Method.exports_to_peft`); load the model with its base weights and its trained
+head (`transformers` reads the artifact's files; the method's tensors are left for later);
+wrap it with `peft.get_peft_model` under the method's `peft_config` (its targets, rank...; a
 sequence classifier's head as `modules_to_save`: it was trained too); copy the trained
-factors in; `save_pretrained` writes `adapter_config.json` and `adapter_model.safetensors`.
+tensors in (`copy_to_peft`); `save_pretrained` writes `adapter_config.json` and
+`adapter_model.safetensors`.
 `peft.PeftModel.from_pretrained(base, DIR)` on the base checkpoint (for a classifier, loaded
 with the same number of labels) then gives the artifact's outputs.
 
@@ -20,14 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import AutoConfig
 
 from mposurgeon.artifact.store import atomic_directory, release_claim
 from mposurgeon.artifact.tensors import open_tensors
 from mposurgeon.errors import UsageError
-from mposurgeon.methods.base import head_parameter_names
-from mposurgeon.methods.lora.record import LoraRecord
+from mposurgeon.methods.base import Method, head_parameter_names
+from mposurgeon.methods.records import ModuleRecord
+from mposurgeon.methods.registry import get_method, method_names
 from mposurgeon.models.auto import model_class, quiet_transformers, trained_head
 from mposurgeon.progress import ProgressCallback
 from mposurgeon.stages.common import StageOptions, open_input, plan_output
@@ -47,8 +48,9 @@ class ExportPeftOptions(StageOptions):
 @dataclass
 class ExportPeftResult:
     output: Path
+    method: str
+    peft_type: str  # PEFT's name: LORA, IA3, PROMPT_TUNING
     modules: int
-    rank: int
     base_model: str
     task_type: str | None
 
@@ -59,7 +61,7 @@ def export_peft(
     progress: ProgressCallback | None = None,
     **kwargs: object,
 ) -> ExportPeftResult:
-    """Write the LoRA artifact `artifact` as a PEFT adapter directory."""
+    """Write the artifact `artifact` (LoRA, IA3, prompt tuning) as a PEFT adapter directory."""
     import peft
 
     opts = options or ExportPeftOptions(**kwargs)  # type: ignore[arg-type]
@@ -67,22 +69,10 @@ def export_peft(
     if inp.manifest is None:
         raise UsageError(
             f"{inp.path} is not a mposurgeon artifact (no mposurgeon.json)",
-            hint="export-peft reads the output of train --method lora",
+            hint="export-peft reads the output of train --method lora, ia3 or prompt-tuning",
         )
     records = list(inp.modules.values())
-    others = sorted({r.method for r in records if not isinstance(r, LoraRecord)})
-    if not records or others:
-        what = f"modules of {', '.join(others)}" if others else "no transformed modules"
-        raise UsageError(
-            f"{inp.path} has {what}: PEFT adapters hold LoRA updates",
-            hint="export the output of train --method lora; merge gives a dense checkpoint "
-            "of any artifact",
-        )
-    lora = [r for r in records if isinstance(r, LoraRecord)]
-    settings = {(r.r, r.alpha) for r in lora}
-    if len(settings) > 1:
-        raise UsageError(f"{inp.path} holds LoRA modules of several ranks: {sorted(settings)}")
-    ((rank, alpha),) = settings
+    method = _peft_method(inp.path, records)
     config = AutoConfig.from_pretrained(inp.path)
     head = trained_head(config)
     task_type = PEFT_TASK_TYPES.get(head or "")
@@ -91,27 +81,16 @@ def export_peft(
         model = model_class(config, head or "auto").from_pretrained(inp.path, config=config)
     model.name_or_path = base  # PEFT records the wrapped model's as the adapter's base
     to_save = _head_modules(model) if head == "sequence-classification" else None
-    peft_config = peft.LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        target_modules=[r.name for r in lora],
-        fan_in_fan_out=any(r.kind == "conv1d" for r in lora),
-        modules_to_save=to_save,
-        task_type=task_type,
-        base_model_name_or_path=base,
+    peft_config = method.peft_config(
+        records, modules_to_save=to_save, task_type=task_type, base_model_name_or_path=base
     )
     with warnings.catch_warnings():  # transformers' deprecation notes, about peft's calls
         warnings.simplefilter("ignore", FutureWarning)
         wrapped = peft.get_peft_model(model, peft_config)
-    modules = dict(wrapped.base_model.model.named_modules())
-    with open_tensors(inp.path) as reader, torch.no_grad():
-        for i, rec in enumerate(lora, 1):
-            layer = modules[rec.name]
-            for factor in ("A", "B"):
-                weight = getattr(layer, f"lora_{factor}")["default"].weight
-                weight.copy_(reader.get(f"{rec.name}.lora_{factor}.weight"))
-            if progress is not None:
-                progress("export", i, len(lora))
+    with open_tensors(inp.path) as reader:
+        method.copy_to_peft(wrapped, records, reader)
+    if progress is not None:
+        progress("export", 1, 1)
     out = plan_output(inp, opts, "export-peft")
     try:
         with atomic_directory(out, overwrite=opts.overwrite) as tmp, warnings.catch_warnings():
@@ -120,7 +99,23 @@ def export_peft(
     except BaseException:
         release_claim(out)  # a versioned directory claimed for this export, never published
         raise
-    return ExportPeftResult(out, len(lora), rank, base, task_type)
+    peft_type = str(getattr(peft_config.peft_type, "value", peft_config.peft_type))
+    return ExportPeftResult(out, method.name, peft_type, len(records), base, task_type)
+
+
+def _peft_method(path: Path, records: list[ModuleRecord]) -> Method:
+    """The one method of `records`, which PEFT must know."""
+    names = sorted({r.method for r in records})
+    methods = [get_method(name) for name in names]
+    if len(methods) == 1 and methods[0].exports_to_peft:
+        return methods[0]
+    known = [name for name in method_names(training=True) if get_method(name).exports_to_peft]
+    what = f"modules of {', '.join(names)}" if names else "no transformed modules"
+    raise UsageError(
+        f"{path} has {what}: a PEFT adapter holds one method PEFT knows "
+        f"({', '.join(known)})",
+        hint="merge gives a dense checkpoint of any artifact with a dense form",
+    )
 
 
 def _head_modules(model: Any) -> list[str]:

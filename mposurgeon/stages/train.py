@@ -51,7 +51,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from torch import nn
@@ -182,6 +182,12 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions):
         return value
     budget_seed: int | None = Field(None, ge=0, description="apet: seeds their choice")
     adapter_size: int | None = Field(None, ge=1, description="adapter: bottleneck width")
+    num_virtual_tokens: int | None = Field(
+        None, ge=1, le=4096, description="prompt-tuning: prompt length"
+    )
+    prompt_init: Literal["vocab", "random"] | None = Field(
+        None, description="prompt-tuning: start from vocabulary embeddings or N(0, 1)"
+    )
     layers: list[str] | None = Field(None, description="PET methods: weight groups to adapt")
     target_modules: str | None = Field(None, description="PET methods: regex of module names")
     max_length: int = Field(128, ge=2)
@@ -313,6 +319,12 @@ def train(
     _check_source(method, inp, opts)
     eval_data = _read_eval_data(opts, train_data)
     if opts.generate:
+        if not method.config.generates:
+            raise UsageError(
+                f"--generate: {method.name} models cannot generate (their virtual tokens need "
+                "a cache that generation does not keep)",
+                hint="train without --generate: evaluations give loss and perplexity",
+            )
         check_generation(task, eval_data, "--eval-data")
     _best_selection(opts, task, eval_data, _is_dynamic(inp, opts))
     warnings = _data_warnings(train_data, opts)

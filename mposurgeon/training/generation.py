@@ -100,6 +100,13 @@ class Generation:
     ) -> dict[str, float]:
         """`exact_match` (the fraction of rows whose generated text is the reference) and
         `generated_rows`. `model` is unwrapped (generate is not part of DDP's forward)."""
+        refused_by = getattr(model, "generation_refused_by", None)
+        if refused_by is not None:
+            raise UsageError(
+                f"{refused_by} models cannot generate here: their virtual tokens need a cache "
+                "that generation does not keep",
+                hint="score loss and perplexity without --generate",
+            )
         mine = self.examples[accelerator.process_index :: accelerator.num_processes]
         model.eval()
         matches = 0

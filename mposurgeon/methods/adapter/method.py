@@ -17,6 +17,7 @@ from mposurgeon.methods.base import Method, train_only
 from mposurgeon.methods.records import ModuleRecord
 from mposurgeon.models.groups import Target, attention_projection, select_targets
 from mposurgeon.models.layers import ForwardMode
+from mposurgeon.models.surgery import resolve_module_name
 
 
 class Bottleneck(nn.Module):
@@ -99,13 +100,13 @@ class AdapterMethod(Method):
         tensors: Mapping[str, Tensor],
         forward_mode: ForwardMode = "auto",
     ) -> None:
-        modules = dict(model.named_modules())
         with torch.no_grad():
             for rec in records:
                 if not isinstance(rec, AdapterRecord):
                     continue
                 width = rec.tensor_shapes()[f"{rec.name}.adapter.up.bias"][0]
-                adapter = _add_adapter(modules[rec.name], width, rec.size)
+                module = model.get_submodule(resolve_module_name(model, rec.name))
+                adapter = _add_adapter(module, width, rec.size)
                 for key, param in adapter.named_parameters():
                     param.copy_(tensors[f"{rec.name}.adapter.{key}"])
 

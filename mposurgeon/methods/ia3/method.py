@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,7 @@ from mposurgeon.methods.records import ModuleRecord
 from mposurgeon.models.groups import Target, select_targets
 from mposurgeon.models.layers import ForwardMode
 from mposurgeon.models.orientation import as_matrix, as_weight
+from mposurgeon.models.surgery import resolve_module_name
 
 #: PEFT's live names -> the artifact's: no `.base_layer`, no adapter name.
 _LIVE = re.compile(r"\.base_layer(?=\.)|(?<=\.ia3_l)\.default$")
@@ -101,11 +102,34 @@ class Ia3Method(Method):
         ia3 = [r for r in records if isinstance(r, Ia3Record)]
         if not ia3:
             return
-        _inject(model, ia3)
-        modules = dict(model.named_modules())
+        live = {rec.name: resolve_module_name(model, rec.name) for rec in ia3}
+        _inject(model, [rec.model_copy(update={"name": live[rec.name]}) for rec in ia3])
         with torch.no_grad():
             for rec in ia3:
-                modules[rec.name].ia3_l[_ADAPTER].copy_(tensors[f"{rec.name}.ia3_l"])
+                layer = model.get_submodule(live[rec.name])
+                layer.ia3_l[_ADAPTER].copy_(tensors[f"{rec.name}.ia3_l"])
+
+    # -- PEFT interop -------------------------------------------------------------------------
+
+    def peft_config(self, records: Sequence[ModuleRecord], **common: Any) -> Any:
+        import peft
+
+        ia3 = [r for r in records if isinstance(r, Ia3Record)]
+        return peft.IA3Config(
+            target_modules=[r.name for r in ia3],
+            feedforward_modules=[r.name for r in ia3 if r.feedforward],
+            fan_in_fan_out=any(r.kind == "conv1d" for r in ia3),
+            **common,
+        )
+
+    def copy_to_peft(
+        self, peft_model: Any, records: Sequence[ModuleRecord], tensors: Mapping[str, Tensor]
+    ) -> None:
+        model = peft_model.base_model.model
+        with torch.no_grad():
+            for rec in records:
+                layer = model.get_submodule(resolve_module_name(model, rec.name))
+                layer.ia3_l[_ADAPTER].copy_(tensors[f"{rec.name}.ia3_l"])
 
 
 def _record(method: str, target: Target, feedforward: bool, model: nn.Module) -> Ia3Record:

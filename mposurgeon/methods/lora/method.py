@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,7 @@ from mposurgeon.methods.records import ModuleRecord
 from mposurgeon.models.groups import Target, select_targets
 from mposurgeon.models.layers import ForwardMode
 from mposurgeon.models.orientation import as_weight
+from mposurgeon.models.surgery import resolve_module_name
 
 #: PEFT's live names -> the artifact's: no `.base_layer`, no adapter name.
 _LIVE = re.compile(r"\.base_layer(?=\.)|(?<=\.lora_[AB])\.default(?=\.)")
@@ -115,21 +116,52 @@ class LoraMethod(Method):
         lora = [r for r in records if isinstance(r, LoraRecord)]
         if not lora:
             return
-        settings = {(r.r, r.alpha) for r in lora}
-        if len(settings) > 1:
-            raise ArtifactError(
-                f"LoRA modules of several ranks or alphas ({sorted(settings)}) in one artifact"
-            )
-        ((rank, alpha),) = settings
-        _inject(model, [r.name for r in lora], rank, alpha, 0.0,
+        rank, alpha = _rank_alpha(lora)
+        live = {rec.name: resolve_module_name(model, rec.name) for rec in lora}
+        _inject(model, list(live.values()), rank, alpha, 0.0,
                 conv1d=any(r.kind == "conv1d" for r in lora))  # fmt: skip
-        modules = dict(model.named_modules())
         with torch.no_grad():
             for rec in lora:
-                layer = modules[rec.name]
+                layer = model.get_submodule(live[rec.name])
                 for factor in ("A", "B"):
                     target = getattr(layer, f"lora_{factor}")[_ADAPTER].weight
                     target.copy_(tensors[f"{rec.name}.lora_{factor}.weight"])
+
+    # -- PEFT interop -------------------------------------------------------------------------
+
+    def peft_config(self, records: Sequence[ModuleRecord], **common: Any) -> Any:
+        import peft
+
+        rank, alpha = _rank_alpha([r for r in records if isinstance(r, LoraRecord)])
+        return peft.LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            target_modules=[r.name for r in records],
+            fan_in_fan_out=any(r.kind == "conv1d" for r in records),
+            **common,
+        )
+
+    def copy_to_peft(
+        self, peft_model: Any, records: Sequence[ModuleRecord], tensors: Mapping[str, Tensor]
+    ) -> None:
+        model = peft_model.base_model.model
+        with torch.no_grad():
+            for rec in records:
+                layer = model.get_submodule(resolve_module_name(model, rec.name))
+                for factor in ("A", "B"):
+                    weight = getattr(layer, f"lora_{factor}")[_ADAPTER].weight
+                    weight.copy_(tensors[f"{rec.name}.lora_{factor}.weight"])
+
+
+def _rank_alpha(records: Sequence[LoraRecord]) -> tuple[int, float]:
+    """The one (rank, alpha) of `records`: one LoRA config holds them all."""
+    settings = {(r.r, r.alpha) for r in records}
+    if len(settings) > 1:
+        raise ArtifactError(
+            f"LoRA modules of several ranks or alphas ({sorted(settings)}) in one artifact"
+        )
+    ((rank, alpha),) = settings
+    return rank, alpha
 
 
 def _inject(
