@@ -219,7 +219,8 @@ def test_an_adapter_artifact_runs_factorized_and_merge_refuses_it(
     assert again["accuracy"] == result.metrics["eval_accuracy"]
     assert again["loss"] == pytest.approx(result.metrics["eval_loss"], abs=1e-6)
     merged = tmp_path / "merged"
-    assert_one_line_error(run_cli(capsys, "merge", out, "-o", merged), 2, "no dense weight can hold")
+    result = run_cli(capsys, "merge", out, "-o", merged)
+    assert_one_line_error(result, 2, "no dense weight can hold")
     assert not merged.exists()
 
 

@@ -77,6 +77,8 @@ def test_regression_trains_and_merges_on_every_architecture(
         ("t5", "seq2seq", "ia3", {}),
         ("llama", "causal-lm", "prompt-tuning", {"num_virtual_tokens": 4}),
         ("bart", "seq2seq", "prompt-tuning", {"num_virtual_tokens": 4}),
+        ("gpt2", "causal-lm", "prefix-tuning", {"num_virtual_tokens": 4}),
+        ("bart", "seq2seq", "prefix-tuning", {"num_virtual_tokens": 4}),
     ],
 )
 def test_parameter_efficient_methods_train_language_models(

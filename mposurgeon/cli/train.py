@@ -151,7 +151,7 @@ def train_command(
         typer.Option(
             "--budget",
             help="apet: exactly N elements of the targets train (4096); lora, adapter, "
-            "prompt-tuning: the largest rank / size / length whose parameters fit in N. "
+            "prompt- and prefix-tuning: the largest rank / size / length that fits in N. "
             "A method name (--budget lora): as many as it would train with the options given.",
         ),
     ] = None,
@@ -164,13 +164,22 @@ def train_command(
     ] = None,
     num_virtual_tokens: Annotated[
         int | None,
-        typer.Option("--num-virtual-tokens", help="prompt-tuning: prompt length (20)."),
+        typer.Option(
+            "--num-virtual-tokens", help="prompt-tuning, prefix-tuning: their length (20)."
+        ),
     ] = None,
     prompt_init: Annotated[
         str | None,
         typer.Option(
             "--prompt-init",
             help="prompt-tuning: vocab (random vocabulary embeddings, default) or random.",
+        ),
+    ] = None,
+    prefix_init: Annotated[
+        str | None,
+        typer.Option(
+            "--prefix-init",
+            help="prefix-tuning: vocab (keys and values of random tokens, default) or random.",
         ),
     ] = None,
     layers: Annotated[
@@ -243,6 +252,7 @@ def train_command(
         adapter_size=adapter_size,
         num_virtual_tokens=num_virtual_tokens,
         prompt_init=prompt_init,  # type: ignore[arg-type]
+        prefix_init=prefix_init,  # type: ignore[arg-type]
         layers=layers,  # type: ignore[arg-type]
         target_modules=target_modules,
         **flags.stage_kwargs(),

@@ -185,6 +185,15 @@ def head_parameter_names(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if id(p) not in inside}
 
 
+def input_embeddings(model: nn.Module) -> tuple[str, nn.Module]:
+    """The live name and module of the model's input (word) embeddings."""
+    embeddings = model.get_input_embeddings()
+    for name, module in model.named_modules():
+        if module is embeddings:
+            return name, module
+    raise UsageError(f"{type(model).__name__} has no input embeddings")
+
+
 def train_only(model: nn.Module, trains: Callable[[str], bool]) -> None:
     """Set `requires_grad` of every parameter of `model`: those whose name `trains` accepts,
     and the task head's (`head_parameter_names`), train; every other one is frozen."""

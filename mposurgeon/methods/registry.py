@@ -22,6 +22,7 @@ from mposurgeon.methods.lightweight.config import LightweightConfig
 from mposurgeon.methods.lora.config import LoraConfig
 from mposurgeon.methods.mpo.config import MPOConfig
 from mposurgeon.methods.overparam.config import OverparamConfig
+from mposurgeon.methods.prefix_tuning.config import PrefixTuningConfig
 from mposurgeon.methods.prompt_tuning.config import PromptTuningConfig
 from mposurgeon.methods.records import ModuleRecord
 
@@ -36,6 +37,7 @@ REGISTERED: tuple[type[MethodConfig], ...] = (
     LoraConfig,
     Ia3Config,
     PromptTuningConfig,
+    PrefixTuningConfig,
     BitFitConfig,
     ApetConfig,
     AdapterConfig,

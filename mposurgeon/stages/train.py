@@ -183,10 +183,13 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions):
     budget_seed: int | None = Field(None, ge=0, description="apet: seeds their choice")
     adapter_size: int | None = Field(None, ge=1, description="adapter: bottleneck width")
     num_virtual_tokens: int | None = Field(
-        None, ge=1, le=4096, description="prompt-tuning: prompt length"
+        None, ge=1, le=4096, description="prompt-, prefix-tuning: length"
     )
     prompt_init: Literal["vocab", "random"] | None = Field(
         None, description="prompt-tuning: start from vocabulary embeddings or N(0, 1)"
+    )
+    prefix_init: Literal["vocab", "random"] | None = Field(
+        None, description="prefix-tuning: start from vocabulary tokens' keys and values"
     )
     layers: list[str] | None = Field(None, description="PET methods: weight groups to adapt")
     target_modules: str | None = Field(None, description="PET methods: regex of module names")

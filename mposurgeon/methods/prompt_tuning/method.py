@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from mposurgeon.errors import UsageError
-from mposurgeon.methods.base import Method, train_only
+from mposurgeon.methods.base import Method, input_embeddings, train_only
 from mposurgeon.methods.prompt_tuning.config import PromptTuningConfig
 from mposurgeon.methods.prompt_tuning.record import PromptRecord
 from mposurgeon.methods.records import ModuleRecord
@@ -31,7 +31,7 @@ class PromptTuningMethod(Method):
     def prepare(
         self, model: nn.Module, records: dict[str, ModuleRecord], chosen: Sequence[str]
     ) -> dict[str, ModuleRecord]:
-        name, embeddings = _input_embeddings(model)
+        name, embeddings = input_embeddings(model)
         if name in records:
             raise UsageError(
                 "prompt-tuning: the input embeddings are transformed (MPO) in this input",
@@ -106,15 +106,6 @@ class PromptTuningMethod(Method):
             peft_model.prompt_encoder["default"].embedding.weight.copy_(
                 tensors[f"{rec.name}.prompt"]
             )
-
-
-def _input_embeddings(model: nn.Module) -> tuple[str, nn.Module]:
-    """The live name and module of the model's input (word) embeddings."""
-    embeddings = model.get_input_embeddings()
-    for name, module in model.named_modules():
-        if module is embeddings:
-            return name, module
-    raise UsageError(f"{type(model).__name__} has no input embeddings to prompt-tune")
 
 
 def _add_prompt(model: nn.Module, embeddings: nn.Module, start: Tensor) -> None:

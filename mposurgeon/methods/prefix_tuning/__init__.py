@@ -1,0 +1,1 @@
+"""`prefix-tuning`: trained keys and values prepended in every attention layer."""
