@@ -14,6 +14,10 @@ loss as markers) in the first panel; the eval metrics per evaluation in the othe
 [0, 1]-scale ones (accuracy, F1, correlations, ...) together, any other one (perplexity, mse,
 ...) in a panel of its own. A dashed vertical line marks `best_step` when the run kept the
 weights of its best evaluation.
+
+Sweeps, from a recipe's swept stages: a metric against trainable parameters (log x axis), one
+line per swept stage, each point the mean over the seeds of one setting, with error bars (and,
+on a line of several points, a shaded band) from the seeds' min to their max.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,13 +46,13 @@ class ModuleSpectra:
     full_bonds: list[int]
 
 
-def require_matplotlib() -> Any:
-    """The matplotlib module, or a clear error with the install hint."""
+def require_matplotlib(what: str = "--plot") -> Any:
+    """The matplotlib module, or a clear error (`what` needs it) with the install hint."""
     try:
         import matplotlib
     except ImportError:
         raise MposurgeonError(
-            "--plot needs matplotlib, which is not installed",
+            f"{what} needs matplotlib, which is not installed",
             hint='pip install "mposurgeon[plot]"',
         ) from None
     return matplotlib
@@ -376,3 +380,114 @@ def _log_if_wide(ax: Any, values: list[float]) -> None:
         ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))  # labels 0.2 0.5 1 2 5 ...
         for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
             axis_formatter(FormatStrFormatter("%g"))  # 0.5, not 5 x 10^-1
+
+
+# -- sweeps ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepSample:
+    """One finished sweep point: its line (the stage), its setting (the swept values other
+    than the seeds, as text: the points the mean is over share it), x = its trainable
+    parameters and y = its metric."""
+
+    line: str
+    setting: str
+    x: float
+    y: float
+
+
+@dataclass(frozen=True)
+class SweepLine:
+    """One line of the sweep plot: at each x (ascending), the mean, min and max of the metric
+    over `count` points (the seeds of one setting)."""
+
+    label: str
+    x: list[float]
+    mean: list[float]
+    low: list[float]
+    high: list[float]
+    count: list[int]
+
+
+def sweep_lines(samples: Iterable[SweepSample]) -> list[SweepLine]:
+    """The samples grouped into lines (in order of first appearance) and, within a line, into
+    (setting, x) groups: mean, min and max of y per group, sorted by x."""
+    groups: dict[str, dict[tuple[str, float], list[float]]] = {}
+    for sample in samples:
+        groups.setdefault(sample.line, {}).setdefault((sample.setting, sample.x), []).append(
+            sample.y
+        )
+    lines = []
+    for label, points in groups.items():
+        order = sorted(points, key=lambda key: key[1])  # stable: equal x keep their order
+        ys = [points[key] for key in order]
+        lines.append(
+            SweepLine(
+                label=label,
+                x=[x for _, x in order],
+                mean=[sum(y) / len(y) for y in ys],
+                low=[min(y) for y in ys],
+                high=[max(y) for y in ys],
+                count=[len(y) for y in ys],
+            )
+        )
+    return lines
+
+
+def sweep_figure(lines: Sequence[SweepLine], *, metric: str, title: str = "") -> Any:
+    """The matplotlib Figure (on an Agg canvas) of a sweep: `metric` against trainable
+    parameters on a log x axis, a line per entry of `lines` at the means, error bars (and a
+    band on a line of several points) from min to max."""
+    require_matplotlib("the sweep plot")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    fig = Figure(figsize=(7.0, 4.6))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for line in lines:
+        seeds = sorted(set(line.count))
+        many = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+        label = line.label if seeds == [1] else f"{line.label} (mean of {many} seeds)"
+        below = [m - lo for m, lo in zip(line.mean, line.low, strict=True)]
+        above = [hi - m for m, hi in zip(line.mean, line.high, strict=True)]
+        drawn = ax.errorbar(
+            line.x,
+            line.mean,
+            yerr=[below, above],
+            fmt="o-",
+            linewidth=1.2,
+            markersize=4,
+            capsize=3,
+            label=label,
+        )
+        if len(line.x) > 1 and max(line.count) > 1:
+            colour = drawn.lines[0].get_color()
+            ax.fill_between(line.x, line.low, line.high, color=colour, alpha=0.15, linewidth=0)
+    ax.set_xscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:,.0f}")  # 1,000 rather than 10^3
+    ax.xaxis.set_major_formatter(plain)
+    xs = [x for line in lines for x in line.x]
+    narrow = bool(xs) and max(xs) < 30 * min(xs)  # few decade ticks: label the minor ones too
+    ax.xaxis.set_minor_formatter(plain if narrow else NullFormatter())
+    ax.set_xlabel("trainable parameters (without the task head)", fontsize=9)
+    name = metric.removeprefix("eval_").replace("_", " ")
+    ax.set_ylabel(f"eval {name}" if metric.startswith("eval_") else name, fontsize=9)
+    ax.tick_params(which="both", labelsize=8)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.grid(True, which="minor", alpha=0.1)
+    if lines:
+        ax.legend(fontsize=8)
+    head = title or f"{metric} against trainable parameters"
+    fig.suptitle(f"{head}\nbars: min..max over seeds", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    return fig
+
+
+def plot_sweep(
+    lines: Sequence[SweepLine], path: str | Path, *, metric: str, title: str = ""
+) -> Path:
+    """Draw the sweep (see `sweep_figure`) into the PNG `path` (parents created); return it."""
+    return _save(sweep_figure(lines, metric=metric, title=title), path)

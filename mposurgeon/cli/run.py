@@ -1,7 +1,10 @@
 """`mposurgeon run`: run a YAML recipe of stages; exit 3 when an `expect:` gate fails.
 
 With `--json`, stdout gets one object whatever happens: the stages so far (a failed one marked
-"failed"), `ok`, and on failure the error (message, hint, exit code, type).
+"failed"; a swept stage one entry per point, with `point` and `values`), `ok`, on failure the
+error (message, hint, exit code, type), and `sweep` (null without swept stages or on a dry run):
+the paths of `sweep.csv` and `sweep.png` (null when not drawn, `plot_error` says why), the metric
+plotted, the CSV's columns and rows, and the plotted lines (mean, min, max over seeds per x).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from mposurgeon.cli import options as opt
@@ -85,6 +89,8 @@ def _summary(report: Any, error: MposurgeonError | None, kind: str) -> dict[str,
         "stages": [
             {
                 "name": s.name,
+                "point": s.point,
+                "values": s.values,
                 "kind": s.kind,
                 "status": s.status,
                 "input": s.input,
@@ -95,6 +101,7 @@ def _summary(report: Any, error: MposurgeonError | None, kind: str) -> dict[str,
             }
             for s in report.stages
         ],
+        "sweep": asdict(report.sweep) if report.sweep is not None else None,
     }
 
 
@@ -116,5 +123,34 @@ def _render(report: Any, dry_run: bool) -> None:
             for g in s.gates
         )
         seconds = "-" if dry_run or s.status == "planned" else f"{s.seconds:.1f}"
-        table.add_row(s.name, s.status, seconds, s.output or "-", gates or "-")
+        name = s.name if s.point is None else escape(f"{s.name} [{s.point}]")
+        table.add_row(name, s.status, seconds, s.output or "-", gates or "-")
     stdout.print(table)
+    if report.sweep is not None:
+        _render_sweep(report.sweep)
+
+
+def _render_sweep(sweep: Any) -> None:
+    """The sweep's means (a row per line and x) and what was written."""
+    if sweep.lines:
+        table = Table(
+            title=f"sweep: {sweep.metric}, mean and min..max over seeds", title_justify="left"
+        )
+        for col in ("stage", "trainable", "mean", "min..max", "seeds"):
+            table.add_column(col, justify="left" if col == "stage" else "right")
+        for line in sweep.lines:
+            for i, x in enumerate(line.x):
+                spread = f"{line.low[i]:.4g}..{line.high[i]:.4g}"
+                table.add_row(
+                    escape(line.label),
+                    f"{x:,.0f}",
+                    f"{line.mean[i]:.4g}",
+                    spread,
+                    str(line.count[i]),
+                )
+        stdout.print(table)
+    folder = str(Path(sweep.csv).parent)
+    written = ", ".join(Path(p).name for p in (sweep.csv, sweep.png) if p is not None)
+    stdout.print(f"wrote {written} in {folder}", markup=False, highlight=False, soft_wrap=True)
+    if sweep.plot_error is not None:
+        stderr.print(f"warning: no sweep plot: {sweep.plot_error}", markup=False, highlight=False)

@@ -26,18 +26,49 @@ most `MAX_DEPTH` deep. Its file name (the recipe name) and every stage name are 
 component (`SAFE_NAME`), so nothing it writes leaves `<workdir>/<recipe name>/` (checked again
 on the resolved output, against symbolic links). No stage output may be, lie inside or contain
 the recipe's model or a data file: a recipe never replaces its own input.
+
+A stage that writes an artifact can be swept (not `inspect` or `eval`):
+
+      - train: {method: apet, data: train.jsonl, eval_data: eval.jsonl}
+        name: apet
+        sweep: {budget: [4096, 16384], seed: [0, 1]}
+
+runs the stage once per point of the cartesian product of the lists (the first key outermost:
+budget 4096 with seeds 0 and 1, then budget 16384), with the point's values as options (`-` or
+`_` in their names, as elsewhere). A swept option may not also be set in the stage's options;
+every point is validated whole when the recipe loads (an error names the stage and the point),
+and a stage has at most `MAX_SWEEP_POINTS` points. Each point writes
+`<workdir>/<recipe name>/<i>-<stage name>/<point id>/`, the id naming its values
+(`budget-4096.seed-0`; a value that is no safe path text, such as a file path, is named by its
+position: `data-v2`), and is skipped, resumed, forced and planned like any stage; `expect:`
+gates every point. A swept stage does not move the chain: the stage after it reads the input
+the swept stage read, so several sweeps in a row (one per method) start from the same model.
+
+After the run (also when every point was skipped; not on a dry run or an error) the runner
+writes, beside the outputs, `sweep.csv`: one row per point of every swept stage (stage, point,
+method, the swept values, `trainable_params` without the task head and `trainable_head`, the
+`eval_*` metrics the point's manifest records, the seconds its run took, its output), and
+`sweep.png`: the main metric (`eval_accuracy`, else the first `eval_*` metric recorded) against
+trainable parameters on a log axis, one line per swept stage, at the mean over the seeds
+(`seed` and `budget_seed` values: `SEED_OPTIONS`) with their min..max as error bars. A point
+without the metric is left out of the plot; when nothing can be drawn (or matplotlib is
+missing) the CSV still lands and the report says why there is no plot.
 """
 
 from __future__ import annotations
 
+import csv
 import difflib
+import io
+import itertools
 import json
+import math
 import os
 import re
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +84,7 @@ from mposurgeon.errors import (
     UsageError,
     VerificationError,
 )
+from mposurgeon.plot import NOT_METRICS, SweepLine, SweepSample
 from mposurgeon.progress import ProgressCallback
 from mposurgeon.stages.common import InputOptions, default_workdir
 from mposurgeon.stages.registry import BY_NAME
@@ -74,6 +106,17 @@ MAX_RECIPE_BYTES = 1 << 20
 MAX_DEPTH = 32
 #: the runner's record of the data each stage output was made from, in the recipe's directory.
 STATE_NAME = ".state.json"
+#: the keys of a stage's entry besides the stage itself.
+ENTRY_KEYS = ("name", "expect", "sweep")
+#: the most points one swept stage may have.
+MAX_SWEEP_POINTS = 256
+#: swept options whose values repeat a run with other randomness: the plot averages over them.
+SEED_OPTIONS = ("seed", "budget_seed")
+#: a sweep point's id (`budget-4096.seed-0`, its output directory's name) and one value's text.
+POINT_ID = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,199}")
+_VALUE_TEXT = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,39}")
+#: what a recipe with swept stages writes beside its outputs.
+SWEEP_CSV, SWEEP_PNG = "sweep.csv", "sweep.png"
 
 
 class Expectations(BaseModel):
@@ -96,17 +139,44 @@ class Expectations(BaseModel):
     max_merge_diff: float | None = None
 
 
+@dataclass(frozen=True)
+class SweepPoint:
+    """One point of a stage's sweep: its id (`budget-4096.seed-0`, the name of its output
+    directory) and the option values it sets (paths made absolute)."""
+
+    id: str
+    values: dict[str, Any]
+
+
 @dataclass
 class RecipeStage:
+    """One stage of a recipe. A swept stage has `sweep` (option -> values, as written) and
+    `points` (their cartesian product); `runs()` gives it once per point, each with `point`
+    set and the point's values in `options`."""
+
     index: int
     name: str
     kind: str
     options: dict[str, Any]
     expect: Expectations
+    sweep: dict[str, list[Any]] = field(default_factory=dict)
+    points: list[SweepPoint] = field(default_factory=list)
+    point: SweepPoint | None = None
 
     @property
     def label(self) -> str:
+        if self.point is not None:
+            return f"stage {self.index} ({self.name}, {self.point.id})"
         return f"stage {self.index} ({self.name})"
+
+    def runs(self) -> list[RecipeStage]:
+        """What runs for this stage: itself, or (swept) one stage per point, in order."""
+        if self.point is not None or not self.sweep:
+            return [self]
+        return [
+            replace(self, options={**self.options, **p.values}, points=[], point=p)
+            for p in self.points
+        ]
 
 
 @dataclass
@@ -140,14 +210,32 @@ class StageReport:
     gates: list[GateResult] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     result: Any = None
+    point: str | None = None  # a swept stage's point id
+    values: dict[str, Any] = field(default_factory=dict)  # the values the point sets
+
+
+@dataclass
+class SweepReport:
+    """What a recipe with swept stages wrote: `csv` (one row per point: `columns` order,
+    `rows` as written, None for an empty cell), `png` (None when not drawn: `plot_error` says
+    why), the `metric` plotted, and the `lines` drawn (mean, min, max over seeds per x)."""
+
+    csv: str
+    png: str | None
+    plot_error: str | None
+    metric: str | None
+    columns: list[str]
+    rows: list[dict[str, Any]]
+    lines: list[SweepLine] = field(default_factory=list)
 
 
 @dataclass
 class RecipeReport:
     recipe: str
     workdir: str
-    stages: list[StageReport]
+    stages: list[StageReport]  # one per stage, a swept stage one per point
     failed_gate: tuple[str, GateResult] | None = None  # (the stage's label, the gate)
+    sweep: SweepReport | None = None  # when the recipe sweeps (not on a dry run)
 
 
 #: events(stage, status): called when a stage starts ("start") and ends (its status).
@@ -162,7 +250,8 @@ class _Refused(Exception):
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` without aliases and with at most `MAX_DEPTH` levels of nesting."""
+    """`yaml.SafeLoader` without aliases, with at most `MAX_DEPTH` levels of nesting and
+    without repeated keys in a mapping (YAML would keep the last one silently)."""
 
     _depth = 0
 
@@ -178,6 +267,24 @@ class _RecipeLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                    continue
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the constructor reports it
+                    continue
+                if first is not None:
+                    where = f" (first on line {first})" if first != line else ""
+                    raise _Refused(f"line {line}: key {_show(key)} repeats{where}")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _read_yaml(path: Path) -> Any:
@@ -262,9 +369,10 @@ def _stage(index: int, item: Any, base: Path) -> RecipeStage:
     for key in item:
         if not isinstance(key, str):
             raise UsageError(
-                f"{where}: key {_show(key)} is not a string; name a stage, 'name' or 'expect'"
+                f"{where}: key {_show(key)} is not a string; name a stage, 'name', 'expect' "
+                "or 'sweep'"
             )
-    kinds = [k for k in item if k not in ("name", "expect")]
+    kinds = [k for k in item if k not in ENTRY_KEYS]
     if len(kinds) != 1:
         found = ", ".join(_show(k) for k in kinds) or "none"
         raise UsageError(f"{where}: name exactly one stage (found {found})")
@@ -282,8 +390,19 @@ def _stage(index: int, item: Any, base: Path) -> RecipeStage:
     for key in options:
         if key in RUNNER_OPTIONS:
             raise UsageError(f"{where}: option '{key}' is set by `run` itself; remove it")
+    sweep: dict[str, list[Any]] = {}
+    points: list[SweepPoint] = []
+    if item.get("sweep") is not None and not BY_NAME[kind].writes:
+        raise UsageError(
+            f"{where}: `{kind}` writes no artifact and cannot be swept",
+            hint="sweep a stage that writes one (train, decompose, truncate, ...)",
+        )
     if kind == INSPECT:
         _check_keys(options, {"verify_checksums"}, where)
+    elif item.get("sweep") is not None:
+        options = _resolve_paths(options, base, where)
+        sweep = _sweep(kind, item["sweep"], options, where)
+        points = _points(kind, sweep, options, base, where)
     else:
         options = _resolve_paths(options, base, where)
         _validate_options(kind, options, where)
@@ -292,7 +411,143 @@ def _stage(index: int, item: Any, base: Path) -> RecipeStage:
     except ValidationError as exc:
         message = _first_error(exc, list(Expectations.model_fields))
         raise UsageError(f"{where}: expect: {message}") from None
-    return RecipeStage(index=index, name=name, kind=kind, options=options, expect=expect)
+    return RecipeStage(
+        index=index,
+        name=name,
+        kind=kind,
+        options=options,
+        expect=expect,
+        sweep=sweep,
+        points=points,
+    )
+
+
+def _sweep(kind: str, raw: Any, options: dict[str, Any], where: str) -> dict[str, list[Any]]:
+    """A stage's `sweep:` checked: option names of the stage (not set in its options, not the
+    runner's), each with a non-empty list of distinct values, at most `MAX_SWEEP_POINTS`
+    points in all."""
+    example = "like `sweep: {seed: [0, 1]}`"
+    if not isinstance(raw, dict) or not raw:
+        raise UsageError(f"{where}: sweep must map options to lists of values, {example}")
+    fields = sorted(options_class(kind).model_fields)
+    sweep: dict[str, list[Any]] = {}
+    for key, values in raw.items():
+        if not isinstance(key, str):
+            raise UsageError(f"{where}: sweep: key {_show(key)} is not an option name")
+        name = key.replace("-", "_")
+        if name in RUNNER_OPTIONS:
+            raise UsageError(f"{where}: sweep: option '{name}' is set by `run` itself; remove it")
+        if name not in fields:
+            raise UsageError(
+                f"{where}: sweep: unknown option {_show(key)}{_did_you_mean(name, fields)}"
+            )
+        if name in sweep:
+            raise UsageError(f"{where}: sweep: option '{name}' is given twice")
+        if name in options:
+            raise UsageError(
+                f"{where}: option '{name}' is both set and swept",
+                hint="remove it from the stage's options or from its sweep",
+            )
+        if not isinstance(values, list) or not values:
+            raise UsageError(
+                f"{where}: sweep: '{name}' must be a non-empty list of values "
+                f"(got {_show(values)}), {example}"
+            )
+        seen: set[str] = set()
+        for value in values:
+            if not _sweep_value(value):
+                raise UsageError(
+                    f"{where}: sweep: '{name}': {_show(value)} is not a number, string, "
+                    "boolean, null or list of them"
+                )
+            text = json.dumps(value)
+            if text in seen:
+                raise UsageError(f"{where}: sweep: '{name}' lists {_show(value)} twice")
+            seen.add(text)
+        sweep[name] = values
+    count = 1
+    for values in sweep.values():
+        count *= len(values)
+    if count > MAX_SWEEP_POINTS:
+        raise UsageError(
+            f"{where}: sweep has {count} points, more than {MAX_SWEEP_POINTS}",
+            hint="sweep fewer values, or split the stage into several stages",
+        )
+    return sweep
+
+
+def _sweep_value(value: Any, nested: bool = False) -> bool:
+    """A scalar of YAML (number, string without NUL, boolean, null) or a flat list of them."""
+    if isinstance(value, list) and not nested:
+        return all(_sweep_value(v, nested=True) for v in value)
+    if isinstance(value, str):
+        return "\0" not in value
+    return value is None or isinstance(value, (bool, int, float))
+
+
+def _points(
+    kind: str, sweep: dict[str, list[Any]], options: dict[str, Any], base: Path, where: str
+) -> list[SweepPoint]:
+    """The cartesian product of the sweep (first key outermost), each point validated whole
+    with the stage's options; path values made absolute like the stage's own."""
+    texts = {key: _value_texts(values) for key, values in sweep.items()}
+    points = []
+    for combo in itertools.product(*(range(len(values)) for values in sweep.values())):
+        point_id = ".".join(f"{key}-{texts[key][i]}" for key, i in zip(sweep, combo, strict=True))
+        if not POINT_ID.fullmatch(point_id):
+            raise UsageError(
+                f"{where}: sweep point ids are longer than 200 characters ({point_id[:40]}...)",
+                hint="sweep fewer options in one stage",
+            )
+        at = f"{where}: sweep point {point_id}"
+        values = {key: sweep[key][i] for key, i in zip(sweep, combo, strict=True)}
+        values = _resolve_paths(values, base, at)
+        _validate_point(kind, {**options, **values}, set(sweep), where, at)
+        points.append(SweepPoint(point_id, values))
+    return points
+
+
+def _value_texts(values: list[Any]) -> list[str]:
+    """How each value reads in a point id: its text when every one is safe path text and they
+    differ (case folded), else its position (`v1`, `v2`, ...)."""
+    texts = [_value_text(v) for v in values]
+    folded = {t.lower() for t in texts if t is not None}
+    if None in texts or len(folded) < len(texts):
+        return [f"v{i}" for i in range(1, len(values) + 1)]
+    return [t for t in texts if t is not None]
+
+
+def _value_text(value: Any) -> str | None:
+    """`9216`, `0.5`, `true`, `none`, `lora`, `FFN_1+attention`; None: not safe path text."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif value is None:
+        text = "none"
+    elif isinstance(value, (int, float)):
+        text = repr(value)
+    elif isinstance(value, list):
+        parts = [_value_text(v) for v in value]
+        if None in parts:
+            return None
+        text = "+".join(p for p in parts if p is not None)
+    else:
+        text = str(value)
+    return text if _VALUE_TEXT.fullmatch(text) else None
+
+
+def _validate_point(
+    kind: str, options: dict[str, Any], swept: set[str], where: str, at: str
+) -> None:
+    """Validate one point's options; an error about an option that is not swept names the
+    stage only (every point has it), any other one the point too."""
+    cls = options_class(kind)
+    try:
+        cls.model_validate(options)
+    except ValidationError as exc:
+        loc = exc.errors()[0].get("loc", ())
+        key = str(loc[0]) if loc else None
+        shown = where if key is not None and key not in swept else at
+        raise UsageError(f"{shown}: {_first_error(exc, list(cls.model_fields))}") from None
 
 
 def _stage_name(value: Any, kind: str, where: str) -> str:
@@ -332,7 +587,10 @@ def _first_error(exc: ValidationError, fields: list[str]) -> str:
     key = ".".join(str(p) for p in err.get("loc", ()))
     if err.get("type") == "extra_forbidden":
         return f"unknown option {_show(key)}{_did_you_mean(key, fields)}"
-    return f"option {_show(key)}: {' '.join(str(err.get('msg')).split())}"
+    message = " ".join(str(err.get("msg")).split()).removeprefix("Value error, ")
+    if not key:  # a check of the options together
+        return message
+    return f"option {_show(key)}: {message}"
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
@@ -433,12 +691,13 @@ def _check_outputs(recipe: Recipe) -> None:
     model = _local_model(recipe.model)
     if model is not None:
         reads.append(("the recipe's model", model))
-    for stage in recipe.stages:
+    runs = [run for stage in recipe.stages for run in stage.runs()]
+    for stage in runs:
         for key in DATA_OPTIONS:
             value = stage.options.get(key)
             if isinstance(value, str) and Path(value).is_absolute():  # not a data set id
                 reads.append((f"{stage.label}'s {key} file", Path(value)))
-    for stage in recipe.stages:
+    for stage in runs:
         if not _writes(stage):
             continue
         out = _output_dir(recipe, stage)
@@ -509,52 +768,71 @@ def run_recipe(
     base_params: int | None = None
     for stage in recipe.stages:
         rerun = rerun or stage.name == from_stage
-        out = _output_dir(recipe, stage) if _writes(stage) else None
-        entry = StageReport(stage.name, stage.kind, "planned", current, str(out) if out else None)
-        report.stages.append(entry)
-        try:
-            digests = _data_digests(stage)
-            up_to_date = (
-                out is not None and not rerun and _up_to_date(out, stage, current, digests, state)
+        rerun_stage = rerun  # a point that runs makes no other one run: they share the input
+        for run in stage.runs():
+            out = _output_dir(recipe, run) if _writes(run) else None
+            entry = StageReport(
+                run.name,
+                run.kind,
+                "planned",
+                current,
+                str(out) if out else None,
+                point=run.point.id if run.point else None,
+                values=dict(run.point.values) if run.point else {},
             )
-            # A stage that runs makes every later one run: the same plan for a dry run.
-            rerun = rerun or (out is not None and not up_to_date)
-            if dry_run:
-                entry.status = "skipped" if up_to_date else "planned"
-                if out is not None:
+            report.stages.append(entry)
+            try:
+                digests = _data_digests(run)
+                up_to_date = (
+                    out is not None
+                    and not rerun_stage
+                    and _up_to_date(out, run, current, digests, state.get(_state_key(recipe, out)))
+                )
+                # A stage that runs makes every later one run: the same plan for a dry run.
+                # A swept stage leaves the chain alone: what follows reads its input.
+                moves_chain = out is not None and run.point is None
+                rerun = rerun or (moves_chain and not up_to_date)
+                if dry_run:
+                    entry.status = "skipped" if up_to_date else "planned"
+                    if moves_chain:
+                        current = str(out)
+                    continue
+                if events:
+                    events(run, "start")
+                start = time.perf_counter()
+                if up_to_date:
+                    entry.status = "skipped"
+                else:
+                    entry.result = _execute(run, current, out, progress)
+                    entry.status = "ran"
+                    if out is not None:
+                        _record_state(recipe, out, digests, time.perf_counter() - start)
+                entry.seconds = time.perf_counter() - start
+                measured = str(out) if out is not None else current
+                if moves_chain:
                     current = str(out)
-                continue
+                if base_params is None:
+                    base_params = _total_params(recipe.model)
+                entry.metrics = _measure(run, measured, entry.result, base_params)
+                entry.gates = _gates(run.expect, entry.metrics)
+            except Exception as exc:
+                entry.status = "failed"
+                if events:
+                    events(run, "failed")
+                raise RecipeStageError(run, exc, report) from exc
             if events:
-                events(stage, "start")
-            start = time.perf_counter()
-            if up_to_date:
-                entry.status = "skipped"
-            else:
-                entry.result = _execute(stage, current, out, progress)
-                entry.status = "ran"
-                if out is not None:
-                    _record_state(recipe, out, digests)
-            entry.seconds = time.perf_counter() - start
-            if out is not None:
-                current = str(out)
-            if base_params is None:
-                base_params = _total_params(recipe.model)
-            entry.metrics = _measure(stage, current, entry.result, base_params)
-            entry.gates = _gates(stage.expect, entry.metrics)
-        except Exception as exc:
-            entry.status = "failed"
-            if events:
-                events(stage, "failed")
-            raise RecipeStageError(stage, exc, report) from exc
-        if events:
-            events(stage, entry.status)
-        if progress:
-            progress("recipe", stage.index, len(recipe.stages))
-        failed = next((g for g in entry.gates if not g.ok), None)
-        if failed is not None:
-            report.failed_gate = (stage.label, failed)
-            entry.status = "failed"
+                events(run, entry.status)
+            if progress:
+                progress("recipe", stage.index, len(recipe.stages))
+            failed = next((g for g in entry.gates if not g.ok), None)
+            if failed is not None:
+                report.failed_gate = (run.label, failed)
+                entry.status = "failed"
+                break
+        if report.failed_gate is not None:
             break
+    if not dry_run and any(stage.sweep for stage in recipe.stages):
+        report.sweep = _write_sweep(recipe, report)
     return report
 
 
@@ -564,18 +842,27 @@ def _writes(stage: RecipeStage) -> bool:
 
 
 def _output_dir(recipe: Recipe, stage: RecipeStage) -> Path:
-    """`<workdir>/<recipe name>/<NN>-<stage name>`, checked to resolve to a directory right
-    there (a symbolic link in its place could send the replaced directory anywhere)."""
+    """`<workdir>/<recipe name>/<NN>-<stage name>` (a sweep point: `.../<point id>`), checked
+    to resolve to a directory right there (a symbolic link in its place could send the
+    replaced directory anywhere)."""
     root = recipe.workdir / recipe.name
-    out = root / f"{stage.index:02d}-{stage.name}"
+    parts = [f"{stage.index:02d}-{stage.name}", *([stage.point.id] if stage.point else [])]
+    out = root.joinpath(*parts)
     resolved = out.resolve()
-    if resolved != root.resolve() / out.name:
+    if resolved != root.resolve().joinpath(*parts):
+        link = next((p for p in (root / parts[0], out) if p.is_symlink()), out)
         raise UsageError(
             f"{stage.label}: output {_shown_path(out)} resolves to {_shown_path(resolved)}, "
             f"outside {_shown_path(root)}",
-            hint=f"remove the symbolic link {_shown_path(out)}",
+            hint=f"remove the symbolic link {_shown_path(link)}",
         )
     return out
+
+
+def _state_key(recipe: Recipe, out: Path) -> str:
+    """An output's key in the state file: its path under the recipe's directory
+    (`01-decompose`, `02-apet/budget-64.seed-0`)."""
+    return out.relative_to(recipe.workdir / recipe.name).as_posix()
 
 
 def _input_identity(model: str) -> str | None:
@@ -599,11 +886,11 @@ def _up_to_date(
     stage: RecipeStage,
     current: str,
     digests: dict[str, str | None],
-    state: dict[str, Any],
+    recorded_state: Any,
 ) -> bool:
     """The stage's output exists and was made from the same input, with the same options and
-    from data files with the same contents (as the runner's state file recorded)."""
-    recorded_state = state.get(out.name)
+    from data files with the same contents (as the runner's state file recorded:
+    `recorded_state`, the output's record there)."""
     if (
         not isinstance(recorded_state, dict)
         or None in digests.values()
@@ -645,16 +932,28 @@ def _read_state(recipe: Recipe) -> dict[str, Any]:
     return stages if isinstance(stages, dict) else {}
 
 
-def _record_state(recipe: Recipe, out: Path, digests: dict[str, str | None]) -> None:
-    """Record what `out` was made from (its manifest sha256, the data files' sha256), written
-    atomically beside the outputs; the artifact itself is left as the stage wrote it."""
+def _record_state(
+    recipe: Recipe, out: Path, digests: dict[str, str | None], seconds: float
+) -> None:
+    """Record what `out` was made from (its manifest sha256, the data files' sha256) and the
+    seconds it took, written atomically beside the outputs; the artifact itself is left as the
+    stage wrote it."""
     stages = _read_state(recipe)
-    stages[out.name] = {"manifest_sha256": manifest_sha256(out), "data": digests}
-    path = _state_file(recipe)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{STATE_NAME}.", suffix=".tmp")
+    stages[_state_key(recipe, out)] = {
+        "manifest_sha256": manifest_sha256(out),
+        "data": digests,
+        "seconds": round(seconds, 3),
+    }
+    text = json.dumps({"format": 1, "stages": stages}, indent=2)
+    _write_text(_state_file(recipe), text)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically: a temporary sibling, fsynced, renamed."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"format": 1, "stages": stages}, f, indent=2)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -704,9 +1003,14 @@ def _measure(stage: RecipeStage, current: str, result: Any, base_params: int | N
     if not _writes(stage):  # eval: its scores
         return {f"eval_{key}": value for key, value in result.metrics.items()}
     manifest = read_manifest(Path(current))
-    errors = [m.rel_error for m in manifest.modules.values() if m.rel_error is not None]
+    # only MPO records carry errors (LoRA, APET, ... records have none)
+    errors = [
+        m.rel_error for m in manifest.modules.values() if getattr(m, "rel_error", None) is not None
+    ]
     predicted = [
-        m.predicted_error for m in manifest.modules.values() if m.predicted_error is not None
+        m.predicted_error
+        for m in manifest.modules.values()
+        if getattr(m, "predicted_error", None) is not None
     ]
     metrics["max_rel_error"] = max(errors) if errors else None
     metrics["max_predicted_error"] = max(predicted) if predicted else None
@@ -714,6 +1018,11 @@ def _measure(stage: RecipeStage, current: str, result: Any, base_params: int | N
 
     params = inspect(current, verify=False)["params"]
     metrics["params"] = params["total"]
+    # a trained artifact's count: the method's parameters (without the task head), the head's
+    trainable, head = params.get("trainable"), params.get("trainable_head")
+    if isinstance(trainable, int):
+        metrics["trainable_params"] = trainable - (head if isinstance(head, int) else 0)
+        metrics["trainable_head"] = head
     metrics["params_ratio"] = params["total"] / base_params if base_params else None
     metrics["mpo_ratio"] = params.get("mpo_ratio")
     recorded = manifest.metrics or {}
@@ -733,9 +1042,7 @@ _GATES = {
 }
 #: The evaluation figures gates read (a train stage's last or best evaluation, an eval
 #: stage's scores): `min_eval_accuracy` gates on `eval_accuracy`, and so on.
-_EVAL_GATES = tuple(
-    name.split("_", 1)[1] for name in Expectations.model_fields if "_eval_" in name
-)
+_EVAL_GATES = tuple(name.split("_", 1)[1] for name in Expectations.model_fields if "_eval_" in name)
 _GATES.update(
     {
         name: (name.split("_", 1)[1], min if name.startswith("min_") else max)
@@ -767,3 +1074,160 @@ def gate_failure(report: RecipeReport) -> VerificationError | None:
         f"{label}: expect {gate.condition}: {gate.limit:g} failed (measured {measured})",
         hint="the stage's output is kept for inspection; later stages did not run",
     )
+
+
+# --- sweeps ----------------------------------------------------------------------------------
+
+
+def _write_sweep(recipe: Recipe, report: RecipeReport) -> SweepReport:
+    """Write `sweep.csv` (one row per point of every swept stage) and `sweep.png` into the
+    recipe's directory, each atomically, from the points' artifacts and the runner's state;
+    the CSV lands even when the plot cannot be drawn (`plot_error` says why)."""
+    root = recipe.workdir / recipe.name
+    root.mkdir(parents=True, exist_ok=True)
+    state = _read_state(recipe)
+    done = {
+        (entry.name, entry.point): entry
+        for entry in report.stages
+        if entry.point is not None and entry.status != "planned"
+    }
+    swept = [stage for stage in recipe.stages if stage.sweep]
+    keys = list(dict.fromkeys(key for stage in swept for key in stage.sweep if key != "method"))
+    rows: list[dict[str, Any]] = []
+    for stage in swept:
+        for run in stage.runs():
+            assert run.point is not None
+            entry = done.get((stage.name, run.point.id))
+            row: dict[str, Any] = {
+                "stage": stage.name,
+                "point": run.point.id,
+                "method": _method_of(run),
+                **{key: run.point.values.get(key) for key in keys},
+            }
+            row.update(_point_figures(recipe, entry, state) if entry is not None else {})
+            rows.append(row)
+    metrics = list(dict.fromkeys(key for row in rows for key in row if key.startswith("eval_")))
+    columns = [
+        "stage",
+        "point",
+        "method",
+        *keys,
+        "trainable_params",
+        "trainable_head",
+        *metrics,
+        "seconds",
+        "output",
+    ]
+    rows = [{column: row.get(column) for column in columns} for row in rows]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([_csv_cell(row[column]) for column in columns] for row in rows)
+    csv_path = root / SWEEP_CSV
+    _write_text(csv_path, buffer.getvalue())
+
+    metric = _main_metric(rows, metrics)
+    samples = _samples(swept, rows, metric) if metric is not None else []
+    png: Path | None = root / SWEEP_PNG
+    plot_error: str | None = None
+    lines: list[SweepLine] = []
+    if metric is None:
+        plot_error = "no point recorded an eval metric (give the swept stages eval_data)"
+    elif not samples:
+        plot_error = f"no point has both a trainable-parameter count and {metric}"
+    else:
+        from mposurgeon.plot import plot_sweep, sweep_lines
+
+        lines = sweep_lines(samples)
+        title = f"{recipe.name}: {metric} against trainable parameters"
+        try:
+            plot_sweep(lines, root / SWEEP_PNG, metric=metric, title=title)
+        except Exception as exc:  # noqa: BLE001 - the CSV has landed; say why there is no plot
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            hint = getattr(exc, "hint", None)
+            plot_error = f"{first} ({hint})" if hint else first
+    if plot_error is not None:
+        (root / SWEEP_PNG).unlink(missing_ok=True)  # not an older run's plot beside this CSV
+        png = None
+    return SweepReport(
+        csv=str(csv_path),
+        png=str(png) if png is not None else None,
+        plot_error=plot_error,
+        metric=metric,
+        columns=columns,
+        rows=rows,
+        lines=lines,
+    )
+
+
+def _method_of(stage: RecipeStage) -> str:
+    """The train stage's `method` (or `mode`), else the stage's kind."""
+    for key in ("method", "mode"):
+        value = stage.options.get(key)
+        if isinstance(value, str):
+            return value
+    return stage.kind
+
+
+def _point_figures(recipe: Recipe, entry: StageReport, state: dict[str, Any]) -> dict[str, Any]:
+    """A finished point's figures: trainable parameters (without the task head) and the head's,
+    the `eval_*` metrics its manifest records, the seconds its run took, its output."""
+    if entry.output is None:
+        return {}
+    out = Path(entry.output)
+    figures: dict[str, Any] = {
+        "trainable_params": entry.metrics.get("trainable_params"),
+        "trainable_head": entry.metrics.get("trainable_head"),
+        "output": str(out),
+    }
+    recorded = read_manifest(out).metrics or {}
+    for key, value in recorded.items():
+        if not key.startswith("eval_") or key.removeprefix("eval_") in NOT_METRICS:
+            continue
+        if value is None or (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ):
+            figures[key] = value
+    record = state.get(_state_key(recipe, out))
+    seconds = record.get("seconds") if isinstance(record, dict) else None
+    figures["seconds"] = seconds if isinstance(seconds, (int, float)) else None
+    return figures
+
+
+def _csv_cell(value: Any) -> str:
+    """A CSV cell: empty for None, text as written, anything else as JSON (`true`, `0.5`)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def _main_metric(rows: list[dict[str, Any]], metrics: list[str]) -> str | None:
+    """`eval_accuracy` when some point has it, else the first `eval_*` metric some point has."""
+    present = [m for m in metrics if any(isinstance(row.get(m), (int, float)) for row in rows)]
+    if "eval_accuracy" in present:
+        return "eval_accuracy"
+    return present[0] if present else None
+
+
+def _samples(
+    stages: list[RecipeStage], rows: list[dict[str, Any]], metric: str
+) -> list[SweepSample]:
+    """The plot's points: one per row with a positive trainable count and the metric; a line
+    per stage (per stage and method when a stage sweeps the method), the setting its swept
+    values other than the seeds."""
+    samples = []
+    for stage in stages:
+        mine = [row for row in rows if row["stage"] == stage.name]
+        methods = {row["method"] for row in mine}
+        for row, point in zip(mine, stage.points, strict=True):
+            x, y = row.get("trainable_params"), row.get(metric)
+            if not isinstance(x, int) or x <= 0 or not isinstance(y, (int, float)):
+                continue
+            label = stage.name if len(methods) == 1 else f"{stage.name} ({row['method']})"
+            setting = json.dumps(
+                {k: v for k, v in point.values.items() if k not in SEED_OPTIONS}, sort_keys=True
+            )
+            samples.append(SweepSample(line=label, setting=setting, x=x, y=float(y)))
+    return samples
