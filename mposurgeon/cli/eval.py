@@ -22,7 +22,8 @@ def eval_command(
     model: Annotated[
         str,
         typer.Argument(
-            help="Trained model: artifact (factorized), merged output, HF dir or hub id."
+            help="Trained model: artifact (factorized), merged output, HF dir or hub id, or a "
+            "PEFT adapter directory."
         ),
     ],
     data: Annotated[
@@ -42,6 +43,7 @@ def eval_command(
     ] = 16,
     precision: opt.Precision = None,
     device: opt.Device = "auto",
+    base: opt.PeftBase = None,
     *,
     data_flags: opt.DataFlags,
     flags: opt.StageFlags,
@@ -51,11 +53,14 @@ def eval_command(
     seq2seq), exact match with --generate.
 
     The same tokenization and scoring as train's --eval-data; an artifact is evaluated
-    factorized (no merge). Nothing is written.
+    factorized (no merge), a PEFT adapter directory as the PeftModel on its base model
+    (--base, or the one its config records). Nothing is written.
 
     Example:
 
         mposurgeon eval mposurgeon-out/minilm/v2-train --data data/sentiment-eval.jsonl
+
+        mposurgeon eval my-lora-adapter --base minilm --data data/sentiment-eval.jsonl
     """
     from mposurgeon.stages.eval import EvalOptions, evaluate
 
@@ -66,6 +71,7 @@ def eval_command(
         batch_size=batch_size,
         precision=precision,  # type: ignore[arg-type]
         device=device,  # type: ignore[arg-type]
+        base=base,
         revision=flags.revision,
         offline=flags.offline,
         cache_dir=flags.cache_dir,

@@ -12,7 +12,12 @@ from mposurgeon.cli.render import print_json, progress_bar, stdout
 
 @opt.shared_flags(*opt.ARTIFACT_STAGE_FLAGS)
 def merge_command(
-    artifact: Annotated[str, typer.Argument(help="Artifact directory (decompose/train output).")],
+    artifact: Annotated[
+        str,
+        typer.Argument(
+            help="Artifact directory (decompose/train output), or a PEFT adapter directory."
+        ),
+    ],
     dtype: Annotated[
         str,
         typer.Option(
@@ -23,23 +28,31 @@ def merge_command(
         bool,
         typer.Option(
             "--verify",
-            help="Run the factorized and the merged model on sample input; exit 3 if they differ.",
+            help="Run the factorized (or PEFT) and the merged model on sample input; exit 3 if "
+            "they differ.",
         ),
     ] = False,
+    base: opt.PeftBase = None,
     *,
     flags: opt.StageFlags,
 ) -> None:
     """Contract MPO cores back into dense weights: a plain checkpoint `from_pretrained` loads.
 
+    A PEFT adapter directory (adapter_config.json, adapter_model.safetensors: LoRA, IA3) is
+    folded into its base model, --base or the one its config records (local files only).
+
     Example:
 
         mposurgeon merge mposurgeon-out/bert-base-uncased/v1-decompose -o bert-dense --verify
+
+        mposurgeon merge my-lora-adapter --base minilm -o minilm-lora-merged --verify
     """
     from mposurgeon.stages.merge import MergeOptions, merge
 
     options = MergeOptions(
         dtype=dtype,
         verify=verify,
+        base=base,
         **flags.stage_kwargs(),
     )
     with progress_bar(flags.no_progress) as progress:
@@ -57,13 +70,23 @@ def merge_command(
             "max_abs_value": cmp.max_abs_value,
         },
     }
+    if result.peft_type is not None:
+        summary |= {"peft_type": result.peft_type, "base": result.base}
     if flags.json_out:
         print_json(summary)
         return
-    stdout.print(f"merged {result.merged_modules} MPO modules into dense weights")
+    if result.peft_type is not None:
+        stdout.print(
+            f"merged {result.merged_modules} {result.peft_type} modules into the dense weights "
+            f"of {result.base}",
+            markup=False,
+        )
+    else:
+        stdout.print(f"merged {result.merged_modules} MPO modules into dense weights")
     if cmp is not None:
         stdout.print(
-            f"verify: OK, max |factorized - merged| = {cmp.max_abs_diff:.2e} "
+            f"verify: OK, max |{'adapter' if result.peft_type else 'factorized'} - merged| = "
+            f"{cmp.max_abs_diff:.2e} "
             f"(tolerance {cmp.tolerance:.1e}, outputs up to {cmp.max_abs_value:.2f})"
         )
     stdout.print(f"wrote {result.output}")

@@ -107,6 +107,14 @@ Device = Annotated[
     str, typer.Option("--device", help="auto (a GPU when there is one), cpu or cuda.")
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+PeftBase = Annotated[
+    str | None,
+    typer.Option(
+        "--base",
+        help="A PEFT adapter's base model: directory, alias or hub id in the local cache "
+        "(default: base_model_name_or_path of its adapter_config.json).",
+    ),
+]
 
 
 @dataclass(frozen=True)

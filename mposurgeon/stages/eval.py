@@ -21,6 +21,14 @@ checkpoint gives them within merge's tolerance. It is how a stage's cost shows: 
 A model's config that still holds Hugging Face's default labels (`LABEL_0`, `LABEL_1`, ...)
 accepts data labelled with the integers 0, 1, ... for them.
 
+A PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`) is scored as the
+`PeftModel` on its base model (`--base`, else the one its config records; `stages/peft_adapter.py`
+reads, checks and loads it), through the same code from the data on. Its task is the head of its
+task type, and a classifier's labels come from the base when it is a classifier of the adapter
+head's size with label names of its own, else from the data (`peft_adapter.adapter_labels`: an
+adapter records no label names, only its head's size; the data's labels numbered as `train`
+numbers them, or integer labels as the ids).
+
 In a recipe, `eval` scores the output of the last stage before it that wrote an artifact, and
 its `expect: {min_eval_accuracy: ...}` gates on it; it writes nothing and always runs.
 """
@@ -35,8 +43,9 @@ from pydantic import Field
 from torch.utils.data import DataLoader
 from transformers import AutoConfig
 
-from mposurgeon.errors import DataError
+from mposurgeon.errors import DataError, UsageError
 from mposurgeon.progress import ProgressCallback
+from mposurgeon.stages import peft_adapter
 from mposurgeon.stages.common import InputOptions, model_layout, open_input, tensor_shapes
 from mposurgeon.training.data import (
     DEFAULT_EVAL_SPLIT,
@@ -47,7 +56,8 @@ from mposurgeon.training.data import (
 )
 from mposurgeon.training.generation import check_generation, generation_for
 from mposurgeon.training.loop import Device, Precision, launch_accelerator
-from mposurgeon.training.model import classifier_labels, trained_model, trained_task
+from mposurgeon.training.model import ModelSetup, classifier_labels, trained_model, trained_task
+from mposurgeon.training.tasks import Task
 from mposurgeon.training.tasks import evaluate as evaluate_task
 
 
@@ -66,6 +76,9 @@ class EvalOptions(InputOptions, DataOptions):
         None, description="bf16, fp16: autocast, as train's; None: the launcher's, or fp32"
     )
     device: Device = Field("auto", description="auto: a GPU when there is one")
+    base: str | None = Field(
+        None, description="a PEFT adapter's base model (default: its adapter_config.json's)"
+    )
 
 
 @dataclass
@@ -81,7 +94,7 @@ class EvalResult:
     task: str
     labels: list[str]
     metrics: dict[str, Any]
-    kind: str = "hf"  # the input: "artifact" (with a manifest) or "hf" (a checkpoint)
+    kind: str = "hf"  # the input: "artifact" (with a manifest), "hf" (a checkpoint), "peft"
     is_main_process: bool = True
 
 
@@ -97,10 +110,49 @@ def evaluate(
     `mposurgeon.evaluate("out/v2-train", data="eval.jsonl").metrics["accuracy"]`.
     """
     opts = options or EvalOptions(**kwargs)  # type: ignore[arg-type]
+    if peft_adapter.is_adapter_dir(model):
+        return _evaluate_adapter(model, opts, progress)
+    if opts.base is not None:
+        raise UsageError(
+            f"--base applies to a PEFT adapter directory, and {model} is none "
+            f"(no {peft_adapter.ADAPTER_CONFIG})",
+            hint="leave --base out",
+        )
     inp = open_input(model, opts)
     model_layout(inp.path, tensor_shapes(inp))  # config.json read, checked against the weights
     config = AutoConfig.from_pretrained(inp.path)
     task = trained_task(inp.path, config, opts.task)
+    data = _eval_data(opts, task)
+    labels: list[str] = []
+    if task.has_classes:
+        labels = classifier_labels(inp.path, config)
+        data = data.with_labels(_data_labels(data, labels))
+    is_artifact = inp.manifest is not None
+    # open_input has verified the artifact's checksums.
+    setup = trained_model(inp.path, config, task, is_artifact=is_artifact, verify=False)
+    kind = "artifact" if is_artifact else "hf"
+    return _score(str(model), setup, task, data, labels, opts, progress, kind)
+
+
+def _evaluate_adapter(
+    model: str | Path, opts: EvalOptions, progress: ProgressCallback | None
+) -> EvalResult:
+    """`evaluate` of a PEFT adapter directory: the `PeftModel` on its base, unmerged."""
+    adapter = peft_adapter.read_adapter(model)
+    base = peft_adapter.open_base(adapter, opts.base, opts)
+    config = peft_adapter.head_config(adapter, base)
+    task = trained_task(adapter.path, config, opts.task)
+    data = _eval_data(opts, task)
+    labels: list[str] = []
+    if task.has_classes:
+        labels = peft_adapter.adapter_labels(adapter, config, data)
+        data = data.with_labels(_data_labels(data, labels))
+    setup = peft_adapter.peft_setup(adapter, base, config, task)
+    return _score(str(model), setup, task, data, labels, opts, progress, "peft")
+
+
+def _eval_data(opts: EvalOptions, task: Task) -> TextDataset:
+    """The rows `opts` name, read for `task` (and checked for `--generate`)."""
     data = read_dataset(
         opts.data,
         config=opts.data_config,
@@ -111,13 +163,20 @@ def evaluate(
     )
     if opts.generate:
         check_generation(task, data, "--data")
-    labels: list[str] = []
-    if task.has_classes:
-        labels = classifier_labels(inp.path, config)
-        data = data.with_labels(_data_labels(data, labels))
-    is_artifact = inp.manifest is not None
-    # open_input has verified the artifact's checksums.
-    setup = trained_model(inp.path, config, task, is_artifact=is_artifact, verify=False)
+    return data
+
+
+def _score(
+    model: str,
+    setup: ModelSetup,
+    task: Task,
+    data: TextDataset,
+    labels: list[str],
+    opts: EvalOptions,
+    progress: ProgressCallback | None,
+    kind: str,
+) -> EvalResult:
+    """Score the loaded model (`setup`) on `data` as `train` scores its evaluations."""
     rows = task.encode(data, setup.tokenizer, opts.max_length)
     loader = DataLoader(
         rows,  # type: ignore[arg-type]
@@ -133,13 +192,13 @@ def evaluate(
         )
         main = accelerator.is_main_process
     return EvalResult(
-        model=str(model),
+        model=model,
         data=data.record(),
         data_name=data.name,
         task=task.name,
         labels=labels,
         metrics=scores,
-        kind="artifact" if is_artifact else "hf",
+        kind=kind,
         is_main_process=main,
     )
 

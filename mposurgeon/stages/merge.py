@@ -7,6 +7,9 @@ weight its method computes, under the original name, shape, orientation (GPT-2 C
 transposed back) and dtype; copy config and tokenizer. With
 `verify`, run the factorized and the merged model on the same sample input before publishing:
 if they differ, nothing is written and the stage fails with exit code 3.
+
+A PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`) is merged into its
+base model (`--base`, else the one its config records): `stages/peft_adapter.py`.
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ class MergeOptions(StageOptions):
         "auto", description="auto: each weight's original dtype"
     )
     verify: bool = Field(False, description="compare factorized and merged outputs (exit 3)")
+    base: str | None = Field(
+        None, description="a PEFT adapter's base model (default: its adapter_config.json's)"
+    )
 
 
 @dataclass
@@ -63,6 +69,8 @@ class MergeResult:
     output: Path
     merged_modules: int
     comparison: OutputComparison | None = None
+    peft_type: str | None = None  # a PEFT adapter's (LORA, IA3), merged into `base`
+    base: str | None = None
 
 
 def merge(
@@ -71,8 +79,19 @@ def merge(
     progress: ProgressCallback | None = None,
     **kwargs: object,
 ) -> MergeResult:
-    """Write a dense checkpoint equal to the artifact's factorized model."""
+    """Write a dense checkpoint equal to the artifact's factorized model (or to a PEFT
+    adapter on its base model)."""
+    from mposurgeon.stages import peft_adapter  # which imports this module
+
     opts = options or MergeOptions(**kwargs)
+    if peft_adapter.is_adapter_dir(artifact):
+        return peft_adapter.merge_adapter(artifact, opts, progress)
+    if opts.base is not None:
+        raise UsageError(
+            f"--base applies to a PEFT adapter directory, and {artifact} is none "
+            f"(no {peft_adapter.ADAPTER_CONFIG})",
+            hint="leave --base out",
+        )
     inp = open_input(artifact, opts, defer_checksums=True)
     if inp.manifest is None:
         raise UsageError(
@@ -176,25 +195,37 @@ def _dtype_of(rec: ModuleRecord, dtype: str = "auto") -> torch.dtype:
 def verify_merge(artifact: Path, merged: Path) -> OutputComparison:
     """Run the factorized artifact and the merged checkpoint on the same input; raise if they
     differ beyond the tolerance of the merged dtype."""
-    config = AutoConfig.from_pretrained(merged)
     factorized = load_model(artifact, verify=False)  # merge checks the checksums itself
+    batch = sample_batch(AutoConfig.from_pretrained(merged), verify_tokenizer(merged))
+    return check_merged(model_output(factorized, batch), merged, batch)
+
+
+def check_merged(
+    reference: torch.Tensor,
+    merged: Path,
+    batch: dict[str, torch.Tensor],
+    of: str = "the factorized model's",
+) -> OutputComparison:
+    """Compare the merged checkpoint's output on `batch` with `reference`, the unmerged
+    model's (`model_output`; `of` names it in the error); raise if they differ beyond the
+    tolerance of the merged dtype."""
+    config = AutoConfig.from_pretrained(merged)
     with quiet_transformers():
         dense = model_class(config).from_pretrained(merged).eval()
-    batch = sample_batch(config, _tokenizer(merged))
-    reference, other = model_output(factorized, batch), model_output(dense, batch)
+    other = model_output(dense, batch)
     dtype = next(dense.parameters()).dtype
     atol, rtol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
     result = compare_outputs(reference, other, atol, rtol)
     if not result.ok:
         raise VerificationError(
-            f"merged outputs differ from the factorized model's: max |diff| "
+            f"merged outputs differ from {of}: max |diff| "
             f"{result.max_abs_diff:.3g} > tolerance {result.tolerance:.3g}; nothing was written",
             hint="re-run with --debug, and report it if the artifact is unmodified",
         )
     return result
 
 
-def _tokenizer(directory: Path) -> object | None:
+def verify_tokenizer(directory: Path) -> object | None:
     """The checkpoint's tokenizer if it ships one, else None (random ids are used)."""
     if not any((directory / n).exists() for n in VOCABULARY_FILES):
         return None
