@@ -125,7 +125,14 @@ def test_shipped_recipes_validate_and_plan(name: str, tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "recipes").glob("*.yaml")))
+#: Recipes too long for the suite (the pet-scaling sweep: 18 runs, about 20 minutes): planned
+#: above, their parts tested on tiny models (tests/test_recipe_sweep.py).
+LONG_RECIPES = {"pet-scaling"}
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.stem for p in (REPO / "recipes").glob("*.yaml") if p.stem not in LONG_RECIPES)
+)
 def test_shipped_recipes_run_fully_and_pass_their_gates(name: str, tmp_path: Path) -> None:
     report = run_recipe(REPO / "recipes" / f"{name}.yaml", workdir=tmp_path)
     assert report.failed_gate is None

@@ -95,7 +95,7 @@ def export_peft(
     try:
         with atomic_directory(out, overwrite=opts.overwrite) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            wrapped.save_pretrained(tmp)
+            wrapped.save_pretrained(tmp, save_embedding_layers=False)  # never looks up the hub
     except BaseException:
         release_claim(out)  # a versioned directory claimed for this export, never published
         raise
