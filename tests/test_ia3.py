@@ -106,7 +106,7 @@ def test_ia3_takes_no_budget_and_no_rank(
     for flags, message in [
         (["--budget", "100"], "--budget is not an option of method ia3"),
         (["--lora-r", "4"], "--lora-r is not an option of method ia3"),
-        (["--layers", "embeddings"], "ia3 scales Linear and Conv1D layers"),
+        (["--layers", "embeddings"], "ia3 adapts Linear and Conv1D layers"),
     ]:
         result = run_cli(
             capsys, "train", base, "--method", "ia3", "--data", TRAIN, "-o", tmp_path / "o",

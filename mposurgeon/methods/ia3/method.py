@@ -20,6 +20,12 @@ from mposurgeon.errors import UsageError
 from mposurgeon.methods.base import Method, train_only
 from mposurgeon.methods.ia3.config import Ia3Config
 from mposurgeon.methods.ia3.record import Ia3Record
+from mposurgeon.methods.peft_layers import (
+    ADAPTER,
+    fan_in_fan_out,
+    names_regex,
+    peft_default_targets,
+)
 from mposurgeon.methods.records import ModuleRecord
 from mposurgeon.models.groups import Target, select_targets
 from mposurgeon.models.layers import ForwardMode
@@ -28,7 +34,6 @@ from mposurgeon.models.surgery import resolve_module_name
 
 #: PEFT's live names -> the artifact's: no `.base_layer`, no adapter name.
 _LIVE = re.compile(r"\.base_layer(?=\.)|(?<=\.ia3_l)\.default$")
-_ADAPTER = "default"
 
 
 class Ia3Method(Method):
@@ -48,6 +53,7 @@ class Ia3Method(Method):
                 "ia3: every targeted matrix is already transformed (MPO) in this input",
                 hint="target other matrices with --layers or --target-modules",
             )
+        fan_in_fan_out(targets, self.name)  # one kind of layer, and no embedding
         out = {t.name: _record(self.name, t, t.name in feedforward, model) for t in targets}
         _inject(model, list(out.values()))
         return out
@@ -63,8 +69,17 @@ class Ia3Method(Method):
                 model, keys, layers=cfg.layers, target_modules=cfg.target_modules
             )
             return targets, {t.name for t in targets if t.group == "FFN_2"}
-        targets_regex, feedforward_regex = _peft_defaults(model)
-        targets = select_targets(model, keys, target_modules=targets_regex)
+        from peft.utils.constants import (
+            TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
+        )
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
+
+        regex = peft_default_targets(
+            model, self.name, TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING, "attention,FFN_2"
+        )
+        targets = select_targets(model, keys, target_modules=regex)
+        model_type = getattr(model.config, "model_type", "")
+        feedforward_regex = names_regex(FEEDFORWARD.get(model_type, []))
         feedforward = {t.name for t in targets if re.fullmatch(feedforward_regex, t.name)}
         return targets, feedforward
 
@@ -107,7 +122,7 @@ class Ia3Method(Method):
         with torch.no_grad():
             for rec in ia3:
                 layer = model.get_submodule(live[rec.name])
-                layer.ia3_l[_ADAPTER].copy_(tensors[f"{rec.name}.ia3_l"])
+                layer.ia3_l[ADAPTER].copy_(tensors[f"{rec.name}.ia3_l"])
 
     # -- PEFT interop -------------------------------------------------------------------------
 
@@ -129,15 +144,10 @@ class Ia3Method(Method):
         with torch.no_grad():
             for rec in records:
                 layer = model.get_submodule(resolve_module_name(model, rec.name))
-                layer.ia3_l[_ADAPTER].copy_(tensors[f"{rec.name}.ia3_l"])
+                layer.ia3_l[ADAPTER].copy_(tensors[f"{rec.name}.ia3_l"])
 
 
 def _record(method: str, target: Target, feedforward: bool, model: nn.Module) -> Ia3Record:
-    if target.kind == "embedding":
-        raise UsageError(
-            "ia3 scales Linear and Conv1D layers: the targets include an embedding",
-            hint="leave embeddings out of --layers / --target-modules",
-        )
     out_dim, in_dim = target.out_dim, target.in_dim
     weight = model.get_submodule(target.name).weight
     return Ia3Record(
@@ -174,28 +184,4 @@ def _inject(model: nn.Module, records: Sequence[Ia3Record]) -> None:
         feedforward_modules=[r.name for r in records if r.feedforward],
         fan_in_fan_out=kinds == {"conv1d"},
     )
-    peft.inject_adapter_in_model(config, model, adapter_name=_ADAPTER)
-
-
-def _peft_defaults(model: nn.Module) -> tuple[str, str]:
-    """PEFT's default IA3 targets and feedforward modules of the model type, as regexes of
-    whole module names (PEFT matches a name by its last components)."""
-    from peft.utils.constants import (
-        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
-    )
-    from peft.utils.constants import (
-        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS,
-    )
-
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    names, feedforward = TARGETS.get(model_type), FEEDFORWARD.get(model_type, [])
-    if not names:
-        raise UsageError(
-            f"ia3 has no default targets for model type {model_type!r}",
-            hint="name them with --layers (e.g. attention,FFN_2) or --target-modules",
-        )
-
-    def regex(parts: Sequence[str]) -> str:
-        return r"(?:.*\.)?(?:" + "|".join(re.escape(n) for n in parts) + ")" if parts else "$^"
-
-    return regex(names), regex(feedforward)
+    peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)

@@ -19,6 +19,7 @@ from mposurgeon.errors import ArtifactError, UsageError
 from mposurgeon.methods.base import Method, train_only
 from mposurgeon.methods.lora.config import LoraConfig
 from mposurgeon.methods.lora.record import LoraRecord
+from mposurgeon.methods.peft_layers import ADAPTER, fan_in_fan_out, peft_default_targets
 from mposurgeon.methods.records import ModuleRecord
 from mposurgeon.models.groups import Target, select_targets
 from mposurgeon.models.layers import ForwardMode
@@ -27,7 +28,6 @@ from mposurgeon.models.surgery import resolve_module_name
 
 #: PEFT's live names -> the artifact's: no `.base_layer`, no adapter name.
 _LIVE = re.compile(r"\.base_layer(?=\.)|(?<=\.lora_[AB])\.default(?=\.)")
-_ADAPTER = "default"
 
 
 class LoraMethod(Method):
@@ -61,7 +61,7 @@ class LoraMethod(Method):
             rank,
             cfg.lora_alpha,
             cfg.lora_dropout,
-            conv1d=_conv1d(targets),
+            conv1d=fan_in_fan_out(targets, self.name),
         )
 
         state = model.state_dict()
@@ -87,7 +87,11 @@ class LoraMethod(Method):
         cfg = self.config
         layers, regex = cfg.layers, cfg.target_modules
         if layers is None and regex is None:
-            regex = _peft_default(model)
+            from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+            regex = peft_default_targets(
+                model, self.name, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, "attention"
+            )
         keys = model.state_dict().keys()
         return select_targets(model, keys, layers=layers, target_modules=regex)
 
@@ -124,7 +128,7 @@ class LoraMethod(Method):
             for rec in lora:
                 layer = model.get_submodule(live[rec.name])
                 for factor in ("A", "B"):
-                    target = getattr(layer, f"lora_{factor}")[_ADAPTER].weight
+                    target = getattr(layer, f"lora_{factor}")[ADAPTER].weight
                     target.copy_(tensors[f"{rec.name}.lora_{factor}.weight"])
 
     # -- PEFT interop -------------------------------------------------------------------------
@@ -149,7 +153,7 @@ class LoraMethod(Method):
             for rec in records:
                 layer = model.get_submodule(resolve_module_name(model, rec.name))
                 for factor in ("A", "B"):
-                    weight = getattr(layer, f"lora_{factor}")[_ADAPTER].weight
+                    weight = getattr(layer, f"lora_{factor}")[ADAPTER].weight
                     weight.copy_(tensors[f"{rec.name}.lora_{factor}.weight"])
 
 
@@ -177,36 +181,4 @@ def _inject(
         target_modules=names,
         fan_in_fan_out=conv1d,
     )
-    peft.inject_adapter_in_model(config, model, adapter_name=_ADAPTER)
-
-
-def _conv1d(targets: Sequence[Target]) -> bool:
-    """Whether the targets are GPT-2 Conv1D layers (PEFT's fan_in_fan_out); a mix of Conv1D
-    and Linear layers cannot share one LoRA config."""
-    kinds = {t.kind for t in targets}
-    if "embedding" in kinds:
-        raise UsageError(
-            "lora adapts Linear and Conv1D layers: the targets include an embedding",
-            hint="leave embeddings out of --layers / --target-modules",
-        )
-    if kinds == {"conv1d", "linear"}:
-        raise UsageError(
-            "lora: the targets mix GPT-2 Conv1D and Linear layers, which one LoRA config "
-            "cannot hold",
-            hint="target one kind (e.g. --layers attention,FFN_1,FFN_2)",
-        )
-    return kinds == {"conv1d"}
-
-
-def _peft_default(model: nn.Module) -> str:
-    """PEFT's default LoRA targets of the model type, as a regex of whole module names."""
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    names = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
-    if not names:
-        raise UsageError(
-            f"lora has no default targets for model type {model_type!r}",
-            hint="name them with --layers (e.g. attention) or --target-modules",
-        )
-    return r".*\.(?:" + "|".join(re.escape(n) for n in names) + ")"
+    peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)

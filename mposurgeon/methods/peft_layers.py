@@ -1,0 +1,62 @@
+"""What the methods that `peft` injects in place (`lora`, `ia3`) share: PEFT's default targets
+per model type, the layer kinds one PEFT config can hold, and the adapter name.
+
+`peft.inject_adapter_in_model` puts PEFT's layers on the named modules without a `PeftModel`
+wrapper, so module names stay the model's; PEFT's live names (`M.base_layer.weight`,
+`M.lora_A.default.weight`, `M.ia3_l.default`) are mapped to the artifact's by each method's
+`file_key`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+from torch import nn
+
+from mposurgeon.errors import UsageError
+from mposurgeon.models.groups import Target
+
+#: The adapter name PEFT's layers are injected under (and exported with).
+ADAPTER = "default"
+
+
+def peft_default_targets(
+    model: nn.Module, method: str, mapping: Mapping[str, Sequence[str]], example: str
+) -> str:
+    """PEFT's default targets of the model type (`mapping`, one of PEFT's
+    TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING), as a regex of whole module names:
+    PEFT matches a name by its last components."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    names = mapping.get(model_type or "")
+    if not names:
+        raise UsageError(
+            f"{method} has no default targets for model type {model_type!r}",
+            hint=f"name them with --layers (e.g. {example}) or --target-modules",
+        )
+    return names_regex(names)
+
+
+def names_regex(names: Sequence[str]) -> str:
+    """A regex matching whole module names that end with one of `names` (PEFT's matching)."""
+    if not names:
+        return "$^"  # matches nothing
+    return r"(?:.*\.)?(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
+def fan_in_fan_out(targets: Sequence[Target], method: str) -> bool:
+    """Whether the targets are GPT-2 Conv1D layers (PEFT's `fan_in_fan_out`); an embedding,
+    or a mix of Conv1D and Linear layers (which one PEFT config cannot hold), is refused."""
+    kinds = {t.kind for t in targets}
+    if "embedding" in kinds:
+        raise UsageError(
+            f"{method} adapts Linear and Conv1D layers: the targets include an embedding",
+            hint="leave embeddings out of --layers / --target-modules",
+        )
+    if kinds == {"conv1d", "linear"}:
+        raise UsageError(
+            f"{method}: the targets mix GPT-2 Conv1D and Linear layers, which one PEFT "
+            "config cannot hold",
+            hint="target one kind (e.g. --layers attention,FFN_1,FFN_2)",
+        )
+    return kinds == {"conv1d"}
