@@ -40,7 +40,7 @@ TRAIN = REPO / "data" / "sentiment-train.jsonl"
 
 
 def test_registry_holds_the_training_methods_and_the_mpo_state() -> None:
-    trained = ["full", "lightweight", "overparam", "lora", "ia3", "prompt-tuning"]
+    trained = ["full", "lightweight", "overparam", "lora", "dsee", "ia3", "prompt-tuning"]
     trained += ["prefix-tuning", "bitfit", "apet", "adapter"]
     assert method_names(training=True) == trained
     assert method_names() == [*trained, "mpo"]
@@ -59,7 +59,7 @@ def test_each_method_declares_its_measured_learning_rate() -> None:
     lrs = {name: method_config(name).default("lr") for name in method_names(training=True)}
     assert lrs == {
         "full": 2e-4, "lightweight": 5e-4, "overparam": 1e-4,
-        "lora": 2e-3, "ia3": 3e-3, "prompt-tuning": 3e-2, "prefix-tuning": 1e-2,
+        "lora": 2e-3, "dsee": 2e-3, "ia3": 3e-3, "prompt-tuning": 3e-2, "prefix-tuning": 1e-2,
         "bitfit": 1e-2, "apet": 1e-3,
         "adapter": 1e-3,
     }  # fmt: skip
@@ -98,7 +98,8 @@ def test_train_help_lists_every_training_method_on_its_own_line(capsys) -> None:
 
 
 ALL_TRAINING = (
-    "full, lightweight, overparam, lora, ia3, prompt-tuning, prefix-tuning, bitfit, apet, adapter"
+    "full, lightweight, overparam, lora, dsee, ia3, prompt-tuning, prefix-tuning, bitfit, apet, "
+    "adapter"
 )
 
 

@@ -68,6 +68,7 @@ def test_regression_trains_and_merges_on_every_architecture(
     ("arch", "task", "method", "options"),
     [
         ("gpt2", "causal-lm", "lora", {}),
+        ("gpt2", "causal-lm", "dsee", {}),
         ("llama", "causal-lm", "adapter", {"adapter_size": 4}),
         ("bloom", "causal-lm", "apet", {"budget": 200}),
         ("t5", "seq2seq", "lora", {"layers": "attention"}),

@@ -137,14 +137,33 @@ def train_command(
         typer.Option("--num-cores", help="overparam: cores of matrices decomposed in place (5)."),
     ] = None,
     lora_r: Annotated[
-        int | None, typer.Option("--lora-r", help="lora: rank of the update (8).")
+        int | None,
+        typer.Option("--lora-r", help="lora, dsee: rank of the update (lora 8, dsee 16)."),
     ] = None,
     lora_alpha: Annotated[
         float | None,
-        typer.Option("--lora-alpha", help="lora: the update is scaled by alpha/r (16)."),
+        typer.Option(
+            "--lora-alpha",
+            help="lora, dsee: the update is scaled by alpha/r (lora 16, dsee 2 x r).",
+        ),
     ] = None,
     lora_dropout: Annotated[
-        float | None, typer.Option("--lora-dropout", help="lora: dropout on the input of A (0).")
+        float | None,
+        typer.Option("--lora-dropout", help="lora, dsee: dropout on the input of A (0)."),
+    ] = None,
+    sparse_size: Annotated[
+        int | None,
+        typer.Option(
+            "--sparse-size", help="dsee: entries of the sparse update per targeted matrix (64)."
+        ),
+    ] = None,
+    sparse_init: Annotated[
+        str | None,
+        typer.Option(
+            "--sparse-init",
+            help="dsee: how the sparse support is chosen: godec (the sparse part of a "
+            "low-rank + sparse split of W, default), magnitude (largest |W|) or random.",
+        ),
     ] = None,
     budget: Annotated[
         str | None,
@@ -187,14 +206,14 @@ def train_command(
         typer.Option(
             "--layers",
             "-l",
-            help="lora, ia3, apet: weight groups to adapt, e.g. attention,FFN_1 (default: "
-            "PEFT's targets; apet: attention,FFN_1,FFN_2).",
+            help="lora, ia3, apet, dsee: weight groups to adapt, e.g. attention,FFN_1 "
+            "(default: PEFT's targets; apet: attention,FFN_1,FFN_2; dsee: attention).",
         ),
     ] = None,
     target_modules: Annotated[
         str | None,
         typer.Option(
-            "--target-modules", help="lora, ia3, apet: regex of whole module names to adapt."
+            "--target-modules", help="lora, ia3, apet, dsee: regex of whole module names to adapt."
         ),
     ] = None,
     *,
@@ -247,6 +266,8 @@ def train_command(
         lora_r=lora_r,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        sparse_size=sparse_size,
+        sparse_init=sparse_init,  # type: ignore[arg-type]
         budget=budget,
         budget_seed=budget_seed,
         adapter_size=adapter_size,

@@ -16,6 +16,7 @@ from mposurgeon.methods.adapter.config import AdapterConfig
 from mposurgeon.methods.apet.config import ApetConfig
 from mposurgeon.methods.bitfit.config import BitFitConfig
 from mposurgeon.methods.config import MethodConfig
+from mposurgeon.methods.dsee.config import DseeConfig
 from mposurgeon.methods.full.config import FullConfig
 from mposurgeon.methods.ia3.config import Ia3Config
 from mposurgeon.methods.lightweight.config import LightweightConfig
@@ -35,6 +36,7 @@ REGISTERED: tuple[type[MethodConfig], ...] = (
     LightweightConfig,
     OverparamConfig,
     LoraConfig,
+    DseeConfig,
     Ia3Config,
     PromptTuningConfig,
     PrefixTuningConfig,

@@ -162,9 +162,17 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions):
     num_cores: int | None = Field(
         None, ge=2, le=64, description="cores of matrices decomposed during training"
     )
-    lora_r: int | None = Field(None, ge=1, description="lora: rank of the update")
-    lora_alpha: float | None = Field(None, gt=0, allow_inf_nan=False, description="lora: alpha")
-    lora_dropout: float | None = Field(None, ge=0, lt=1, description="lora: input dropout")
+    lora_r: int | None = Field(None, ge=1, description="lora, dsee: rank of the update")
+    lora_alpha: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="lora, dsee: alpha"
+    )
+    lora_dropout: float | None = Field(None, ge=0, lt=1, description="lora, dsee: input dropout")
+    sparse_size: int | None = Field(
+        None, ge=1, description="dsee: entries of the sparse update per matrix"
+    )
+    sparse_init: Literal["godec", "magnitude", "random"] | None = Field(
+        None, description="dsee: how the support of the sparse update is chosen"
+    )
     budget: int | str | None = Field(
         None,
         description="apet: elements that train; lora, adapter: sets rank / size; a method "
