@@ -185,3 +185,23 @@ def test_every_task_figure_has_a_gate() -> None:
         "max_eval_perplexity": (2.5, False),
         "min_eval_exact_match": (None, False),  # not measured: the gate fails
     }
+
+
+def test_an_option_added_by_a_later_version_keeps_outputs_up_to_date(tmp_path: Path) -> None:
+    """A manifest written before an option existed lacks it: at its default it counts as
+    equal (the output is skipped), at any other value it does not."""
+    from mposurgeon.stages.recipe import Expectations as Gates
+    from mposurgeon.stages.recipe import RecipeStage, _same_options
+    from mposurgeon.stages.train import TrainOptions
+
+    stage = RecipeStage(1, "train", "train", {"method": "lora", "data": "d.jsonl"}, Gates())
+    out = tmp_path / "out"
+    recorded = TrainOptions(**stage.options, output=out).model_dump(mode="json")
+    older = {k: v for k, v in recorded.items() if k != "sparse_size"}
+    assert _same_options(stage, out, dict(older))
+    changed = RecipeStage(1, "train", "train", {**stage.options, "lora_r": 4}, Gates())
+    assert not _same_options(changed, out, dict(older))
+    dsee = RecipeStage(1, "train", "train", {**stage.options, "method": "dsee", "sparse_size": 8},
+                       Gates())  # fmt: skip
+    older_dsee = {**older, "method": "dsee"}
+    assert not _same_options(dsee, out, older_dsee)

@@ -905,17 +905,27 @@ def _up_to_date(
         return False
     if manifest.stage != stage.kind:
         return False
-    expected = options_class(stage.kind)(**stage.options, output=out).model_dump(mode="json")
-    recorded = dict(manifest.options)
-    for key in RUNNER_OPTIONS:
-        expected.pop(key, None)
-        recorded.pop(key, None)
-    if expected != recorded:
+    if not _same_options(stage, out, dict(manifest.options)):
         return False
     parent_sha = _input_identity(current)
     if parent_sha is not None:
         return manifest.parent is not None and manifest.parent.manifest_sha256 == parent_sha
     return manifest.parent is None and _same_base(manifest, current)
+
+
+def _same_options(stage: RecipeStage, out: Path, recorded: dict[str, Any]) -> bool:
+    """Whether the options an output's manifest recorded are the stage's. An option the
+    record lacks (one a later version added) counts as equal at its default value."""
+    cls = options_class(stage.kind)
+    expected = cls(**stage.options, output=out).model_dump(mode="json")
+    defaults = cls.model_construct().model_dump(mode="json")
+    for key in RUNNER_OPTIONS:
+        expected.pop(key, None)
+        recorded.pop(key, None)
+    for key, value in expected.items():
+        if key not in recorded and key in defaults and defaults[key] == value:
+            recorded[key] = value
+    return expected == recorded
 
 
 def _state_file(recipe: Recipe) -> Path:
