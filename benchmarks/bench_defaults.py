@@ -35,8 +35,10 @@ GRID: dict[str, tuple[float, ...]] = {
     "lightweight": (2e-5, 3e-4, 5e-4, 1e-3, 3e-3),
     "overparam": (2e-5, 1e-4, 2e-4, 5e-4),
     "lora": (5e-4, 2e-3),
+    "dsee": (2e-3, 1e-2),
     "ia3": (3e-3, 1e-2),
     "prompt-tuning": (3e-2, 3e-1),
+    "prefix-tuning": (1e-2, 1e-1),
     "bitfit": (1e-3, 1e-2),
     "apet": (1e-3, 1e-2),
     "adapter": (1e-3, 3e-3),
@@ -136,9 +138,10 @@ def run() -> list[dict[str, Any]]:
     base = next(r for r in runs if r["mode"] == "full" and r["lr"] == baseline_lr)
     rows = []
     for r in sorted(runs, key=lambda r: (list(GRID).index(r["mode"]), r["lr"])):
+        default = " (its default)" if r["lr"] == method_config(r["mode"]).default("lr") else ""
         rows.append(
             {
-                "benchmark": f"man-sections eval accuracy, {r['mode']} lr {r['lr']:g} "
+                "benchmark": f"man-sections eval accuracy, {r['mode']} lr {r['lr']:g}{default} "
                 f"(MiniLM, {EPOCHS} epochs, seed {SEED}; {r['trainable_params']:,} trained)",
                 "threads": r["threads"],
                 "value": f"{r['eval_accuracy']:.3f} (macro-F1 {r['eval_macro_f1']:.3f}, "

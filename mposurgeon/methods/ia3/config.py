@@ -16,7 +16,8 @@ class Ia3Config(MethodConfig):
     output projection (`FFN_2`), its input; only the vectors and the task head train. Targets:
     `layers` groups or a `target_modules` regex, else PEFT's default for the model type (key,
     value and `output.dense` for BERT, where PEFT scales the input of both output projections).
-    Its size is set by its targets: it takes no budget."""
+    Its size is set by its targets: it takes no budget. Default rate measured on man-sections
+    (PEFT's targets, 3 epochs): 0.868 at 1e-2, 0.754 at 3e-3."""
 
     name: ClassVar[str] = "ia3"
     summary: ClassVar[str] = (
@@ -25,7 +26,7 @@ class Ia3Config(MethodConfig):
     implementation: ClassVar[str] = "mposurgeon.methods.ia3.method:Ia3Method"
     record: ClassVar[type[Ia3Record]] = Ia3Record
 
-    lr: float = Field(3e-3, gt=0, allow_inf_nan=False, description="peak learning rate")
+    lr: float = Field(1e-2, gt=0, allow_inf_nan=False, description="peak learning rate")
     layers: list[str] | None = Field(None, description="weight groups, e.g. attention,FFN_2")
     target_modules: str | None = Field(None, description="regex, full match on module names")
 
