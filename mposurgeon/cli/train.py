@@ -302,7 +302,8 @@ def train_command(
         method = m["trainable_params"] - m["trainable_head"]
         stdout.print(
             f"dry run: method {m['method']} would train {fmt_int(method)} parameters in "
-            f"{m['modules']} modules, and {fmt_int(m['trainable_head'])} of the {m['task']} "
+            f"{m['modules']} module{'s' if m['modules'] != 1 else ''}, and "
+            f"{fmt_int(m['trainable_head'])} of the {m['task']} "
             f"head: {fmt_int(m['trainable_params'])} of {fmt_int(m['total_params'])} in all. "
             "Nothing was loaded or written."
         )
