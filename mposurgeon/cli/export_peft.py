@@ -42,7 +42,8 @@ def export_peft_command(
         print_json(summary)
         return
     stdout.print(
-        f"exported {result.method} ({result.modules} modules) as a PEFT {result.peft_type} "
+        f"exported {result.method} ({result.modules} module{'s' if result.modules != 1 else ''}) "
+        f"as a PEFT {result.peft_type} "
         f"adapter (task {result.task_type or '-'}) for base model {result.base_model}",
         markup=False,
     )
