@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # what `_LAZY` names, for type checkers and editors
     from mposurgeon.stages.inspect import inspect as inspect
     from mposurgeon.stages.merge import MergeOptions as MergeOptions
     from mposurgeon.stages.merge import merge as merge
+    from mposurgeon.stages.prune import PruneOptions as PruneOptions
+    from mposurgeon.stages.prune import prune as prune
     from mposurgeon.stages.recipe import run_recipe as run_recipe
     from mposurgeon.stages.select import SelectOptions as SelectOptions
     from mposurgeon.stages.select import select as select

@@ -68,6 +68,8 @@ def render_report(report: dict[str, Any], all_modules: bool) -> None:
         stdout.print(module_table(dense, f"dense matrices: {len(dense)}"))
     elif dense:
         stdout.print(f"dense matrices: {len(dense)} (list them with --all)")
+    if report.get("pruning") is not None:
+        _print_sparsity(dense, all_modules)
     p = report["params"]
     line = (
         f"parameters: total {fmt_int(p['total'])}, MPO {fmt_int(p['mpo'])}, "
@@ -100,3 +102,23 @@ def render_report(report: dict[str, Any], all_modules: bool) -> None:
             stdout.print(schedule_line(report["selection"]["schedule"]))
     for i, entry in enumerate(report.get("lineage") or [], 1):
         stdout.print(f"lineage {i}: {entry['stage']} at {entry['created_at']}")
+
+
+def _print_sparsity(dense: list[dict[str, Any]], all_modules: bool) -> None:
+    """A pruned artifact: the fraction of exact zeros of every matrix (with --all, one line
+    each; else the pruned ones' range and the total)."""
+    pruned = [m for m in dense if m.get("zeros")]
+    zeros = sum(m.get("zeros", 0) for m in dense)
+    total = sum(m["params"] for m in dense)
+    for m in pruned if all_modules else []:
+        stdout.print(f"  {m['name']}: sparsity {m['sparsity']:.4f} ({fmt_int(m['zeros'])} zeros)")
+    if pruned:
+        low = min(m["sparsity"] for m in pruned)
+        high = max(m["sparsity"] for m in pruned)
+        stdout.print(
+            f"sparsity: {len(pruned)} of {len(dense)} matrices hold exact zeros "
+            f"({low:.4f} to {high:.4f}); all matrices {zeros / max(total, 1):.4f} "
+            f"({fmt_int(zeros)} of {fmt_int(total)})"
+        )
+    else:
+        stdout.print(f"sparsity: no matrix holds exact zeros ({len(dense)} matrices)")

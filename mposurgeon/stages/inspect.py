@@ -19,6 +19,7 @@ from mposurgeon.artifact.tensors import TensorReader, open_tensors
 from mposurgeon.errors import UsageError
 from mposurgeon.methods.mpo.record import MPORecord
 from mposurgeon.methods.mpo.state import record_cores
+from mposurgeon.models.pruning import masked_key
 from mposurgeon.mpo.decomposition import bond_spectra
 from mposurgeon.plot import (
     ModuleSpectra,
@@ -97,14 +98,19 @@ def _report(reader: TensorReader, manifest: Manifest | None) -> dict[str, Any]:
         for key in rec.tensor_shapes()
         if key != rec.weight_key
     }
+    masks = {key for key in reader.keys() if masked_key(key) is not None}
+    pruning = getattr(manifest, "pruning", None) if manifest else None
+    sparse = bool(masks) or pruning is not None  # a pruned artifact: report every sparsity
     total = mpo = 0
     for key in reader.keys():
+        if key in masks:
+            continue  # a pruning mask, no parameter
         n = math.prod(reader.shape(key))
         total += n
         if key in mpo_keys:
             mpo += n
         elif key not in extra and key.endswith(".weight") and len(reader.shape(key)) == 2:
-            modules.append(_dense_row(key, reader))
+            modules.append(_dense_row(key, reader, sparsity=sparse))
     report: dict[str, Any] = {
         "format_version": manifest.format_version if manifest else None,
         "stage": manifest.stage if manifest else None,
@@ -124,6 +130,8 @@ def _report(reader: TensorReader, manifest: Manifest | None) -> dict[str, Any]:
         selection = manifest.selection.model_dump(mode="json") if manifest.selection else None
         if selection:  # as recorded (an empty record is left out)
             report["selection"] = selection
+    if sparse:
+        report["pruning"] = pruning if pruning is not None else {"masks": len(masks)}
     return report
 
 
@@ -149,9 +157,10 @@ def _mpo_row(rec: MPORecord) -> dict[str, Any]:
     }
 
 
-def _dense_row(key: str, reader: TensorReader) -> dict[str, Any]:
+def _dense_row(key: str, reader: TensorReader, *, sparsity: bool = False) -> dict[str, Any]:
+    """A dense matrix; with `sparsity`, also its fraction of exact zeros (reads it)."""
     shape = list(reader.shape(key))
-    return {
+    row: dict[str, Any] = {
         "name": key.removesuffix(".weight"),
         "kind": "dense",
         "shape": shape,
@@ -161,6 +170,11 @@ def _dense_row(key: str, reader: TensorReader) -> dict[str, Any]:
         "params": math.prod(shape),
         "rel_error": None,
     }
+    if sparsity:
+        weight = reader.get(key)
+        row["zeros"] = int((weight == 0).sum())
+        row["sparsity"] = row["zeros"] / max(weight.numel(), 1)
+    return row
 
 
 def module_spectra(reader: TensorReader, manifest: Manifest) -> list[ModuleSpectra]:

@@ -30,6 +30,7 @@ from mposurgeon.errors import ArtifactError, UsageError, VerificationError
 from mposurgeon.methods.registry import get_method
 from mposurgeon.models.auto import model_class, quiet_transformers
 from mposurgeon.models.probe import OutputComparison, compare_outputs, model_output, sample_batch
+from mposurgeon.models.pruning import masked_key
 from mposurgeon.progress import ProgressCallback
 from mposurgeon.stages.common import (
     FLOAT_DTYPES,
@@ -140,17 +141,23 @@ def _write_dense(
     tensor was; return the number of modules merged."""
     keys = reader.keys()
     owner = {key: rec for rec in records.values() for key in rec.tensor_shapes()}
+    # pruning masks (`prune`): every tensor written is zero where its mask says, and the
+    # masks stay out of the plain checkpoint
+    masks = {base: key for key in keys if (base := masked_key(key)) is not None}
+    mask_keys = set(masks.values())
     merged = 0
     for i, key in enumerate(keys):
         rec = owner.get(key)
-        if rec is None:
+        if key in mask_keys:
+            pass
+        elif rec is None:
             tensor = reader.get(key)
             if opts.dtype != "auto" and tensor.is_floating_point():
                 tensor = tensor.to(getattr(torch, opts.dtype))
-            writer.add(key, tensor)
+            writer.add(key, _masked(key, tensor, masks, reader))
         elif key == next(iter(rec.tensor_shapes())):
             for name, tensor in dense_tensors(rec, reader, opts.dtype).items():
-                writer.add(name, tensor)
+                writer.add(name, _masked(name, tensor, masks, reader))
             merged += 1
         if progress:
             progress("merge", i + 1, len(keys))
@@ -161,6 +168,15 @@ def _write_dense(
             hint="re-create the artifact with the stage that made it, or restore it",
         )
     return merged
+
+
+def _masked(
+    key: str, tensor: torch.Tensor, masks: dict[str, str], reader: TensorReader
+) -> torch.Tensor:
+    """`tensor` (stored as `key`) with the entries its pruning mask marks set to exact zeros."""
+    if key not in masks:
+        return tensor
+    return tensor.masked_fill(reader.get(masks[key]).bool(), 0)
 
 
 def dense_weight(rec: ModuleRecord, reader: TensorReader, dtype: str = "auto") -> torch.Tensor:

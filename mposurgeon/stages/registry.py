@@ -63,6 +63,12 @@ STAGES: tuple[Stage, ...] = (
         command_module="mposurgeon.cli.truncate",
     ),
     Stage(
+        name="prune",
+        module="mposurgeon.stages.prune",
+        options="PruneOptions",
+        command_module="mposurgeon.cli.prune",
+    ),
+    Stage(
         name="select",
         module="mposurgeon.stages.select",
         options="SelectOptions",

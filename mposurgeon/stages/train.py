@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
-from torch import nn
+from torch import Tensor, nn
 from transformers import AutoConfig
 
 from mposurgeon.artifact.manifest import ModuleRecord, SelectionRecord
@@ -64,12 +64,13 @@ from mposurgeon.artifact.store import (
     release_claim,
     version_parent,
 )
-from mposurgeon.artifact.tensors import ShardedWriter
+from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
 from mposurgeon.errors import MposurgeonError, UsageError
 from mposurgeon.methods.base import Method, TrainingSource
 from mposurgeon.methods.config import MethodConfig, comma_list
 from mposurgeon.methods.registry import get_method, method_config, method_names
 from mposurgeon.models.auto import model_class, quiet_transformers
+from mposurgeon.models.pruning import keep_pruned, mask_key, masked_key
 from mposurgeon.models.surgery import resolve_module_name
 from mposurgeon.progress import ProgressCallback
 from mposurgeon.stages.common import (
@@ -421,6 +422,8 @@ def _train_with(
     dynamic = _is_dynamic(inp, opts)
     chosen = [] if dynamic else _chosen(net, inp)
     records.update(method.prepare(net, records, chosen))
+    pruned, pruned_out = _pruning_masks(net, inp, method)
+    keep_pruned(net, pruned)  # a `prune` input's zeros stay zeros
     if opts.gradient_checkpointing:
         enable_gradient_checkpointing(net, inp.path)
     collator = task.collator(setup.tokenizer, net)
@@ -460,7 +463,8 @@ def _train_with(
     if accelerator.is_main_process:
         selection = hook.selection() if hook is not None else carried_selection(net, inp.selection)
         final = method.trained_records(net, records)
-        _write_artifact(out, method, net, setup.tokenizer, inp, opts, final, metrics, selection)
+        tokenizer, masks = setup.tokenizer, (pruned, pruned_out)
+        _write_artifact(out, method, net, tokenizer, inp, opts, final, metrics, selection, masks)
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
     return TrainResult(
@@ -680,15 +684,22 @@ def _write_artifact(
     records: dict[str, ModuleRecord],
     metrics: dict[str, Any],
     selection: SelectionRecord | None,
+    masks: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {}),
 ) -> None:
-    """The trained model (live names, tied tensors once), its config and tokenizer, manifest."""
+    """The trained model (live names, tied tensors once), its config and tokenizer, manifest;
+    `masks` (`_pruning_masks`): pruned entries written as zeros, and the masks kept."""
+    zeroed, kept = masks
     config = net.config  # type: ignore[attr-defined]
     config.architectures = [type(net).__name__]
     with atomic_directory(out, overwrite=opts.overwrite) as tmp:
         tensors, _ = unique_state_dict(net)
         with ShardedWriter(tmp, opts.max_shard_size) as writer:
             for key, tensor in tensors.items():
+                if key in zeroed:
+                    tensor = tensor.masked_fill(zeroed[key].to(tensor.device), 0)
                 writer.add(method.file_key(key), tensor)
+            for key, mask in kept.items():
+                writer.add(key, mask)
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         finish_artifact(
@@ -701,6 +712,36 @@ def _write_artifact(
             metrics=metrics,
             selection=selection,
         )
+
+
+# -- pruning masks ------------------------------------------------------------------------------
+
+
+def _pruning_masks(
+    net: nn.Module, inp: StageInput, method: Method
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The input's pruning masks (`M.prune.<param>_mask`, written by `prune`): those of
+    parameters the live model trains or holds directly, by live parameter name (kept at zero by
+    `keep_pruned`), and every mask of a module the model has, by the key the output stores it
+    under (so that `merge` zeroes the merged weight, e.g. a LoRA W + BA, there too)."""
+    with open_tensors(inp.path) as reader:
+        keys = [k for k in reader.keys() if masked_key(k) is not None]
+        if not keys:
+            return {}, {}
+        live = {method.file_key(name): name for name, _ in net.named_parameters()}
+        zeroed: dict[str, Tensor] = {}
+        kept: dict[str, Tensor] = {}
+        for key in keys:
+            module, _, param = str(masked_key(key)).rpartition(".")
+            try:
+                name = f"{resolve_module_name(net, module)}.{param}"
+            except KeyError:
+                continue  # a module the model lacks (an untied LM head): left out with it
+            mask = reader.get(key).bool()
+            kept[mask_key(name)] = mask
+            if name in live:
+                zeroed[live[name]] = mask
+    return zeroed, kept
 
 
 # -- module records and selection --------------------------------------------------------------
