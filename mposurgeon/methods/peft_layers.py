@@ -60,3 +60,20 @@ def fan_in_fan_out(targets: Sequence[Target], method: str) -> bool:
             hint="target one kind (e.g. --layers attention,FFN_1,FFN_2)",
         )
     return kinds == {"conv1d"}
+
+
+def inject_lora(
+    model: nn.Module, names: list[str], rank: int, alpha: float, dropout: float, *, conv1d: bool
+) -> None:
+    """Put PEFT's LoRA layers (rank `rank`, scale alpha / rank) on the modules `names` (whole
+    names) of `model`, in place, under `ADAPTER`."""
+    import peft
+
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=names,
+        fan_in_fan_out=conv1d,
+    )
+    peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)

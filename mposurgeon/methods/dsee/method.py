@@ -28,7 +28,7 @@ from mposurgeon.methods.base import Method, train_only
 from mposurgeon.methods.dsee.config import DEFAULT_LAYERS, DEFAULT_PROJECTIONS, DseeConfig
 from mposurgeon.methods.dsee.record import DseeRecord
 from mposurgeon.methods.dsee.support import godec_support, magnitude_support, random_support
-from mposurgeon.methods.peft_layers import ADAPTER, fan_in_fan_out
+from mposurgeon.methods.peft_layers import ADAPTER, fan_in_fan_out, inject_lora
 from mposurgeon.methods.records import ModuleRecord
 from mposurgeon.models.groups import Target, attention_projection, select_targets
 from mposurgeon.models.layers import ForwardMode
@@ -64,7 +64,7 @@ class DseeMethod(Method):
         weights = {t.name: modules[t.name].weight for t in targets}
         supports = self._supports(targets, weights)
         names = [t.name for t in targets]
-        _inject(model, names, cfg.lora_r, cfg.alpha, cfg.lora_dropout, conv1d=conv1d)
+        inject_lora(model, names, cfg.lora_r, cfg.alpha, cfg.lora_dropout, conv1d=conv1d)
         out: dict[str, ModuleRecord] = {}
         for t in targets:
             weight = weights[t.name]
@@ -174,7 +174,7 @@ class DseeMethod(Method):
         ((rank, alpha),) = settings
         live = {rec.name: resolve_module_name(model, rec.name) for rec in dsee}
         conv1d = any(r.kind == "conv1d" for r in dsee)
-        _inject(model, list(live.values()), rank, alpha, 0.0, conv1d=conv1d)
+        inject_lora(model, list(live.values()), rank, alpha, 0.0, conv1d=conv1d)
         with torch.no_grad():
             for rec in dsee:
                 layer = model.get_submodule(live[rec.name])
@@ -218,19 +218,3 @@ def _sparse_state(record: DseeRecord, tensors: Mapping[str, Tensor]) -> tuple[Te
             hint="re-create the artifact with the stage that made it, or restore it",
         )
     return index, values
-
-
-def _inject(
-    model: nn.Module, names: list[str], rank: int, alpha: float, dropout: float, *, conv1d: bool
-) -> None:
-    """Put PEFT's LoRA layers on the modules `names` (whole names) of `model`, in place."""
-    import peft
-
-    config = peft.LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=names,
-        fan_in_fan_out=conv1d,
-    )
-    peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)

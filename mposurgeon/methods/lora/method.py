@@ -19,7 +19,12 @@ from mposurgeon.errors import ArtifactError, UsageError
 from mposurgeon.methods.base import Method, train_only
 from mposurgeon.methods.lora.config import LoraConfig
 from mposurgeon.methods.lora.record import LoraRecord
-from mposurgeon.methods.peft_layers import ADAPTER, fan_in_fan_out, peft_default_targets
+from mposurgeon.methods.peft_layers import (
+    ADAPTER,
+    fan_in_fan_out,
+    inject_lora,
+    peft_default_targets,
+)
 from mposurgeon.methods.records import ModuleRecord
 from mposurgeon.models.groups import Target, select_targets
 from mposurgeon.models.layers import ForwardMode
@@ -55,7 +60,7 @@ class LoraMethod(Method):
                 f"{len(targets)} matrices trains {per_rank:,} parameters",
                 hint=f"raise --budget to at least {per_rank:,}, or target fewer matrices",
             )
-        _inject(
+        inject_lora(
             model,
             [t.name for t in targets],
             rank,
@@ -122,7 +127,7 @@ class LoraMethod(Method):
             return
         rank, alpha = _rank_alpha(lora)
         live = {rec.name: resolve_module_name(model, rec.name) for rec in lora}
-        _inject(model, list(live.values()), rank, alpha, 0.0,
+        inject_lora(model, list(live.values()), rank, alpha, 0.0,
                 conv1d=any(r.kind == "conv1d" for r in lora))  # fmt: skip
         with torch.no_grad():
             for rec in lora:
@@ -166,19 +171,3 @@ def _rank_alpha(records: Sequence[LoraRecord]) -> tuple[int, float]:
         )
     ((rank, alpha),) = settings
     return rank, alpha
-
-
-def _inject(
-    model: nn.Module, names: list[str], rank: int, alpha: float, dropout: float, *, conv1d: bool
-) -> None:
-    """Put LoRA layers on the modules `names` (whole names) of `model`, in place."""
-    import peft
-
-    config = peft.LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=names,
-        fan_in_fan_out=conv1d,
-    )
-    peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
