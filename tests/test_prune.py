@@ -98,6 +98,12 @@ def test_zeros_survive_train_and_merge(sparse_bert: Path, tmp_path: Path, method
         original = _tensors(sparse_bert)[key.replace(".prune.weight_mask", ".weight")]
         changed += int(not torch.equal(merged_w[~mask], original[~mask]))
     assert changed > 0  # training did change the kept weights
+    from mposurgeon.stages.inspect import inspect
+
+    rows = inspect(merged)["modules"]  # a checkpoint merged from a pruned one: sparsity shown
+    query = next(m for m in rows if m["name"].endswith("layer.0.attention.self.query.weight")
+                 or m["name"].endswith("layer.0.attention.self.query"))  # fmt: skip
+    assert query["sparsity"] == 0.5
 
 
 def test_inspect_reports_sparsity(sparse_bert: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -125,7 +125,7 @@ def test_shipped_recipes_validate_and_plan(name: str, tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
 
 
-#: Recipes too long for the suite (man-sections training: pet-scaling 26 minutes, dsee 10): planned
+#: Recipes too long for the suite (man-sections training: pet-scaling 26 minutes, dsee 15): planned
 #: above, their parts tested on tiny models (tests/test_recipe_sweep.py).
 LONG_RECIPES = {"pet-scaling", "dsee"}
 

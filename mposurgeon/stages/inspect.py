@@ -100,7 +100,9 @@ def _report(reader: TensorReader, manifest: Manifest | None) -> dict[str, Any]:
     }
     masks = {key for key in reader.keys() if masked_key(key) is not None}
     pruning = getattr(manifest, "pruning", None) if manifest else None
-    sparse = bool(masks) or pruning is not None  # a pruned artifact: report every sparsity
+    pruned_before = manifest is not None and any(e.stage == "prune" for e in manifest.lineage)
+    # a pruned artifact, or one made from one (a merge): report every matrix's sparsity
+    sparse = bool(masks) or pruning is not None or pruned_before
     total = mpo = 0
     for key in reader.keys():
         if key in masks:
