@@ -8,7 +8,8 @@ at several learning rates. The figure is eval accuracy after the last epoch; the
 dense `full` fine-tuning at its own default learning rate, measured in the same run.
 
 Opt-in (hours on 2 quiet CPU cores): `python -m benchmarks defaults`; set
-MPOSURGEON_SWEEP_METHODS=lora,ia3 to sweep only those methods. Set
+MPOSURGEON_SWEEP_METHODS=lora,ia3 to sweep only those methods, and
+MPOSURGEON_SWEEP_DEFAULTS_ONLY=1 to run each at its default rate only. Set
 MPOSURGEON_SWEEP_DATA to the folder holding man-sections-{train,eval}.jsonl when it is not
 `../shared/data` beside the repository. Each finished run is appended to
 `benchmarks/defaults-sweep.jsonl` (kept in the repository), and runs found there are not
@@ -72,6 +73,16 @@ def _methods() -> list[str]:
     return names
 
 
+def _rates(method: str) -> tuple[float, ...]:
+    """The rates to try for `method`: GRID's, or with MPOSURGEON_SWEEP_DEFAULTS_ONLY=1 only
+    its default (to fill in the table of every method at its default)."""
+    if os.environ.get("MPOSURGEON_SWEEP_DEFAULTS_ONLY") == "1":
+        from mposurgeon.methods.registry import method_config
+
+        return (method_config(method).default("lr"),)
+    return GRID[method]
+
+
 def _done() -> dict[tuple[str, float], dict[str, Any]]:
     if not LOG.is_file():
         return {}
@@ -90,7 +101,7 @@ def sweep() -> list[dict[str, Any]]:
         root = Path(tmp)
         mpo = root / "mpo"
         for mode in _methods():
-            for lr in GRID[mode]:
+            for lr in _rates(mode):
                 if (mode, lr) in done:
                     continue
                 source = minilm_dir()

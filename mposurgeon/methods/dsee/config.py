@@ -27,7 +27,8 @@ class DseeConfig(MethodConfig):
     starts as the base model; A, B, S's values and the task head train. Per matrix:
     r x (in + out) + sparse_size parameters. Targets: `layers` groups or a `target_modules`
     regex (default: the query and value projections, as the paper). Defaults are the paper's
-    (r 16, alpha 32, 64 entries); the default rate is LoRA's, not yet measured for DSEE."""
+    (r 16, alpha 32, 64 entries). Default rate measured on man-sections (3 epochs): 0.865 at
+    2e-3; 1e-2 diverges (0.214)."""
 
     name: ClassVar[str] = "dsee"
     summary: ClassVar[str] = (

@@ -19,7 +19,9 @@ class PromptTuningConfig(MethodConfig):
     prompt, position ids are dropped, a causal LM's labels get -100 there); only the prompt
     and the task head train. `prompt_init` "vocab" starts it from the embeddings of random
     vocabulary tokens (PEFT's SAMPLE_VOCAB, seeded by the run's seed), "random" from N(0, 1)
-    (PEFT's RANDOM). `budget` picks the length: the largest whose hidden x length fits."""
+    (PEFT's RANDOM). `budget` picks the length: the largest whose hidden x length fits.
+    Default rate measured on man-sections (20 virtual tokens, 3 epochs): 0.754 at 3e-2, 0.736
+    at 3e-1."""
 
     name: ClassVar[str] = "prompt-tuning"
     summary: ClassVar[str] = "virtual tokens prepended to the input, and the head train"
