@@ -17,14 +17,15 @@ class AdapterConfig(MethodConfig):
     """A bottleneck (down to `adapter_size`, GELU, up) after each attention output projection
     and each FFN output projection, added to their output; its up projection starts at zero,
     so the model starts as the base model. Only the adapters and the task head train. `budget`
-    picks the size: the largest whose parameters fit."""
+    picks the size: the largest whose parameters fit. Default rate measured on man-sections (size
+    16, 3 epochs): 0.848 at 3e-3, 0.701 at 1e-3."""
 
     name: ClassVar[str] = "adapter"
     summary: ClassVar[str] = "Houlsby adapters after attention and FFN outputs, and the head train"
     implementation: ClassVar[str] = "mposurgeon.methods.adapter.method:AdapterMethod"
     record: ClassVar[type[AdapterRecord]] = AdapterRecord
 
-    lr: float = Field(1e-3, gt=0, allow_inf_nan=False, description="peak learning rate")
+    lr: float = Field(3e-3, gt=0, allow_inf_nan=False, description="peak learning rate")
     adapter_size: int | None = Field(None, ge=1, description="bottleneck width (16)")
     budget: int | None = Field(None, ge=1, description="the largest size whose parameters fit")
 
