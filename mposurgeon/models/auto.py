@@ -38,7 +38,21 @@ _HEAD_MAPPINGS = {
     "sequence-classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
     "causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
     "seq2seq-lm": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    "base": "MODEL_MAPPING_NAMES",
 }
+
+
+def head_class_name(config: Any, head: str) -> str:
+    """The name of the `transformers` class of `config`'s model type with `head` (a key of
+    `_HEAD_MAPPINGS`: "base" is the model without a head); a KeyError if it has none."""
+    return _mapping(head)[config.model_type]
+
+
+def model_head(model: Any) -> str | None:
+    """The head of a live model, as `trained_head` reads it from a config (by its class)."""
+    name = type(model).__name__
+    heads = ("sequence-classification", "causal-lm", "seq2seq-lm")
+    return next((h for h in heads if name in _mapping(h).values()), None)
 
 
 def _mapping(head: str) -> dict[str, str]:

@@ -49,7 +49,13 @@ from mposurgeon.errors import (
     UsageError,
     one_line,
 )
-from mposurgeon.models.auto import has_head, model_class, quiet_transformers, trained_head
+from mposurgeon.models.auto import (
+    has_head,
+    head_class_name,
+    model_class,
+    quiet_transformers,
+    trained_head,
+)
 from mposurgeon.models.probe import model_output, sample_batch
 from mposurgeon.progress import ProgressCallback
 from mposurgeon.stages.common import (
@@ -87,13 +93,6 @@ TASK_HEADS: dict[str | None, str] = {
     "SEQ_2_SEQ_LM": "seq2seq-lm",
     "FEATURE_EXTRACTION": "base",
     None: "auto",
-}
-#: head -> the transformers mapping of model types to the class with that head.
-_HEAD_CLASSES = {
-    "sequence-classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
-    "causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
-    "seq2seq-lm": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
-    "base": "MODEL_MAPPING_NAMES",
 }
 _FIX_BASE = "pass --base with the model the adapter was trained on (a directory or hub id)"
 
@@ -242,10 +241,9 @@ def head_config(adapter: PeftAdapter, base: StageInput) -> Any:
             f"{adapter.task_type}",
             hint=_FIX_BASE,
         )
-    from transformers.models.auto import modeling_auto
 
     was_classifier = trained_head(config) == "sequence-classification"
-    config.architectures = [getattr(modeling_auto, _HEAD_CLASSES[head])[config.model_type]]
+    config.architectures = [head_class_name(config, head)]
     if head != "sequence-classification":
         return config
     size = _head_size(adapter, config)

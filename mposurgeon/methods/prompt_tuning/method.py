@@ -17,6 +17,7 @@ from mposurgeon.methods.base import Method, input_embeddings, train_only
 from mposurgeon.methods.prompt_tuning.config import PromptTuningConfig
 from mposurgeon.methods.prompt_tuning.record import PromptRecord
 from mposurgeon.methods.records import ModuleRecord
+from mposurgeon.models.auto import model_head
 from mposurgeon.models.layers import ForwardMode
 from mposurgeon.models.surgery import resolve_module_name
 
@@ -113,7 +114,7 @@ def _add_prompt(model: nn.Module, embeddings: nn.Module, start: Tensor) -> None:
     the hooks that prepend it to every input."""
     weight = embeddings.weight
     embeddings.prompt = nn.Parameter(start.to(device=weight.device, dtype=weight.dtype).clone())
-    causal = _is_causal_lm(model)
+    causal = model_head(model) == "causal-lm"
     classifier = not causal and not getattr(model.config, "is_encoder_decoder", False)
     model.register_forward_pre_hook(
         lambda module, args, kwargs: _prepend(embeddings, args, kwargs, causal, classifier),
@@ -173,9 +174,3 @@ def _drop_prompt(output: Any, length: int) -> Any:
     if logits is not None:
         output.logits = logits[:, length:]
     return output
-
-
-def _is_causal_lm(model: nn.Module) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
