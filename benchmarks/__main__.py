@@ -19,6 +19,7 @@ from benchmarks import (
     bench_defaults,
     bench_memory,
     bench_precision,
+    bench_pruning,
     bench_process,
     bench_scaling,
     bench_train,
@@ -39,6 +40,7 @@ SUITES = {
 #: their rows are kept from the previous results.json otherwise.
 OPTIONAL_SUITES = {
     "defaults": bench_defaults.run,
+    "pruning": bench_pruning.run,
 }
 
 

@@ -106,6 +106,44 @@ def test_zeros_survive_train_and_merge(sparse_bert: Path, tmp_path: Path, method
     assert query["sparsity"] == 0.5
 
 
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("lora", {"layers": "attention"}),  # W + B A: the update is dense
+        ("dsee", {"sparse_size": 64, "sparse_init": "random"}),  # its support may hit zeros
+        ("apet", {"budget": 4000}),  # a sparse delta over random entries
+        ("lightweight", {}),  # MPO cores of a pruned matrix
+    ],
+)
+def test_training_sees_the_weights_merge_writes(
+    sparse_bert: Path, tmp_path: Path, method: str, options: dict[str, object]
+) -> None:
+    """Every method trains the pruned merged weight: the live model's final evaluation equals
+    that of the artifact (`load_model`) and of its merged checkpoint, and the updates on the
+    pruned entries got no gradient."""
+    source = sparse_bert
+    if method == "lightweight":
+        source = tmp_path / "mpo"
+        mposurgeon.decompose(sparse_bert, output=source, layers="attention")
+    trained = tmp_path / "trained"
+    result = mposurgeon.train(
+        source, output=trained, method=method, data=TRAIN, eval_data=TRAIN, max_steps=4,
+        batch_size=16, lr=5e-2, seed=1, **options,
+    )  # fmt: skip
+    live = result.metrics["eval_loss"]
+    assert mposurgeon.evaluate(trained, data=TRAIN).metrics["loss"] == pytest.approx(live, 1e-5)
+    merged = tmp_path / "merged"
+    mposurgeon.merge(trained, output=merged)
+    assert mposurgeon.evaluate(merged, data=TRAIN).metrics["loss"] == pytest.approx(live, 1e-5)
+    tensors = _tensors(trained)
+    for key, mask in tensors.items():
+        if key.endswith(".dsee.index") or key.endswith(".apet.index"):
+            module = key.rsplit(".", 2)[0]
+            pruned = tensors[mask_key(f"{module}.weight")].reshape(-1)[mask]
+            values = tensors[key.replace(".index", ".values")]
+            assert pruned.any() and bool((values[pruned] == 0).all()), key
+
+
 def test_inspect_reports_sparsity(sparse_bert: Path, capsys: pytest.CaptureFixture[str]) -> None:
     result = run_cli(capsys, "inspect", sparse_bert, "--json")
     report = json.loads(result.out)

@@ -3,8 +3,9 @@
 Everything that is not a transformed module is loaded by `transformers` itself
 (`from_pretrained` on the artifact directory, which holds a normal config and safetensors
 files); each module record's method then installs its layers (MPO cores become `MPOLinear` /
-`MPOEmbedding` layers). A module with a pruning mask (`prune`) whose method has a dense form
-runs merged instead, its pruned entries zero: what `merge` writes.
+`MPOEmbedding` layers). A module with a pruning mask (`prune`) keeps its layers and computes
+with its pruned entries zero whatever its update holds (`Method.keep_zeros`): what `merge`
+writes, and what training saw.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from torch import nn
 from transformers import AutoConfig
 
 from mposurgeon.artifact.manifest import ModuleRecord, load_artifact
-from mposurgeon.artifact.tensors import TensorReader, open_tensors
+from mposurgeon.artifact.tensors import open_tensors
 from mposurgeon.methods.registry import get_method
 from mposurgeon.models.auto import model_class, quiet_transformers
 from mposurgeon.models.layers import ForwardMode
-from mposurgeon.models.pruning import masked_key
+from mposurgeon.models.pruning import mask_key
 from mposurgeon.models.surgery import resolve_module_name
 
 
@@ -48,32 +49,19 @@ def load_model(
         )
     by_method: dict[str, list[ModuleRecord]] = {}
     with open_tensors(path) as reader:
-        masks = {t: key for key in reader.keys() if (t := masked_key(key)) is not None}
         for rec in manifest.modules.values():
-            if (kept := _within(model, rec)) is None:
-                continue
-            if rec.weight_key in masks and get_method(rec.method).has_dense_form:
-                _load_merged(model, kept, reader, masks)  # pruned: it runs as merge writes it
-            else:
+            if (kept := _within(model, rec)) is not None:
                 by_method.setdefault(rec.method, []).append(kept)
         for method, records in by_method.items():
             get_method(method).install(model, records, reader, forward_mode)
+        keys = set(reader.keys())
+        for records in by_method.values():
+            for rec in records:
+                if (key := mask_key(rec.weight_key)) in keys:
+                    live = resolve_module_name(model, rec.name)
+                    mask = reader.get(key).to(torch.bool)
+                    get_method(rec.method).keep_zeros(model, live, mask, rec.kind)
     return model.eval()
-
-
-@torch.no_grad()
-def _load_merged(
-    model: nn.Module, rec: ModuleRecord, reader: TensorReader, masks: dict[str, str]
-) -> None:
-    """Put the dense tensors of `rec`'s module into `model`, pruned entries zeroed, as
-    `merge` writes them: a pruned module of a method with a separate update (LoRA's B A)
-    keeps its zeros only in merged form."""
-    for key, tensor in get_method(rec.method).dense_tensors(rec, reader).items():
-        if key in masks:
-            tensor = tensor.masked_fill(reader.get(masks[key]).bool(), 0.0)
-        module_name, _, param = key.rpartition(".")
-        target = getattr(model.get_submodule(resolve_module_name(model, module_name)), param)
-        target.copy_(tensor.to(target.dtype))
 
 
 def _within(model: nn.Module, rec: ModuleRecord) -> ModuleRecord | None:

@@ -3,7 +3,8 @@ stored, merged and loaded.
 
 A `Method` is built from its config (`methods/config.py`) by `registry.get_method`. Training
 calls, in order: `check_source` (refuse an input the method cannot train, before any work),
-`prepare` (install the method's layers into the live model), then, each time the optimizer is
+`prepare` (install the method's layers into the live model), `keep_zeros` for each pruned
+module of a `prune` input, then, each time the optimizer is
 built, `set_trainable` and `parameter_groups`, and at the end `trained_records`. The artifact
 side works on the records whose `method` is this method's name (the record class names the
 tensors it owns: `ModuleRecord.tensor_shapes`): `to_dense` and `dense_tensors` (for `merge`)
@@ -21,11 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from mposurgeon.errors import UsageError
 from mposurgeon.methods.config import MethodConfig
 from mposurgeon.methods.records import ModuleRecord
-from mposurgeon.models.layers import ForwardMode
+from mposurgeon.models.layers import ForwardMode, MPOEmbedding, MPOLinear
+from mposurgeon.models.orientation import Kind, as_weight
+from mposurgeon.models.pruning import KeepZeros
 
 _NORM = re.compile(r"(?:Layer|RMS|Group)Norm")
 
@@ -83,6 +87,20 @@ class Method:
             {"name": "decay", "params": decay, "lr": lr, "weight_decay": weight_decay},
             {"name": "no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0},
         ]
+
+    def keep_zeros(self, model: nn.Module, name: str, pruned: Tensor, kind: Kind) -> None:
+        """Make module `name` (live) of a prepared model compute with its pruned entries
+        (`pruned`, bool, its weight as `kind` stores it) zero whatever trains, so training
+        sees the weight that `merge` writes. The stored weight itself is kept at zero by the
+        stage (`keep_pruned`); this covers what is stacked on it: here, MPO layers rebuild
+        their matrix masked, and a weight parametrization (APET's sparse delta) gets
+        `KeepZeros` last."""
+        module = model.get_submodule(name)
+        if isinstance(module, MPOLinear | MPOEmbedding):
+            module.mpo.keep_zeros(as_weight(pruned, kind))  # (out_dim, in_dim), a transpose
+        elif parametrize.is_parametrized(module, "weight"):
+            pruned = pruned.to(module.weight.device)
+            parametrize.register_parametrization(module, "weight", KeepZeros(pruned))
 
     def live_structure(self, model: nn.Module) -> dict[str, Any]:
         """JSON data that `restore_structure` needs to rebuild the method's layers that

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from functools import partial
 
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from mposurgeon.errors import UsageError
 from mposurgeon.models.groups import Target
+from mposurgeon.models.pruning import KeepZerosBeside
 
 #: The adapter name PEFT's layers are injected under (and exported with).
 ADAPTER = "default"
@@ -77,3 +80,14 @@ def inject_lora(
         fan_in_fan_out=conv1d,
     )
     peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+
+
+def keep_lora_zeros(layer: nn.Module, pruned: Tensor) -> None:
+    """Make PEFT's LoRA layer `layer` compute its pruned merged weight ((W + ΔW) with the
+    `pruned` entries zero, W as `layer.base_layer` stores it) by a last parametrization of the
+    base weight (`KeepZerosBeside`); its live name becomes
+    `base_layer.parametrizations.weight.original`."""
+    base = layer.base_layer
+    delta = partial(layer.get_delta_weight, ADAPTER)
+    pruned = pruned.to(base.weight.device)
+    parametrize.register_parametrization(base, "weight", KeepZerosBeside(pruned, delta))

@@ -9,6 +9,9 @@ Forward picks, per call, the cheaper of two exact evaluations by multiply-add co
 reconstruct the dense weight from the cores, or contract the input through the cores. Inside
 `reuse_dense_weights(model)` and without gradients (e.g. evaluating between training steps),
 each dense weight is rebuilt once and reused until a core changes.
+
+A pruned module keeps its zeros through training (`MPOCores.keep_zeros`): the matrix is rebuilt
+with the pruned entries set to zero, and forward always reconstructs.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class MPOCores(nn.Module):
         self.core = nn.ParameterList(nn.Parameter(c) for c in cores)
         self.reuse_matrix = False  # set by `reuse_dense_weights`
         self._kept: tuple[tuple[tuple[int, int], ...], Tensor] | None = None
+        self.pruned: Tensor | None
+        self.register_buffer("pruned", None, persistent=False)  # set by `keep_zeros`
 
     @property
     def cores(self) -> list[Tensor]:
@@ -57,18 +62,29 @@ class MPOCores(nn.Module):
         """Whether `matrix()` now returns a kept copy (reuse on, gradients off)."""
         return self.reuse_matrix and not torch.is_grad_enabled()
 
+    def keep_zeros(self, pruned: Tensor) -> None:
+        """From now on, `matrix()` is zero where `pruned` (bool, (out_dim, in_dim)) is True,
+        whatever the cores hold: a pruned module trained as MPO stays pruned."""
+        if tuple(pruned.shape) != (self.shape.out_dim, self.shape.in_dim):
+            raise ValueError(f"mask of shape {tuple(pruned.shape)} for a {self.shape} MPO")
+        self.pruned = pruned.to(device=self.core[0].device, dtype=torch.bool)
+
     def matrix(self) -> Tensor:
-        """The dense (out_dim, in_dim) matrix the cores represent.
+        """The dense (out_dim, in_dim) matrix the cores represent (pruned entries zero).
 
         While `reuses_matrix`, it is rebuilt only when a core changed since the last call (in
         place, e.g. an optimizer step, or replaced, e.g. moved to another device).
         """
         if not self.reuses_matrix:
-            return to_matrix(self.cores, self.shape)
+            return self._matrix()
         key = tuple((c.data_ptr(), c._version) for c in self.core)
         if self._kept is None or self._kept[0] != key:
-            self._kept = (key, to_matrix(self.cores, self.shape))
+            self._kept = (key, self._matrix())
         return self._kept[1]
+
+    def _matrix(self) -> Tensor:
+        matrix = to_matrix(self.cores, self.shape)
+        return matrix if self.pruned is None else matrix.masked_fill(self.pruned, 0)
 
 
 @contextmanager
@@ -113,6 +129,8 @@ class MPOLinear(nn.Module):
 
     def chosen_mode(self, batch: int) -> Literal["reconstruct", "contract"]:
         """The evaluation this layer uses for `batch` input rows."""
+        if self.mpo.pruned is not None:
+            return "reconstruct"  # the cores alone would fill the pruned entries
         if self.forward_mode != "auto":
             return self.forward_mode
         if self.mpo.reuses_matrix:
@@ -163,6 +181,8 @@ class MPOEmbedding(nn.Module):
         return self.mpo.matrix()
 
     def chosen_mode(self, num_rows: int) -> Literal["reconstruct", "contract"]:
+        if self.mpo.pruned is not None:
+            return "reconstruct"
         if self.forward_mode != "auto":
             return self.forward_mode
         if self.mpo.reuses_matrix:

@@ -18,12 +18,12 @@ This module knows `transformers` configs and the weight-group tables, not files 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mposurgeon.errors import UsageError
 from mposurgeon.models.groups import MODEL_TYPE_ALIASES, Target, attention_projection
@@ -384,3 +384,33 @@ class _Zeroer:
     def _grad(self, grad: Tensor, i: int) -> Tensor:
         mask = self.pairs[i][1]
         return grad.masked_fill(mask.to(grad.device), 0)
+
+
+class KeepZeros(nn.Module):
+    """A weight parametrization (`torch.nn.utils.parametrize`): the weight with its pruned
+    entries (`pruned`, bool, the weight's shape) set to zero, so no update stacked on the stored
+    weight (a sparse delta, say) can fill them; their gradients are zero."""
+
+    def __init__(self, pruned: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("pruned", pruned.to(torch.bool), persistent=False)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight.masked_fill(self.pruned, 0)
+
+
+class KeepZerosBeside(nn.Module):
+    """A weight parametrization for a layer that adds a separate update to its weight's output
+    (LoRA: y = x W^T + x ΔW^T): W becomes (W + ΔW) with the pruned entries zeroed, minus ΔW, so
+    the layer computes the pruned merged weight, x ((W + ΔW) ⊙ kept)^T, as `merge` writes it
+    (exactly while the update sees the same input: LoRA dropout 0). `delta` gives ΔW as the
+    weight stores it, with gradients; it is held as a plain callable, not a submodule."""
+
+    def __init__(self, pruned: Tensor, delta: Callable[[], Tensor]) -> None:
+        super().__init__()
+        self.register_buffer("pruned", pruned.to(torch.bool), persistent=False)
+        self.delta = delta
+
+    def forward(self, weight: Tensor) -> Tensor:
+        delta = self.delta().to(weight.dtype)
+        return (weight + delta).masked_fill(self.pruned, 0) - delta

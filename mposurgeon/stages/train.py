@@ -49,6 +49,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -189,6 +190,7 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions):
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
             raise ValueError("must be at least 1")
         return value
+
     budget_seed: int | None = Field(None, ge=0, description="apet: seeds their choice")
     adapter_size: int | None = Field(None, ge=1, description="adapter: bottleneck width")
     num_virtual_tokens: int | None = Field(
@@ -421,9 +423,12 @@ def _train_with(
     records = _live_records(net, inp, warnings)
     dynamic = _is_dynamic(inp, opts)
     chosen = [] if dynamic else _chosen(net, inp)
-    records.update(method.prepare(net, records, chosen))
+    prepared = method.prepare(net, records, chosen)
+    records.update(prepared)
     pruned, pruned_out = _pruning_masks(net, inp, method)
     keep_pruned(net, pruned)  # a `prune` input's zeros stay zeros
+    for module, mask in _pruned_weights(pruned_out, prepared).items():
+        method.keep_zeros(net, module, mask, prepared[module].kind)  # and so does any update
     if opts.gradient_checkpointing:
         enable_gradient_checkpointing(net, inp.path)
     collator = task.collator(setup.tokenizer, net)
@@ -508,9 +513,7 @@ def _run_with_checkpoints(
         raise
 
 
-def _dry_run(
-    inp: StageInput, method: Method, task: Task, data: TextDataset
-) -> dict[str, Any]:
+def _dry_run(inp: StageInput, method: Method, task: Task, data: TextDataset) -> dict[str, Any]:
     """What `method` would train on the model of `inp`, counted on the `meta` device: the
     model is built from its config (no weight is read), the method prepares it and marks its
     trainable set. An input with MPO modules is refused (their cores are not in the config)."""
@@ -742,6 +745,19 @@ def _pruning_masks(
             if name in live:
                 zeroed[live[name]] = mask
     return zeroed, kept
+
+
+def _pruned_weights(
+    kept: Mapping[str, Tensor], records: Mapping[str, ModuleRecord]
+) -> dict[str, Tensor]:
+    """The weight masks of `kept` (`_pruning_masks`) of the modules in `records` (those the
+    method transformed; `load_model` handled the input's), by live module name."""
+    out: dict[str, Tensor] = {}
+    for key, mask in kept.items():
+        module, _, param = str(masked_key(key)).rpartition(".")
+        if param == "weight" and module in records:
+            out[module] = mask
+    return out
 
 
 # -- module records and selection --------------------------------------------------------------
