@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # what `_LAZY` names, for type checkers and editors
     from mposurgeon.stages.inspect import inspect as inspect
     from mposurgeon.stages.merge import MergeOptions as MergeOptions
     from mposurgeon.stages.merge import merge as merge
+    from mposurgeon.stages.moe import MoeOptions as MoeOptions
+    from mposurgeon.stages.moe import moe as moe
     from mposurgeon.stages.prune import PruneOptions as PruneOptions
     from mposurgeon.stages.prune import prune as prune
     from mposurgeon.stages.recipe import run_recipe as run_recipe

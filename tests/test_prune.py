@@ -191,6 +191,47 @@ def test_ffn_neurons_on_minilm(minilm_dir: Path, tmp_path: Path) -> None:
 # --- structured: heads ------------------------------------------------------------------------
 
 
+def test_fisher_removes_the_neurons_of_least_squared_gradient(
+    tiny_classifier_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """--score fisher with batches of one row: the neurons removed are, per layer, those whose
+    FFN weights have the smallest sum over rows of squared loss gradients, computed here on
+    the same model, one row at a time."""
+    from mposurgeon.training.data import read_dataset
+    from mposurgeon.training.model import training_model
+    from mposurgeon.training.tasks import get_task
+
+    src = tiny_classifier_dir("bert")
+    result = mposurgeon.prune(
+        src, output=tmp_path / "f", ffn_neurons=5, score="fisher", data=TRAIN, batch_size=1,
+        max_batches=10_000,
+    )  # fmt: skip
+    dataset = read_dataset(TRAIN)
+    task = get_task(dataset.task)
+    setup = training_model(src, is_artifact=False, task=task, data=dataset, seed=0)
+    net = setup.model.eval()
+    rows = task.encode(dataset, setup.tokenizer, 128)
+    collate = task.collator(setup.tokenizer, net)
+    layers = net.bert.encoder.layer
+    fisher = [torch.zeros(layer.intermediate.dense.out_features, dtype=torch.float64)
+              for layer in layers]  # fmt: skip
+    for row in rows:
+        net.zero_grad(set_to_none=True)
+        net(**collate([row])).loss.backward()
+        for i, layer in enumerate(layers):
+            up, down = layer.intermediate.dense.weight.grad, layer.output.dense.weight.grad
+            fisher[i] += up.double().square().sum(1) + down.double().square().sum(0)
+    (units,) = result.units
+    assert len(units.per_block) == len(fisher), units.per_block
+    for i, (name, dropped) in enumerate(units.per_block.items()):
+        assert name.endswith(f".layer.{i}"), name
+        scores = fisher[i]
+        expected = sorted(torch.sort(scores, stable=True).indices[:5].tolist())
+        assert dropped == expected, name
+    magnitude = mposurgeon.prune(src, output=tmp_path / "m", ffn_neurons=5).units[0].per_block
+    assert magnitude != units.per_block  # the scores do rank differently
+
+
 def test_llama_heads_removed_by_the_formula(tiny_model_dir, tmp_path: Path) -> None:
     src = tiny_model_dir("llama")
     out = tmp_path / "heads"

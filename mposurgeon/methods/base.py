@@ -102,6 +102,19 @@ class Method:
             pruned = pruned.to(module.weight.device)
             parametrize.register_parametrization(module, "weight", KeepZeros(pruned))
 
+    def training_loss(self, model: nn.Module) -> Tensor | None:
+        """A loss the method adds to the task's after each forward in training (MPOE's
+        load-balancing loss), or None."""
+        return None
+
+    def before_optimizer_step(self, model: nn.Module, step: int, seed: int) -> None:
+        """Called with the gradients of optimizer step `step` (0-based) in place, before the
+        step (MPOE's gradient mask); `seed` is the run's."""
+
+    def training_metrics(self, model: nn.Module) -> dict[str, Any]:
+        """JSON metrics the method adds to the trained artifact's (MPOE's expert load)."""
+        return {}
+
     def live_structure(self, model: nn.Module) -> dict[str, Any]:
         """JSON data that `restore_structure` needs to rebuild the method's layers that
         training added to a freshly prepared model (checkpoints of a run)."""

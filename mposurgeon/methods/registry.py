@@ -22,6 +22,7 @@ from mposurgeon.methods.ia3.config import Ia3Config
 from mposurgeon.methods.lightweight.config import LightweightConfig
 from mposurgeon.methods.lora.config import LoraConfig
 from mposurgeon.methods.mpo.config import MPOConfig
+from mposurgeon.methods.mpoe.config import MPOEConfig
 from mposurgeon.methods.overparam.config import OverparamConfig
 from mposurgeon.methods.prefix_tuning.config import PrefixTuningConfig
 from mposurgeon.methods.prompt_tuning.config import PromptTuningConfig
@@ -43,6 +44,7 @@ REGISTERED: tuple[type[MethodConfig], ...] = (
     BitFitConfig,
     ApetConfig,
     AdapterConfig,
+    MPOEConfig,
     MPOConfig,
 )
 

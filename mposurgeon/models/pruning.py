@@ -127,7 +127,7 @@ class UnitBlock:
         return [s.key for s in self.slices]
 
 
-def _layer_key(name: str) -> str:
+def layer_key(name: str) -> str:
     """The block a module lies in: its name up to the last numbered component."""
     match = re.match(r"^(.*\.\d+)(?:\.|$)", name)
     return match.group(1) if match else ""
@@ -163,7 +163,7 @@ def ffn_blocks(targets: Sequence[Target]) -> list[UnitBlock]:
     for t in targets:
         if t.group not in ("FFN_1", "FFN_2"):
             continue
-        key = _layer_key(t.name)
+        key = layer_key(t.name)
         width = t.out_dim if t.group == "FFN_1" else t.in_dim
         block = blocks.setdefault(key, UnitBlock(name=key, kind="ffn", num_units=width))
         if block.num_units != width:

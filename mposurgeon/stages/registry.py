@@ -69,6 +69,12 @@ STAGES: tuple[Stage, ...] = (
         command_module="mposurgeon.cli.prune",
     ),
     Stage(
+        name="moe",
+        module="mposurgeon.stages.moe",
+        options="MoeOptions",
+        command_module="mposurgeon.cli.moe",
+    ),
+    Stage(
         name="select",
         module="mposurgeon.stages.select",
         options="SelectOptions",

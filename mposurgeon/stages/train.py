@@ -461,6 +461,7 @@ def _train_with(
         opts, task, run, state, net, records, accelerator.num_processes, resumed_from
     )
     metrics["precision"] = precision_of(accelerator)
+    metrics.update(method.training_metrics(net))
     metrics["data"] = {
         "train": train_data.record(),
         "eval": eval_data.record() if eval_data is not None else None,

@@ -421,7 +421,8 @@ class TrainingRun:
             last = i + 1 == start + size
             with nullcontext() if last else acc.no_sync(self.model):
                 loss = self.model(**model_inputs(self.unwrapped, batch)).loss
-                acc.backward(loss / size)
+                extra = self.method.training_loss(self.unwrapped)
+                acc.backward((loss if extra is None else loss + extra) / size)
             pending.append(loss.detach())
             state.batch_in_epoch += 1
             if state.batch_in_epoch == n:
@@ -440,6 +441,7 @@ class TrainingRun:
                     return
 
     def _optimizer_step(self) -> None:
+        self.method.before_optimizer_step(self.unwrapped, self.state.step, self.config.seed)
         if self.config.max_grad_norm is not None:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         self.optimizer.step()

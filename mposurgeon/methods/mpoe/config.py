@@ -1,0 +1,33 @@
+"""`mpoe` (Gao et al., 2022): the training options of an MPO mixture of experts."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from mposurgeon.methods.config import MethodConfig
+from mposurgeon.methods.mpoe.record import MPOERecord
+
+
+class MPOEConfig(MethodConfig):
+    """Trains an MPOE artifact (`mposurgeon moe`): the routers, every expert's auxiliary cores
+    and the shared central core, whose gradient is dropped each step with probability
+    `grad_mask_p` (the paper's gradient mask: the central core sees every expert's tokens),
+    plus the Switch load-balancing loss times `balance_coef`; the task head trains too."""
+
+    name: ClassVar[str] = "mpoe"
+    summary: ClassVar[str] = (
+        "MPO mixture of experts (from `moe`): routers, expert cores and the shared central "
+        "core train"
+    )
+    implementation: ClassVar[str] = "mposurgeon.methods.mpoe.method:MPOEMethod"
+    record: ClassVar[type[MPOERecord]] = MPOERecord
+
+    lr: float = Field(1e-4, gt=0, allow_inf_nan=False, description="peak learning rate")
+    grad_mask_p: float = Field(
+        0.0, ge=0, le=1, description="probability of dropping the central core's gradient"
+    )
+    balance_coef: float = Field(
+        0.01, ge=0, allow_inf_nan=False, description="weight of the load-balancing loss"
+    )
