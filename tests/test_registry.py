@@ -80,7 +80,7 @@ def test_eval_is_public_as_evaluate_without_shadowing_the_builtin() -> None:
 
 def test_a_recipe_knows_exactly_the_registered_stages(tmp_path: Path) -> None:
     assert set(BY_NAME) == {
-        "decompose", "truncate", "prune", "select", "train", "eval", "merge", "inspect"
+        "decompose", "truncate", "prune", "moe", "select", "train", "eval", "merge", "inspect"
     }  # fmt: skip
     with pytest.raises(TypeError, match="no options class"):
         BY_NAME["inspect"].options_class()  # writes nothing

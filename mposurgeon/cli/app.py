@@ -46,9 +46,7 @@ def _add_commands() -> None:
     for stage in STAGES:
         app.command(stage.name)(getattr(import_module(stage.command_module), stage.command))
     app.command("run")(run_command)
-    app.command("export-peft")(
-        import_module("mposurgeon.cli.export_peft").export_peft_command
-    )
+    app.command("export-peft")(import_module("mposurgeon.cli.export_peft").export_peft_command)
 
 
 _add_commands()

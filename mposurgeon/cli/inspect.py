@@ -80,6 +80,8 @@ def render_report(report: dict[str, Any], all_modules: bool) -> None:
     if p.get("trainable") is not None:
         line += f"; trainable {fmt_int(p['trainable'])}"
     stdout.print(line)
+    if report.get("experts"):
+        _print_experts(report["experts"])
     metrics = report.get("metrics") or {}
     if "steps" in metrics:  # a train stage's metrics (the manifest requires them all together)
         from mposurgeon.cli.train import metrics_lines
@@ -122,3 +124,18 @@ def _print_sparsity(dense: list[dict[str, Any]], all_modules: bool) -> None:
         )
     else:
         stdout.print(f"sparsity: no matrix holds exact zeros ({len(dense)} matrices)")
+
+
+def _print_experts(moe: dict[str, Any]) -> None:
+    """The mixtures of experts: counts, parameters, and each block's training load."""
+    p = moe["params"]
+    stdout.print(
+        f"experts: {moe['experts']} per matrix in {moe['blocks']} FFN blocks (top-{moe['top_k']}, "
+        f"{moe['gate']} gates); parameters: shared central cores {fmt_int(p['shared'])}, "
+        f"{fmt_int(p['per_expert'])} per expert, routers {fmt_int(p['routers'])}, total "
+        f"{fmt_int(p['mpoe'])} ({p['dense_experts'] / max(p['mpoe'], 1):.1f}x fewer than "
+        f"{moe['experts']} dense experts: {fmt_int(p['dense_experts'])})"
+    )
+    for block, load in (moe.get("load") or {}).items():
+        shares = " ".join(f"{v:.2f}" for v in load)
+        stdout.print(f"  load {block}: {shares}")

@@ -121,9 +121,7 @@ _SCORES = (
 def eval_line(task: str, scores: dict[str, Any]) -> str:
     """An evaluation's figures as one line (`train`'s last evaluation, `eval`); a figure
     absent or None (an artifact trained before it was recorded) is left out."""
-    parts = [
-        f"{label} {scores[key]:.4f}" for key, label in _SCORES if scores.get(key) is not None
-    ]
+    parts = [f"{label} {scores[key]:.4f}" for key, label in _SCORES if scores.get(key) is not None]
     counts = f"{scores['rows']} rows" if scores.get("rows") is not None else ""
     if scores.get("tokens") is not None:
         counts += f", {scores['tokens']} tokens"

@@ -165,6 +165,18 @@ def train_command(
             "low-rank + sparse split of W, default), magnitude (largest |W|) or random.",
         ),
     ] = None,
+    grad_mask_p: Annotated[
+        float | None,
+        typer.Option(
+            "--grad-mask-p",
+            help="mpoe: drop the shared central core's gradient with this probability each "
+            "step (0: always update, default; 1: frozen).",
+        ),
+    ] = None,
+    balance_coef: Annotated[
+        float | None,
+        typer.Option("--balance-coef", help="mpoe: weight of the load-balancing loss (0.01)."),
+    ] = None,
     budget: Annotated[
         str | None,
         typer.Option(
@@ -268,6 +280,8 @@ def train_command(
         lora_dropout=lora_dropout,
         sparse_size=sparse_size,
         sparse_init=sparse_init,  # type: ignore[arg-type]
+        grad_mask_p=grad_mask_p,
+        balance_coef=balance_coef,
         budget=budget,
         budget_seed=budget_seed,
         adapter_size=adapter_size,

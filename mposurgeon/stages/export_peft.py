@@ -112,8 +112,7 @@ def _peft_method(path: Path, records: list[ModuleRecord]) -> Method:
     known = [name for name in method_names(training=True) if get_method(name).exports_to_peft]
     what = f"modules of {', '.join(names)}" if names else "no transformed modules"
     raise UsageError(
-        f"{path} has {what}: a PEFT adapter holds one method PEFT knows "
-        f"({', '.join(known)})",
+        f"{path} has {what}: a PEFT adapter holds one method PEFT knows ({', '.join(known)})",
         hint="merge gives a dense checkpoint of any artifact with a dense form",
     )
 

@@ -17,8 +17,9 @@ from mposurgeon.artifact.manifest import Manifest, load_artifact
 from mposurgeon.artifact.resolve import resolve_model
 from mposurgeon.artifact.tensors import TensorReader, open_tensors
 from mposurgeon.errors import UsageError
-from mposurgeon.methods.mpo.record import MPORecord
+from mposurgeon.methods.mpo.record import FactorizedRecord, MPORecord
 from mposurgeon.methods.mpo.state import record_cores
+from mposurgeon.methods.mpoe.record import MPOERecord
 from mposurgeon.models.pruning import masked_key
 from mposurgeon.mpo.decomposition import bond_spectra
 from mposurgeon.plot import (
@@ -86,15 +87,14 @@ def plot_kind(stage: str | None) -> str:
 
 def _report(reader: TensorReader, manifest: Manifest | None) -> dict[str, Any]:
     records = dict(manifest.modules) if manifest else {}
-    modules = [_mpo_row(rec) for rec in records.values() if isinstance(rec, MPORecord)]
-    mpo_keys = {
-        key for rec in records.values() if isinstance(rec, MPORecord) for key in rec.tensor_shapes()
-    }
+    factorized = [rec for rec in records.values() if isinstance(rec, FactorizedRecord)]
+    modules = [_mpo_row(rec) for rec in factorized]
+    mpo_keys = {key for rec in factorized for key in rec.tensor_shapes()}
     # other methods' own tensors (LoRA factors, APET positions) are no dense matrices
     extra = {
         key
         for rec in records.values()
-        if not isinstance(rec, MPORecord)
+        if not isinstance(rec, FactorizedRecord)
         for key in rec.tensor_shapes()
         if key != rec.weight_key
     }
@@ -134,11 +134,46 @@ def _report(reader: TensorReader, manifest: Manifest | None) -> dict[str, Any]:
             report["selection"] = selection
     if sparse:
         report["pruning"] = pruning if pruning is not None else {"masks": len(masks)}
+    experts = [r for r in records.values() if isinstance(r, MPOERecord)]
+    if experts:
+        report["experts"] = _experts(experts, (manifest.metrics or {}) if manifest else {})
     return report
 
 
-def _mpo_row(rec: MPORecord) -> dict[str, Any]:
+def _experts(records: list[MPOERecord], metrics: dict[str, Any]) -> dict[str, Any]:
+    """The mixtures of experts: counts, parameters (`shared`: central cores, once;
+    `per_expert`: one expert's auxiliary cores; `dense_experts`: E dense copies of the same
+    matrices plus the routers, as Switch-style upcycling would hold) and the training load."""
+    first = records[0]
+    shared = per_expert = routers = dense = 0
+    for rec in records:
+        shapes = rec.tensor_shapes()
+        central = math.prod(shapes.pop(rec.central_key()))
+        if rec.owns_router:
+            routers += math.prod(shapes.pop(f"{rec.router}.weight"))
+        shared += central
+        per_expert += sum(math.prod(s) for s in shapes.values()) // rec.experts
+        dense += rec.dense_params
+    mpoe = shared + first.experts * per_expert + routers
     return {
+        "experts": first.experts,
+        "top_k": first.top_k,
+        "gate": first.gate,
+        "blocks": sum(r.owns_router for r in records),
+        "matrices": len(records),
+        "params": {
+            "shared": shared,
+            "per_expert": per_expert,
+            "routers": routers,
+            "mpoe": mpoe,
+            "dense_experts": first.experts * dense + routers,
+        },
+        "load": metrics.get("expert_load"),
+    }
+
+
+def _mpo_row(rec: FactorizedRecord) -> dict[str, Any]:
+    row = {
         "name": rec.name,
         "kind": "mpo",
         "layer": rec.kind,
@@ -148,7 +183,7 @@ def _mpo_row(rec: MPORecord) -> dict[str, Any]:
         "padding": [rec.out_padding, rec.in_padding],
         "bonds": rec.bonds,
         "central_index": rec.central_index,
-        "trainable": rec.trainable,
+        "trainable": rec.trainable if isinstance(rec, MPORecord) else None,
         "params": rec.params,
         "dense_params": rec.dense_params,
         "overparam_factor": rec.params / rec.dense_params,
@@ -157,6 +192,10 @@ def _mpo_row(rec: MPORecord) -> dict[str, Any]:
         "entropy": rec.entropy,
         "tied_keys": rec.tied_keys,
     }
+    if isinstance(rec, MPOERecord):
+        row["experts"] = rec.experts
+        row["role"] = rec.role
+    return row
 
 
 def _dense_row(key: str, reader: TensorReader, *, sparsity: bool = False) -> dict[str, Any]:

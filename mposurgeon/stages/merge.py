@@ -8,6 +8,12 @@ transposed back) and dtype; copy config and tokenizer. With
 `verify`, run the factorized and the merged model on the same sample input before publishing:
 if they differ, nothing is written and the stage fails with exit code 3.
 
+An MPO mixture of experts (`moe`) has no dense form: its model is written as the
+`transformers` MoE class of its architecture (`models/moe_export.py`: Llama-family models
+become Mixtral, T5 Switch Transformers), each expert's dense weights and each router renamed
+to that class's tensors, and its config replaced by the class's; other architectures are
+refused (they run through `load_model`).
+
 A PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`) is merged into its
 base model (`--base`, else the one its config records): `stages/peft_adapter.py`.
 """
@@ -22,13 +28,18 @@ import torch
 from pydantic import Field
 from transformers import AutoConfig, AutoTokenizer
 
+from mposurgeon.artifact.config import read_config
 from mposurgeon.artifact.load import load_model
 from mposurgeon.artifact.manifest import ModuleRecord
 from mposurgeon.artifact.store import VOCABULARY_FILES, atomic_directory, copy_model_files
 from mposurgeon.artifact.tensors import ShardedWriter, TensorReader, open_tensors
 from mposurgeon.errors import ArtifactError, UsageError, VerificationError
+from mposurgeon.methods.mpoe.record import MPOERecord
+from mposurgeon.methods.mpoe.state import expert_weight
 from mposurgeon.methods.registry import get_method
 from mposurgeon.models.auto import model_class, quiet_transformers
+from mposurgeon.models.layout import ModelLayout
+from mposurgeon.models.moe_export import MoEExport, MoESpec, moe_export
 from mposurgeon.models.probe import OutputComparison, compare_outputs, model_output, sample_batch
 from mposurgeon.models.pruning import masked_key
 from mposurgeon.progress import ProgressCallback
@@ -72,6 +83,7 @@ class MergeResult:
     comparison: OutputComparison | None = None
     peft_type: str | None = None  # a PEFT adapter's (LORA, IA3), merged into `base`
     base: str | None = None
+    architecture: str | None = None  # the MoE class a mixture of experts was written as
 
 
 def merge(
@@ -103,17 +115,21 @@ def merge(
     # Before any work: the config must match the tensors, and each module its kind in the
     # model (merge orients the weight by it) and a float dtype to write.
     shapes = tensor_shapes(inp)
-    check_mpo_records(model_layout(inp.path, shapes), records, shapes)
+    layout = model_layout(inp.path, shapes)
+    check_mpo_records(layout, records, shapes)
+    moe = _moe_export(inp.path, layout, shapes, records)  # experts: an MoE checkpoint
     for rec in records.values():
         method = get_method(rec.method)
-        if not method.has_dense_form:
+        if not method.has_dense_form and not isinstance(rec, MPOERecord):
             raise method.no_dense_form(rec)
         _dtype_of(rec, opts.dtype)
     out = plan_output(inp, opts, "merge")
     comparison = None
     with atomic_directory(out, overwrite=opts.overwrite) as tmp, verified_input(inp):
         with open_tensors(inp.path) as reader, ShardedWriter(tmp, opts.max_shard_size) as writer:
-            merged = _write_dense(reader, records, writer, opts, progress)
+            merged = _write_dense(reader, records, writer, opts, progress, moe)
+        if moe is not None:
+            moe.config.save_pretrained(tmp)  # before the copy, which keeps it
         copy_model_files(inp.path, tmp)
         if opts.verify:
             comparison = verify_merge(inp.path, tmp)
@@ -127,7 +143,31 @@ def merge(
             known_checksums=writer.checksums(),
             metrics=metrics,
         )
-    return MergeResult(output=out, merged_modules=merged, comparison=comparison)
+    architecture = moe.architecture if moe is not None else None
+    return MergeResult(
+        output=out, merged_modules=merged, comparison=comparison, architecture=architecture
+    )
+
+
+def _moe_export(
+    path: Path,
+    layout: ModelLayout,
+    shapes: dict[str, tuple[int, ...]],
+    records: dict[str, ModuleRecord],
+) -> MoEExport | None:
+    """The MoE checkpoint the artifact's mixture of experts becomes; None without one.
+    Refuses an architecture with no MoE class in transformers, and a mixture that class
+    cannot compute, before any work."""
+    experts = {n: r for n, r in records.items() if isinstance(r, MPOERecord)}
+    if not experts:
+        return None
+    specs = {n: MoESpec(r.experts, r.top_k, r.gate) for n, r in experts.items()}
+    file_keys = set(shapes) | {rec.weight_key for rec in records.values()}
+    export = moe_export(layout, file_keys, read_config(path), specs)
+    if export is None:
+        rec = next(iter(experts.values()))
+        raise get_method(rec.method).no_dense_form(rec)
+    return export
 
 
 def _write_dense(
@@ -136,9 +176,11 @@ def _write_dense(
     writer: ShardedWriter,
     opts: MergeOptions,
     progress: ProgressCallback | None,
+    moe: MoEExport | None = None,
 ) -> int:
-    """Stream every tensor to `writer`, writing each module's dense weight where its first
-    tensor was; return the number of modules merged."""
+    """Stream every tensor to `writer`, writing each module's dense weight (a mixture of
+    experts': its experts' and router's, as `moe` names them) where its first tensor was;
+    return the number of modules merged."""
     keys = reader.keys()
     owner = {key: rec for rec in records.values() for key in rec.tensor_shapes()}
     # pruning masks (`prune`): every tensor written is zero where its mask says, and the
@@ -156,7 +198,11 @@ def _write_dense(
                 tensor = tensor.to(getattr(torch, opts.dtype))
             writer.add(key, _masked(key, tensor, masks, reader))
         elif key == next(iter(rec.tensor_shapes())):
-            for name, tensor in dense_tensors(rec, reader, opts.dtype).items():
+            if isinstance(rec, MPOERecord) and moe is not None:
+                tensors = expert_tensors(rec, reader, moe, opts.dtype)
+            else:
+                tensors = dense_tensors(rec, reader, opts.dtype)
+            for name, tensor in tensors.items():
                 writer.add(name, _masked(name, tensor, masks, reader))
             merged += 1
         if progress:
@@ -194,6 +240,21 @@ def dense_tensors(
     to = _dtype_of(rec, dtype)
     tensors = get_method(rec.method).dense_tensors(rec, reader)
     return {name: t.to(to).contiguous() for name, t in tensors.items()}
+
+
+def expert_tensors(
+    rec: MPOERecord, reader: TensorReader, moe: MoEExport, dtype: str = "auto"
+) -> dict[str, torch.Tensor]:
+    """The tensors of the MoE checkpoint one MPOE matrix gives, by name: each expert's dense
+    weight, and the block's router weight (E, d_model) if the record owns it, in `dtype`."""
+    to = _dtype_of(rec, dtype)
+    out = {
+        moe.expert_key(rec.name, e): expert_weight(rec, reader, e).to(to).contiguous()
+        for e in range(rec.experts)
+    }
+    if rec.owns_router:
+        out[moe.router_key(rec.router)] = reader.get(f"{rec.router}.weight").to(to)
+    return out
 
 
 def _dtype_of(rec: ModuleRecord, dtype: str = "auto") -> torch.dtype:

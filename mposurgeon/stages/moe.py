@@ -174,7 +174,7 @@ def _blocks(inp: StageInput, opts: MoeOptions) -> list[MoeBlock]:
     projection (FFN_1: `in`, FFN_2: `out`), validated."""
     shapes = tensor_shapes(inp)
     layout = model_layout(inp.path, shapes)
-    file_keys = set(shapes) | {rec.weight_key for rec in inp.mpo_modules.values()}
+    file_keys = set(shapes) | {rec.weight_key for rec in inp.modules.values()}
     chosen = opts.layers is not None or opts.target_modules is not None
     targets = select_targets(
         layout,
@@ -195,7 +195,7 @@ def _blocks(inp: StageInput, opts: MoeOptions) -> list[MoeBlock]:
         rec = owned[taken[0].name]
         raise UsageError(
             f"{taken[0].name} is held by the {rec.method} method in {inp.path}",
-            hint=f"merge first (mposurgeon merge {inp.path}), then upcycle the merged checkpoint",
+            hint="moe takes dense or MPO matrices: upcycle a merged checkpoint, or the base one",
         )
     by_layer: dict[str, list[Target]] = {}
     for t in targets:
@@ -352,7 +352,7 @@ def _record(
     params = central + opts.experts * (sum(sizes) - central)
     if owns:
         params += opts.experts * block.d_model
-    fields = base.model_dump(exclude={"method", "params", "trainable"})
+    fields = base.model_dump(exclude={"method", "params", "trainable"})  # an MPO record's
     return MPOERecord(
         **fields,
         params=params,

@@ -175,6 +175,12 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions):
     sparse_init: Literal["godec", "magnitude", "random"] | None = Field(
         None, description="dsee: how the support of the sparse update is chosen"
     )
+    grad_mask_p: float | None = Field(
+        None, ge=0, le=1, description="mpoe: probability of dropping the central core's gradient"
+    )
+    balance_coef: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="mpoe: weight of the load-balancing loss"
+    )
     budget: int | str | None = Field(
         None,
         description="apet: elements that train; lora, adapter: sets rank / size; a method "

@@ -144,8 +144,7 @@ def trained_task(path: Path, config: Any, task: str | None = None) -> Task:
         )
     if getattr(config, "problem_type", None) == "multi_label_classification":
         raise UsageError(
-            f"{path} has a multi-label classification head: eval scores single-label "
-            "classification"
+            f"{path} has a multi-label classification head: eval scores single-label classification"
         )
     if task is not None and task != found:
         raise UsageError(

@@ -25,10 +25,10 @@ def core_key(module: str, index: int) -> str:
     return f"{module}.mpo.core.{index}"
 
 
-class MPORecord(ModuleRecord):
-    """One weight matrix held as MPO cores, with the structure and errors of its MPO."""
+class FactorizedRecord(ModuleRecord):
+    """The structure and errors of a matrix's MPO, whatever holds the cores (`MPORecord`:
+    one MPO; MPOE: experts sharing its central core)."""
 
-    method: Literal["mpo"] = "mpo"
     out_dim: PositiveInt
     in_dim: PositiveInt
     out_modes: list[PositiveInt]
@@ -37,7 +37,6 @@ class MPORecord(ModuleRecord):
     in_padding: NonNegativeInt
     bonds: list[PositiveInt]
     central_index: int
-    trainable: list[int] = []
     rel_error: float | None = None
     predicted_error: float | None = None
     entropy: list[float] = []
@@ -51,25 +50,15 @@ class MPORecord(ModuleRecord):
         """The matrix dims and modes of this module's MPO."""
         return MPOShape(self.out_dim, self.in_dim, tuple(self.out_modes), tuple(self.in_modes))
 
-    def core_keys(self) -> list[str]:
-        """The tensor names of this module's cores, in order."""
-        return [core_key(self.name, k) for k in range(self.num_cores)]
-
-    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Each core's tensor name and the shape its bonds and modes give."""
+    def core_shapes(self) -> list[tuple[int, int, int, int]]:
+        """Each core's shape, (bonds[k], out_modes[k], in_modes[k], bonds[k + 1])."""
         b = self.bonds
-        return {
-            core_key(self.name, k): (b[k], self.out_modes[k], self.in_modes[k], b[k + 1])
-            for k in range(self.num_cores)
-        }
-
-    @classmethod
-    def tensor_owner(cls, key: str) -> str | None:
-        match = CORE_KEY.fullmatch(key)
-        return match["module"] if match else None
+        return [
+            (b[k], self.out_modes[k], self.in_modes[k], b[k + 1]) for k in range(self.num_cores)
+        ]
 
     @model_validator(mode="after")
-    def _consistent(self) -> MPORecord:
+    def _consistent(self) -> FactorizedRecord:
         n = len(self.out_modes)
         problems: list[tuple[str, str]] = []
         if len(self.in_modes) != n or n == 0:
@@ -85,8 +74,6 @@ class MPORecord(ModuleRecord):
             problems.append(("bonds", f"{self.bonds} should start and end with 1"))
         if not 0 <= self.central_index < max(n, 1):
             problems.append(("central_index", f"{self.central_index} is not a core index"))
-        if any(not 0 <= i < n for i in self.trainable):
-            problems.append(("trainable", f"{self.trainable} names cores outside 0..{n - 1}"))
         if self.out_modes and math.prod(self.out_modes) != self.out_dim + self.out_padding:
             problems.append(
                 ("out_modes", f"{self.out_modes} do not multiply to out_dim + out_padding")
@@ -95,4 +82,31 @@ class MPORecord(ModuleRecord):
             problems.append(("in_modes", f"{self.in_modes} do not multiply to in_dim + in_padding"))
         problems += self.check_weight(self.out_dim, self.in_dim)
         raise_problems(problems)
+        return self
+
+
+class MPORecord(FactorizedRecord):
+    """One weight matrix held as MPO cores, with the structure and errors of its MPO."""
+
+    method: Literal["mpo"] = "mpo"
+    trainable: list[int] = []
+
+    def core_keys(self) -> list[str]:
+        """The tensor names of this module's cores, in order."""
+        return [core_key(self.name, k) for k in range(self.num_cores)]
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each core's tensor name and the shape its bonds and modes give."""
+        return dict(zip(self.core_keys(), self.core_shapes(), strict=True))
+
+    @classmethod
+    def tensor_owner(cls, key: str) -> str | None:
+        match = CORE_KEY.fullmatch(key)
+        return match["module"] if match else None
+
+    @model_validator(mode="after")
+    def _trainable_cores(self) -> MPORecord:
+        n = self.num_cores
+        if any(not 0 <= i < n for i in self.trainable):
+            raise_problems([("trainable", f"{self.trainable} names cores outside 0..{n - 1}")])
         return self

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import NonNegativeFloat, PositiveInt, model_validator
 
-from mposurgeon.methods.mpo.record import MPORecord
+from mposurgeon.methods.mpo.record import FactorizedRecord
 from mposurgeon.methods.records import raise_problems
 
 #: Tensor names of MPOE state: `<module>.mpoe.central`, `<module>.mpoe.experts.<e>.<k>`.
@@ -24,10 +24,10 @@ MPOE_KEY = re.compile(r"(?P<module>.+)\.mpoe\.(?:central|experts\.\d+\.\d+)")
 ROUTER_KEY = re.compile(r"(?P<module>.+\.mpoe_router)\.weight")
 
 
-class MPOERecord(MPORecord):
+class MPOERecord(FactorizedRecord):
     """A matrix as E experts sharing its central core (see the module doc)."""
 
-    method: Literal["mpoe"] = "mpoe"  # type: ignore[assignment]
+    method: Literal["mpoe"] = "mpoe"
     experts: PositiveInt
     role: Literal["in", "out"]
     top_k: PositiveInt = 1
@@ -50,8 +50,8 @@ class MPOERecord(MPORecord):
         return f"{self.name}.mpoe.experts.{expert}.{core}"
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        b, c = self.bonds, self.central_index
-        core = {k: (b[k], self.out_modes[k], self.in_modes[k], b[k + 1]) for k in range(len(b) - 1)}
+        c = self.central_index
+        core = dict(enumerate(self.core_shapes()))
         shapes = {self.central_key(): core[c]}
         for e in range(self.experts):
             for k in core:
