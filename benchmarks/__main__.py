@@ -18,9 +18,10 @@ from benchmarks import (
     bench_decompose,
     bench_defaults,
     bench_memory,
+    bench_mpoe,
     bench_precision,
-    bench_pruning,
     bench_process,
+    bench_pruning,
     bench_scaling,
     bench_train,
     bench_truncation,
@@ -41,6 +42,7 @@ SUITES = {
 OPTIONAL_SUITES = {
     "defaults": bench_defaults.run,
     "pruning": bench_pruning.run,
+    "mpoe": bench_mpoe.run,
 }
 
 

@@ -249,3 +249,11 @@ def test_missing_path_existing_output_and_wrong_method(
         "-o", tmp_path / "t",
     )  # fmt: skip
     assert_one_line_error(plain, 2, "no mixture of experts", "mposurgeon moe")
+
+
+def test_target_modules_alone_find_the_roles(tiny_model_dir) -> None:
+    """A regex gives matrices without a group: their FFN role is still found."""
+    regex = r".*layer\.0\.(intermediate|output)\.dense"
+    result = mposurgeon.moe(tiny_model_dir("bert"), target_modules=regex, dry_run=True)
+    (block,) = result.blocks
+    assert block.roles == ["in", "out"] and block.router.endswith("layer.0.mpoe_router")

@@ -72,6 +72,8 @@ def merge_command(
     }
     if result.peft_type is not None:
         summary |= {"peft_type": result.peft_type, "base": result.base}
+    if result.architecture is not None:
+        summary["architecture"] = result.architecture
     if flags.json_out:
         print_json(summary)
         return
@@ -80,6 +82,11 @@ def merge_command(
             f"merged {result.merged_modules} {result.peft_type} modules into the dense weights "
             f"of {result.base}",
             markup=False,
+        )
+    elif result.architecture is not None:
+        stdout.print(
+            f"merged {result.merged_modules} modules, their mixtures of experts as "
+            f"{result.architecture} experts with dense weights"
         )
     else:
         stdout.print(f"merged {result.merged_modules} MPO modules into dense weights")

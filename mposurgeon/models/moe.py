@@ -103,7 +103,7 @@ class Router(nn.Module):
         if self.training and self.jitter > 0:
             noise = torch.empty_like(tokens).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             tokens = tokens * noise
-        logits = F.linear(tokens.to(self.weight.dtype), self.weight).float()
+        logits = F.linear(tokens.float(), self.weight.float())  # float32, as Switch routes
         probs = logits.softmax(dim=-1)
         top, experts = probs.topk(self.top_k, dim=-1)
         normalized = self.gate == "normalized"

@@ -49,7 +49,7 @@ class MoESpec:
 
 
 @dataclass(frozen=True)
-class _Family:
+class MoEFamily:
     """A `transformers` MoE class and the dense models it holds."""
 
     name: str
@@ -62,7 +62,7 @@ class _Family:
     router_key: str  # format of the router's weight: block
 
 
-MIXTRAL = _Family(
+MIXTRAL = MoEFamily(
     name="Mixtral",
     prefix="Mixtral",
     sources={"llama": "Llama", "mistral": "Mistral"},
@@ -74,7 +74,7 @@ MIXTRAL = _Family(
     expert_key="{block}block_sparse_moe.experts.{e}.{proj}.weight",
     router_key="{block}block_sparse_moe.gate.weight",
 )
-SWITCH = _Family(
+SWITCH = MoEFamily(
     name="Switch Transformers",
     prefix="SwitchTransformers",
     sources={"t5": "T5"},
@@ -92,7 +92,7 @@ class MoEExport:
     """The MoE checkpoint of an MPOE model: its `config` (`architectures` set) and the names
     its files give the experts and routers (module doc)."""
 
-    family: _Family
+    family: MoEFamily
     config: PretrainedConfig
 
     @property
@@ -115,7 +115,7 @@ class MoEExport:
         return self.family.router_key.format(block=match["block"])
 
 
-def moe_family(config: PretrainedConfig) -> _Family | None:
+def moe_family(config: PretrainedConfig) -> MoEFamily | None:
     """The MoE class family of a dense model's config, or None where transformers has none."""
     return next((f for f in _FAMILIES if config.model_type in f.sources), None)
 
@@ -216,7 +216,7 @@ def _switch_options(config: PretrainedConfig, spec: MoESpec) -> dict[str, Any]:
 
 
 def _check_every_layer(
-    family: _Family,
+    family: MoEFamily,
     layout: ModelLayout,
     file_keys: Collection[str],
     matrices: Mapping[str, MoESpec],
@@ -242,7 +242,7 @@ def _check_every_layer(
         )
 
 
-def _architecture(family: _Family, config: PretrainedConfig) -> str:
+def _architecture(family: MoEFamily, config: PretrainedConfig) -> str:
     """The MoE class for the dense model's head: LlamaForCausalLM -> MixtralForCausalLM."""
     source = family.sources[config.model_type]
     archs = list(getattr(config, "architectures", None) or [f"{source}Model"])
@@ -258,7 +258,7 @@ def _architecture(family: _Family, config: PretrainedConfig) -> str:
 
 
 def _target_config(
-    family: _Family, config: PretrainedConfig, overrides: Mapping[str, Any]
+    family: MoEFamily, config: PretrainedConfig, overrides: Mapping[str, Any]
 ) -> PretrainedConfig:
     """The MoE class's config: every field of the dense `config` the MoE config has too
     (sizes, norms, rope, vocabulary, labels, special tokens...), then `overrides`. The dense

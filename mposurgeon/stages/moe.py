@@ -11,7 +11,7 @@ upcycling every expert equals the dense matrix, so the model computes what the d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -183,6 +183,8 @@ def _blocks(inp: StageInput, opts: MoeOptions) -> list[MoeBlock]:
         target_modules=opts.target_modules,
         exclude_modules=opts.exclude_modules,
     )
+    ffn = {t.name: t.group for t in select_targets(layout, file_keys, layers=DEFAULT_LAYERS)}
+    targets = [replace(t, group=ffn.get(t.name, t.group)) for t in targets]  # regex: no group
     other = [t for t in targets if t.group not in ("FFN_1", "FFN_2") or t.kind == "embedding"]
     if other:
         raise UsageError(

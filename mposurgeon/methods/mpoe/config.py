@@ -11,15 +11,16 @@ from mposurgeon.methods.mpoe.record import MPOERecord
 
 
 class MPOEConfig(MethodConfig):
-    """Trains an MPOE artifact (`mposurgeon moe`): the routers, every expert's auxiliary cores
-    and the shared central core, whose gradient is dropped each step with probability
-    `grad_mask_p` (the paper's gradient mask: the central core sees every expert's tokens),
-    plus the Switch load-balancing loss times `balance_coef`; the task head trains too."""
+    """Trains an MPOE artifact (`mposurgeon moe`) whole, as the paper fine-tunes: the routers,
+    every expert's auxiliary cores, the shared central core, whose gradient is dropped each
+    step with probability `grad_mask_p` (the paper's gradient mask: the central core sees
+    every expert's tokens), and the model's other weights and head; the loss adds the Switch
+    load-balancing loss times `balance_coef`."""
 
     name: ClassVar[str] = "mpoe"
     summary: ClassVar[str] = (
-        "MPO mixture of experts (from `moe`): routers, expert cores and the shared central "
-        "core train"
+        "MPO mixture of experts (from `moe`): routers, expert cores, the shared central "
+        "core (gradient mask) and the other weights train"
     )
     implementation: ClassVar[str] = "mposurgeon.methods.mpoe.method:MPOEMethod"
     record: ClassVar[type[MPOERecord]] = MPOERecord

@@ -40,7 +40,9 @@ class MPOEMethod(Method):
             )
 
     def set_trainable(self, model: nn.Module) -> None:
-        train_only(model, lambda name: ".mpoe." in name or ".mpoe_router." in name)
+        """Everything trains (the paper fine-tunes the whole model): routers, every expert's
+        cores, the shared central core (under the gradient mask), the other weights."""
+        train_only(model, lambda name: True)
 
     def training_loss(self, model: nn.Module) -> Tensor | None:
         """`balance_coef` times the mean over the routers' calls since the last call of the
