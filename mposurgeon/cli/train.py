@@ -165,6 +165,24 @@ def train_command(
             "low-rank + sparse split of W, default), magnitude (largest |W|) or random.",
         ),
     ] = None,
+    squeeze_to: Annotated[
+        float | None,
+        typer.Option(
+            "--squeeze-to",
+            help="Cut MPO bonds during training, a step at a time, to this ratio of the MPO "
+            "parameters (as truncate --param-ratio).",
+        ),
+    ] = None,
+    squeeze_rel_tol: Annotated[
+        float | None,
+        typer.Option(
+            "--squeeze-rel-tol", help="Squeeze to this error bound per module (as --rel-tol)."
+        ),
+    ] = None,
+    squeeze_steps: Annotated[
+        int | None,
+        typer.Option("--squeeze-steps", help="Cuts of the squeeze, spread over the run (3)."),
+    ] = None,
     grad_mask_p: Annotated[
         float | None,
         typer.Option(
@@ -280,6 +298,9 @@ def train_command(
         lora_dropout=lora_dropout,
         sparse_size=sparse_size,
         sparse_init=sparse_init,  # type: ignore[arg-type]
+        squeeze_to=squeeze_to,
+        squeeze_rel_tol=squeeze_rel_tol,
+        squeeze_steps=squeeze_steps,
         grad_mask_p=grad_mask_p,
         balance_coef=balance_coef,
         budget=budget,
@@ -363,4 +384,37 @@ def metrics_lines(m: dict[str, Any]) -> list[str]:
                 f"{len(evals)} evaluations)"
             )
         lines.append(eval_line(task, last))
+    squeeze = m.get("squeeze")
+    if squeeze:
+        lines += _squeeze_lines(squeeze)
+    load = m.get("expert_load")
+    if load:
+        lines.append(
+            "expert load: "
+            + "; ".join(f"{block} {' '.join(f'{v:.2f}' for v in v)}" for block, v in load.items())
+        )
+    return lines
+
+
+def _squeeze_lines(squeeze: dict[str, Any]) -> list[str]:
+    """One line per cut of a squeeze, then the ratio it reached."""
+    lines = []
+    for cut in squeeze["log"]:
+        target = ", ".join(f"{k} {v:.3g}" for k, v in cut["target"].items())
+        line = (
+            f"squeeze at step {cut['step']} ({target}): MPO parameters "
+            f"{fmt_int(cut['params_before'])} -> {fmt_int(cut['params_after'])}, "
+            f"{cut['modules_cut']} modules cut, predicted error up to "
+            f"{cut['max_predicted_error']:.3f}"
+        )
+        before, after = cut.get("eval_before"), cut.get("eval_after")
+        if before and after:
+            key = "accuracy" if "accuracy" in before else "loss"
+            line += f"; eval {key} {before[key]:.3f} -> {after[key]:.3f}"
+        lines.append(line)
+    if squeeze.get("ratio") is not None:
+        lines.append(
+            f"squeezed: MPO parameters {fmt_int(squeeze['start_params'])} -> "
+            f"{fmt_int(squeeze['final_params'])} (ratio {squeeze['ratio']:.3f})"
+        )
     return lines

@@ -31,6 +31,9 @@ class MethodConfig(BaseModel):
     #: Whether OPF's dynamic selection (`train --dynamic`, or a `select` artifact of several
     #: rounds) decomposes more matrices for it during training.
     selects_dynamically: ClassVar[bool] = False
+    #: Whether `train --squeeze-to` may cut the bonds of its MPO cores during training (its
+    #: trained records are read from the live cores).
+    squeezes: ClassVar[bool] = False
     #: Whether its models can generate (`--generate`): virtual tokens cannot, without a cache.
     generates: ClassVar[bool] = True
     #: The class of the module records this method owns (None: it writes none of its own).

@@ -69,6 +69,7 @@ from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
 from mposurgeon.errors import MposurgeonError, UsageError
 from mposurgeon.methods.base import Method, TrainingSource
 from mposurgeon.methods.config import MethodConfig, comma_list
+from mposurgeon.methods.mpo.state import mpo_cores
 from mposurgeon.methods.registry import get_method, method_config, method_names
 from mposurgeon.models.auto import model_class, quiet_transformers
 from mposurgeon.models.pruning import keep_pruned, mask_key, masked_key
@@ -124,6 +125,7 @@ from mposurgeon.training.resume import (
     start_over_hint,
     start_partial,
 )
+from mposurgeon.training.squeeze import Squeezer, SqueezeSchedule, reachable_ratio
 from mposurgeon.training.tasks import (
     Task,
     check_model_task,
@@ -138,6 +140,8 @@ if TYPE_CHECKING:
 #: Points kept in `metrics.loss_history`: every step's loss up to this many steps, else the
 #: mean of each of this many equal buckets (`inspect --plot` draws them).
 LOSS_HISTORY_POINTS = 1000
+#: Cuts of a squeeze without --squeeze-steps.
+SQUEEZE_STEPS = 3
 #: `final_loss` is the mean loss of the last 1/FINAL_LOSS_BUCKETS of the steps.
 FINAL_LOSS_BUCKETS = 20
 #: Methods `--mode` names (its older spelling of `--method`).
@@ -221,6 +225,13 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions):
         False, description="count what the method would train (meta device); write nothing"
     )
     resume: bool = False
+    squeeze_to: float | None = Field(
+        None, gt=0, lt=1, description="squeeze MPO bonds during training to this parameter ratio"
+    )
+    squeeze_rel_tol: float | None = Field(
+        None, gt=0, lt=1, description="squeeze MPO bonds during training to this error bound"
+    )
+    squeeze_steps: int | None = Field(None, ge=1, description="cuts of the squeeze (3)")
     dynamic: bool = False
     split_num: int | None = Field(None, ge=1)
     top_n: int | None = Field(None, ge=1)
@@ -245,6 +256,21 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions):
         if method is not None and method != mode:
             raise ValueError(f"--mode {mode} and --method {method} disagree: give one of them")
         return {**data, "method": mode, "mode": None}
+
+    @model_validator(mode="after")
+    def _squeeze_target(self) -> TrainOptions:
+        if self.squeeze_to is not None and self.squeeze_rel_tol is not None:
+            raise ValueError("give --squeeze-to or --squeeze-rel-tol, not both")
+        if self.squeeze_steps is not None and self.squeezing is None:
+            raise ValueError("--squeeze-steps needs --squeeze-to or --squeeze-rel-tol")
+        return self
+
+    @property
+    def squeezing(self) -> str | None:
+        """The squeeze target's flag, or None without squeezing."""
+        if self.squeeze_to is not None:
+            return "--squeeze-to"
+        return "--squeeze-rel-tol" if self.squeeze_rel_tol is not None else None
 
     @model_validator(mode="after")
     def _method_options(self) -> TrainOptions:
@@ -453,6 +479,7 @@ def _train_with(
         checkpoint_dir=partial if opts.save_every else None,
         select_best=_best_selection(opts, task, eval_data, dynamic),
     )
+    run.squeezer = _squeezer(opts, net, run.total_steps)
     hook = None
     if dynamic:
         hook = _dynamic_hook(
@@ -468,6 +495,8 @@ def _train_with(
     )
     metrics["precision"] = precision_of(accelerator)
     metrics.update(method.training_metrics(net))
+    if run.squeezer is not None:
+        metrics["squeeze"] = _squeeze_metrics(run.squeezer, net)
     metrics["data"] = {
         "train": train_data.record(),
         "eval": eval_data.record() if eval_data is not None else None,
@@ -556,6 +585,66 @@ def _dry_run(inp: StageInput, method: Method, task: Task, data: TextDataset) -> 
 # -- checks ----------------------------------------------------------------------------------
 
 
+def _check_squeeze(method: Method, inp: StageInput, opts: TrainOptions, dynamic: bool) -> None:
+    """Refuse a squeeze the run cannot do: a method that does not train MPO cores, an input
+    without MPO modules, dynamic selection (its modules change during the run)."""
+    flag = opts.squeezing
+    if not method.config.squeezes:
+        able = [m for m in method_names(training=True) if method_config(m).squeezes]
+        raise UsageError(
+            f"{flag} cuts the bonds of MPO cores that train, not those of --method {method.name}",
+            hint=f"train with --method {' or '.join(able)}",
+        )
+    if not inp.mpo_modules:
+        raise UsageError(
+            f"{flag}: {inp.path} has no MPO modules to squeeze",
+            hint=f"decompose it first: mposurgeon decompose {inp.path}",
+        )
+    if dynamic:
+        raise UsageError(
+            f"{flag} cannot squeeze while --dynamic selection decomposes more matrices",
+            hint="select first (mposurgeon select), or squeeze in a later run",
+        )
+
+
+def _squeeze_metrics(squeezer: Squeezer, net: nn.Module) -> dict[str, Any]:
+    """The squeeze's schedule, its cuts, and the MPO parameter ratio it reached."""
+    schedule = squeezer.schedule
+    start = squeezer.start_params or 0
+    final = sum(p.numel() for cores in mpo_cores(net).values() for p in cores.core)
+    return {
+        "cuts": schedule.cuts,
+        "steps": schedule.steps(),
+        "target": {"ratio": schedule.ratio} if schedule.ratio else {"rel_tol": schedule.rel_tol},
+        "start_params": start,
+        "final_params": final,
+        "ratio": final / start if start else None,
+        "log": [c.to_dict() for c in squeezer.cuts],
+    }
+
+
+def _squeezer(opts: TrainOptions, net: nn.Module, total_steps: int) -> Squeezer | None:
+    """The squeeze of this run (None without one); refuses a target below every bond 1, or a
+    run too short for its cuts."""
+    if opts.squeezing is None:
+        return None
+    cuts = opts.squeeze_steps or SQUEEZE_STEPS
+    if total_steps < cuts + 1:
+        raise UsageError(
+            f"--squeeze-steps {cuts} needs a run of at least {cuts + 1} optimizer steps; "
+            f"this one has {total_steps}",
+            hint="train longer (--epochs, --max-steps) or cut fewer times",
+        )
+    if opts.squeeze_to is not None and opts.squeeze_to < (floor := reachable_ratio(net)):
+        raise UsageError(
+            f"--squeeze-to {opts.squeeze_to} is out of reach: with every bond 1 the MPO "
+            f"modules keep {floor:.3g} of their parameters",
+            hint=f"choose a ratio of at least {floor:.3g}",
+        )
+    schedule = SqueezeSchedule(total_steps, cuts, opts.squeeze_to, opts.squeeze_rel_tol)
+    return Squeezer(schedule)
+
+
 def _check_source(method: Method, inp: StageInput, opts: TrainOptions) -> None:
     """Refuse what the input cannot train, before any work: the dynamic-selection flags, then
     the method's own checks."""
@@ -577,6 +666,8 @@ def _check_source(method: Method, inp: StageInput, opts: TrainOptions) -> None:
     method.check_source(TrainingSource(str(inp.path), inp.modules, chosen, dynamic))
     if dynamic:
         _dynamic_plan(opts).resolve(selection)
+    if opts.squeezing is not None:
+        _check_squeeze(method, inp, opts, dynamic)
 
 
 def _is_dynamic(inp: StageInput, opts: TrainOptions) -> bool:

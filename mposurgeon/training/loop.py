@@ -59,6 +59,7 @@ from mposurgeon.methods.base import Method
 from mposurgeon.models.auto import quiet_transformers
 from mposurgeon.progress import ProgressCallback
 from mposurgeon.training.params import unique_state_dict
+from mposurgeon.training.squeeze import Squeezer
 from mposurgeon.training.tasks import model_inputs
 
 CHECKPOINT = "checkpoint"
@@ -287,6 +288,7 @@ class TrainingRun:
         evaluator: Evaluator,
         *,
         hook: EpochHook | None = None,
+        squeezer: Squeezer | None = None,
         progress: ProgressCallback | None = None,
         checkpoint_dir: Path | None = None,
         select_best: BestSelection | None = None,
@@ -301,6 +303,7 @@ class TrainingRun:
         self.method = method
         self.evaluator = evaluator
         self.hook = hook
+        self.squeezer = squeezer
         self.progress = progress
         self.checkpoint_dir = checkpoint_dir
         self.select_best = select_best
@@ -452,6 +455,12 @@ class TrainingRun:
     def _after_step(self, loss: float) -> None:
         cfg, state = self.config, self.state
         state.losses.append(loss)
+        if self.squeezer is not None:
+            if self.squeezer.evaluate is None and self.eval_dl is not None:
+                self.squeezer.evaluate = self._score
+            if self.squeezer(state.step, self.unwrapped):  # bonds cut: new core parameters
+                self._prepare()
+                self.model.train()
         if cfg.eval_every and state.step % cfg.eval_every == 0 and self.eval_dl is not None:
             self.evaluate()
         if cfg.save_every and state.step % cfg.save_every == 0 and self.checkpoint_dir:
@@ -469,6 +478,12 @@ class TrainingRun:
                     f"{self.state.step}",
                     hint=_DIVERGED_HINT,
                 )
+
+    def _score(self) -> dict[str, float]:
+        """The evaluator's metrics now, recorded nowhere (a squeeze cut logs them)."""
+        scores = self.evaluator(self.accelerator, self.model, self.eval_dl)
+        self.model.train()
+        return scores
 
     def evaluate(self) -> dict[str, Any]:
         """The task's metrics on the eval rows (the run's evaluator); appended to
@@ -526,6 +541,7 @@ class TrainingRun:
                 "total_steps": self.total_steps,
                 "structure": self.method.live_structure(self.unwrapped),
                 "hook": self.hook.state_dict() if self.hook is not None else None,
+                "squeeze": self.squeezer.state_dict() if self.squeezer is not None else None,
             }
             (tmp / "state.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         acc.wait_for_everyone()
@@ -582,6 +598,9 @@ class TrainingRun:
         if self.hook is not None and hook_state is not None:
             with reading_checkpoint(state_file):
                 self.hook.load_state_dict(hook_state)
+        if self.squeezer is not None and info.get("squeeze") is not None:
+            with reading_checkpoint(state_file):
+                self.squeezer.load_state_dict(info["squeeze"])
         self._prepare()
         optimizer_file = directory / "optimizer.pt"
         with reading_checkpoint(optimizer_file):

@@ -24,6 +24,8 @@ class MPOConfig(MethodConfig):
 class MPOTrainingConfig(MethodConfig):
     """Options of every method that trains MPO cores (the modules stay `mpo` records)."""
 
+    squeezes: ClassVar[bool] = True
+
     mpo_lr: float | None = Field(
         None, gt=0, allow_inf_nan=False, description="learning rate of MPO cores (default lr)"
     )

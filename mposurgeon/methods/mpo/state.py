@@ -194,16 +194,17 @@ class MPOStructure:
 
     shape: MPOShape
     tied: list[str] = field(default_factory=list)
+    bonds: list[int] | None = None  # None: those of the cores it is installed with
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.shape.to_dict(), "tied": self.tied}
+        return {**self.shape.to_dict(), "tied": self.tied, "bonds": self.bonds}
 
     @classmethod
     def from_dict(cls, info: Mapping[str, Any]) -> MPOStructure:
         shape = MPOShape(
             info["out_dim"], info["in_dim"], tuple(info["out_modes"]), tuple(info["in_modes"])
         )
-        return cls(shape, list(info.get("tied", [])))
+        return cls(shape, list(info.get("tied", [])), info.get("bonds"))
 
 
 def mpo_structure(model: nn.Module) -> dict[str, MPOStructure]:
@@ -215,7 +216,7 @@ def mpo_structure(model: nn.Module) -> dict[str, MPOStructure]:
             for other, m in model.named_modules(remove_duplicate=False)
             if other != name and getattr(m, "mpo", None) is cores
         ]
-        structure[name] = MPOStructure(cores.shape, tied)
+        structure[name] = MPOStructure(cores.shape, tied, list(bonds_of(list(cores.core))))
     return structure
 
 
@@ -237,7 +238,20 @@ def install_cores(
         if name not in present
     ]
     install_mpo_layers(model, states)
+    for name, s in structure.items():  # a squeeze cut them: cores of the recorded bonds
+        if name in present and s.bonds is not None:
+            _resize_cores(mpo_cores(model)[name], s.bonds)
     return [s.name for s in states]
+
+
+def _resize_cores(cores: MPOCores, bonds: Sequence[int]) -> None:
+    """Give `cores` zero parameters of `bonds` where their shapes differ (values to be
+    loaded next), each trainable as the one it replaces."""
+    for k, core in enumerate(cores.core):
+        shape = (bonds[k], core.shape[1], core.shape[2], bonds[k + 1])
+        if tuple(core.shape) != shape:
+            cores.core[k] = nn.Parameter(core.new_zeros(shape), requires_grad=core.requires_grad)
+    cores._kept = None
 
 
 def trained_records(model: nn.Module, records: Mapping[str, MPORecord]) -> dict[str, MPORecord]:

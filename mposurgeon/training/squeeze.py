@@ -1,0 +1,172 @@
+"""Dimension squeezing during training (MPOP): cut the MPO bonds a step at a time, fine-tuning
+in between, so the model recovers from each cut before the next.
+
+The schedule: K cuts at optimizer steps round(T * i / (K + 1)), i = 1..K, of a run of T steps
+(the first after a warm-up of T / (K + 1) steps; the last leaves as many to recover). Cut i
+aims at `ratio ** (i / K)` of the MPO parameters the run started with (`--squeeze-to`, as
+`truncate --param-ratio`), or lets each module's error bound reach `rel_tol * i / K`
+(`--squeeze-rel-tol`, as `truncate --rel-tol`), with `truncate`'s global allocation
+(`mpo.allocation.allocate`) over every MPO module of the model.
+
+A cut reads each module's current cores (training moved them out of canonical form), takes
+their canonical bond spectra, allocates, and replaces each changed module's cores by the
+canonicalized, SVD-cut ones (`mpo.decomposition.truncate`): new parameters, so the training loop
+rebuilds its optimizer and the cut cores start with fresh AdamW moments (their old moments
+were kept in a gauge the canonicalization rotated away, so no cut of them is consistent); the
+other parameters keep theirs, the learning-rate schedule continues. With no training between
+them, a cut gives exactly what `truncate` gives on the same cores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mposurgeon.methods.mpo.state import mpo_cores
+from mposurgeon.models.layers import MPOCores
+from mposurgeon.mpo.allocation import BondProblem, allocate, min_params
+from mposurgeon.mpo.decomposition import bond_spectra
+from mposurgeon.mpo.decomposition import truncate as truncate_cores
+from mposurgeon.mpo.metrics import num_params
+
+
+@dataclass(frozen=True)
+class SqueezeSchedule:
+    """K cuts over a run of `total_steps` optimizer steps, to `ratio` of the starting MPO
+    parameters or to error bounds `rel_tol` (exactly one of the two)."""
+
+    total_steps: int
+    cuts: int
+    ratio: float | None = None
+    rel_tol: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.ratio is None) == (self.rel_tol is None):
+            raise ValueError("give ratio or rel_tol")
+        if self.cuts < 1 or self.total_steps < self.cuts + 1:
+            raise ValueError(f"{self.cuts} cuts need a run of at least {self.cuts + 1} steps")
+
+    def steps(self) -> list[int]:
+        """The optimizer steps after which the cuts happen (1-based counts of steps taken)."""
+        return [round(self.total_steps * i / (self.cuts + 1)) for i in range(1, self.cuts + 1)]
+
+    def target(self, i: int) -> tuple[float | None, float | None]:
+        """(ratio, rel_tol) of cut `i` (1..K)."""
+        if self.ratio is not None:
+            return self.ratio ** (i / self.cuts), None
+        assert self.rel_tol is not None
+        return None, self.rel_tol * i / self.cuts
+
+
+@dataclass
+class Cut:
+    """What one cut did: its step, target, MPO parameters before and after, the largest and
+    mean predicted error bound of the changed modules, and the eval metrics around it."""
+
+    step: int
+    target: dict[str, float]
+    params_before: int
+    params_after: int
+    modules_cut: int
+    max_predicted_error: float
+    mean_predicted_error: float
+    eval_before: dict[str, float] | None = None
+    eval_after: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def reachable_ratio(model: nn.Module) -> float:
+    """The smallest parameter ratio a squeeze of `model`'s MPOs can reach (every bond 1)."""
+    cores = mpo_cores(model)
+    before = sum(num_params(list(c.core)) for c in cores.values())
+    floor = sum(min_params(_problem(c).sites) for c in cores.values())
+    return floor / before if before else 1.0
+
+
+@dataclass
+class Squeezer:
+    """The cuts of a `SqueezeSchedule` on a live model's MPOs: called after every optimizer
+    step with the number of steps taken, it cuts when the schedule says and returns whether
+    parameters changed. `evaluate` (optional) scores the model before and after each cut."""
+
+    schedule: SqueezeSchedule
+    evaluate: Callable[[], dict[str, float]] | None = None
+    start_params: int | None = None  # MPO parameters when the run started
+    cuts: list[Cut] = field(default_factory=list)
+
+    def __call__(self, step: int, model: nn.Module) -> bool:
+        if self.start_params is None:
+            self.start_params = _total_params(model)
+        steps = self.schedule.steps()
+        if len(self.cuts) >= len(steps) or step != steps[len(self.cuts)]:
+            return False
+        before = self.evaluate() if self.evaluate is not None else None
+        cut = cut_bonds(model, self.schedule, len(self.cuts) + 1, self.start_params, step)
+        if self.evaluate is not None:
+            cut.eval_before, cut.eval_after = before, self.evaluate()
+        self.cuts.append(cut)
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"start_params": self.start_params, "cuts": [c.to_dict() for c in self.cuts]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.start_params = state["start_params"]
+        self.cuts = [Cut(**c) for c in state["cuts"]]
+
+
+def cut_bonds(
+    model: nn.Module, schedule: SqueezeSchedule, i: int, start_params: int, step: int = 0
+) -> Cut:
+    """Cut `i` (1..K) of `schedule` on every MPO of `model`, in place (new core parameters);
+    `start_params` is the MPO parameter count the ratio refers to."""
+    held = mpo_cores(model)
+    problems = {name: _problem(cores) for name, cores in held.items()}
+    ratio, rel_tol = schedule.target(i)
+    target_params = round(ratio * start_params) if ratio is not None else None
+    names = [n for n, p in problems.items() if p.num_bonds > 0]
+    planned = allocate([problems[n] for n in names], target_params=target_params, rel_tol=rel_tol)
+    before = _total_params(model)
+    errors = []
+    for name, bonds in zip(names, planned, strict=True):
+        cores = held[name]
+        if tuple(bonds) == problems[name].bonds:
+            continue  # not cut: left as it is, out of canonical form
+        with torch.no_grad():
+            cut = truncate_cores([c.detach() for c in cores.core], max_bond=list(bonds[1:-1]))
+        _replace_cores(cores, cut.cores)
+        errors.append(cut.predicted_error)
+    target = {"ratio": ratio} if ratio is not None else {"rel_tol": rel_tol}
+    return Cut(
+        step=step,
+        target=target,  # type: ignore[arg-type]
+        params_before=before,
+        params_after=_total_params(model),
+        modules_cut=len(errors),
+        max_predicted_error=max(errors, default=0.0),
+        mean_predicted_error=sum(errors) / len(errors) if errors else 0.0,
+    )
+
+
+def _problem(cores: MPOCores) -> BondProblem:
+    tensors = [c.detach() for c in cores.core]
+    return BondProblem.from_cores(tensors, bond_spectra(tensors))
+
+
+def _replace_cores(cores: MPOCores, new: list[torch.Tensor]) -> None:
+    """New parameters for `cores`, each trainable as the one it replaces."""
+    for k, tensor in enumerate(new):
+        old = cores.core[k]
+        param = nn.Parameter(tensor.to(old.dtype).contiguous(), requires_grad=old.requires_grad)
+        cores.core[k] = param
+    cores._kept = None
+
+
+def _total_params(model: nn.Module) -> int:
+    return sum(num_params(list(c.core)) for c in mpo_cores(model).values())
