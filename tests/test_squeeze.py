@@ -19,7 +19,7 @@ from mposurgeon.mpo.allocation import BondProblem
 from mposurgeon.mpo.decomposition import bond_spectra
 from mposurgeon.stages.train import TrainingInterrupted
 from mposurgeon.training import loop as loop_module
-from mposurgeon.training.squeeze import SqueezeSchedule, cut_bonds
+from mposurgeon.training.squeeze import Distillation, SqueezeSchedule, cut_bonds
 from tests.cli_runner import assert_one_line_error, run_cli, stop_at_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -168,6 +168,7 @@ def test_rel_tol_squeeze_keeps_every_bound(mpo_bert: Path, tmp_path: Path) -> No
         (["--method", "lora", "--squeeze-to", "0.5"], 2, ["--squeeze-to", "--method lora"]),
         (["--squeeze-to", "0.5", "--squeeze-rel-tol", "0.2"], 2, ["not both"]),
         (["--squeeze-steps", "2"], 2, ["--squeeze-steps needs"]),
+        (["--distill-alpha", "0.5"], 2, ["--distill-alpha", "needs"]),
         (["--squeeze-to", "0.0001"], 2, ["out of reach"]),
         (["--squeeze-to", "0.5", "--squeeze-steps", "30"], 2, ["at least 31 optimizer steps"]),
     ],
@@ -192,3 +193,40 @@ def test_squeeze_of_a_dense_input_says_decompose_first(
         "-o", tmp_path / "o",
     )  # fmt: skip
     assert_one_line_error(result, 2, "no MPO modules to squeeze", "decompose")
+
+
+def test_distillation_loss_is_the_softened_kl() -> None:
+    student, teacher = torch.randn(6, 5), torch.randn(6, 5)
+    task = torch.tensor(0.7)
+    d = Distillation(alpha=0.25, temperature=3.0)
+    kl = torch.nn.functional.kl_div(
+        torch.log_softmax(student / 3, -1), torch.log_softmax(teacher / 3, -1),
+        reduction="batchmean", log_target=True,
+    )  # fmt: skip
+    expected = 0.75 * task + 0.25 * 9 * kl
+    assert d.loss(task, student, teacher, None).item() == pytest.approx(expected.item(), 1e-5)
+    assert d.loss(task, teacher, teacher, None).item() == pytest.approx(0.75 * 0.7, 1e-6)
+    tokens, labels = torch.randn(2, 4, 5), torch.tensor([[1, 2, -100, -100], [3, -100, 1, 2]])
+    kept = d.loss(task, tokens, torch.zeros(2, 4, 5), labels)  # positions with a label only
+    masked = tokens[labels != -100]
+    alone = d.loss(task, masked, torch.zeros_like(masked), None)
+    assert kept.item() == pytest.approx(alone.item(), 1e-6)
+
+
+def test_distilled_squeeze_resumes_with_its_teacher(mpo_bert: Path, tmp_path: Path) -> None:
+    """The teacher (the model before the first cut) is kept in the checkpoint: a run killed
+    after the first cut resumes to the straight run's weights."""
+    common: dict[str, Any] = dict(
+        data=TRAIN, method="lightweight", max_steps=9, batch_size=8, lr=1e-3, seed=1,
+        save_every=2, squeeze_to=0.4, squeeze_steps=2, distill_alpha=0.5,
+    )  # fmt: skip
+    straight = mposurgeon.train(mpo_bert, output=tmp_path / "straight", **common)
+    plain = dict(common, distill_alpha=None)
+    undistilled = mposurgeon.train(mpo_bert, output=tmp_path / "plain", **plain)
+    out = tmp_path / "resumed"
+    with pytest.raises(TrainingInterrupted):
+        mposurgeon.train(mpo_bert, output=out, progress=stop_at_step(5), **common)
+    mposurgeon.train(mpo_bert, output=out, resume=True, **common)
+    a, b, c = _tensors(straight.output), _tensors(out), _tensors(undistilled.output)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the teacher did pull

@@ -183,6 +183,17 @@ def train_command(
         int | None,
         typer.Option("--squeeze-steps", help="Cuts of the squeeze, spread over the run (3)."),
     ] = None,
+    distill_alpha: Annotated[
+        float | None,
+        typer.Option(
+            "--distill-alpha",
+            help="Squeeze: weight of distillation (KL on logits) from the model as it was "
+            "before the first cut.",
+        ),
+    ] = None,
+    distill_temperature: Annotated[
+        float, typer.Option("--distill-temperature", help="Squeeze: distillation temperature.")
+    ] = 2.0,
     grad_mask_p: Annotated[
         float | None,
         typer.Option(
@@ -301,6 +312,8 @@ def train_command(
         squeeze_to=squeeze_to,
         squeeze_rel_tol=squeeze_rel_tol,
         squeeze_steps=squeeze_steps,
+        distill_alpha=distill_alpha,
+        distill_temperature=distill_temperature,
         grad_mask_p=grad_mask_p,
         balance_coef=balance_coef,
         budget=budget,

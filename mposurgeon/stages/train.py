@@ -125,7 +125,7 @@ from mposurgeon.training.resume import (
     start_over_hint,
     start_partial,
 )
-from mposurgeon.training.squeeze import Squeezer, SqueezeSchedule, reachable_ratio
+from mposurgeon.training.squeeze import Distillation, Squeezer, SqueezeSchedule, reachable_ratio
 from mposurgeon.training.tasks import (
     Task,
     check_model_task,
@@ -232,6 +232,12 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions):
         None, gt=0, lt=1, description="squeeze MPO bonds during training to this error bound"
     )
     squeeze_steps: int | None = Field(None, ge=1, description="cuts of the squeeze (3)")
+    distill_alpha: float | None = Field(
+        None, gt=0, le=1, description="squeeze: weight of distillation from the uncut model"
+    )
+    distill_temperature: float = Field(
+        2.0, gt=0, allow_inf_nan=False, description="squeeze: softmax temperature of it"
+    )
     dynamic: bool = False
     split_num: int | None = Field(None, ge=1)
     top_n: int | None = Field(None, ge=1)
@@ -263,6 +269,11 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions):
             raise ValueError("give --squeeze-to or --squeeze-rel-tol, not both")
         if self.squeeze_steps is not None and self.squeezing is None:
             raise ValueError("--squeeze-steps needs --squeeze-to or --squeeze-rel-tol")
+        if self.distill_alpha is not None and self.squeezing is None:
+            raise ValueError(
+                "--distill-alpha distills from the model before squeezing: it needs "
+                "--squeeze-to or --squeeze-rel-tol"
+            )
         return self
 
     @property
@@ -479,7 +490,7 @@ def _train_with(
         checkpoint_dir=partial if opts.save_every else None,
         select_best=_best_selection(opts, task, eval_data, dynamic),
     )
-    run.squeezer = _squeezer(opts, net, run.total_steps)
+    run.squeezer = _squeezer(opts, net, run.total_steps, task)
     hook = None
     if dynamic:
         hook = _dynamic_hook(
@@ -623,7 +634,7 @@ def _squeeze_metrics(squeezer: Squeezer, net: nn.Module) -> dict[str, Any]:
     }
 
 
-def _squeezer(opts: TrainOptions, net: nn.Module, total_steps: int) -> Squeezer | None:
+def _squeezer(opts: TrainOptions, net: nn.Module, total_steps: int, task: Task) -> Squeezer | None:
     """The squeeze of this run (None without one); refuses a target below every bond 1, or a
     run too short for its cuts."""
     if opts.squeezing is None:
@@ -641,8 +652,16 @@ def _squeezer(opts: TrainOptions, net: nn.Module, total_steps: int) -> Squeezer 
             f"modules keep {floor:.3g} of their parameters",
             hint=f"choose a ratio of at least {floor:.3g}",
         )
+    if opts.distill_alpha is not None and task.name == "regression":
+        raise UsageError(
+            "--distill-alpha matches class or token distributions; a regression head has none",
+            hint="squeeze without --distill-alpha",
+        )
     schedule = SqueezeSchedule(total_steps, cuts, opts.squeeze_to, opts.squeeze_rel_tol)
-    return Squeezer(schedule)
+    distillation = None
+    if opts.distill_alpha is not None:
+        distillation = Distillation(opts.distill_alpha, opts.distill_temperature)
+    return Squeezer(schedule, distillation=distillation)
 
 
 def _check_source(method: Method, inp: StageInput, opts: TrainOptions) -> None:

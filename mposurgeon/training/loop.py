@@ -59,7 +59,7 @@ from mposurgeon.methods.base import Method
 from mposurgeon.models.auto import quiet_transformers
 from mposurgeon.progress import ProgressCallback
 from mposurgeon.training.params import unique_state_dict
-from mposurgeon.training.squeeze import Squeezer
+from mposurgeon.training.squeeze import Squeezer, frozen_copy
 from mposurgeon.training.tasks import model_inputs
 
 CHECKPOINT = "checkpoint"
@@ -68,6 +68,7 @@ _CHECKPOINT_OLD = ".checkpoint-old"
 _SHARD = 10**12  # checkpoint weights in one file
 _WEIGHTS = "model.safetensors"
 _BEST = "best.safetensors"  # with --select-best: the trainable weights of the best step
+_TEACHER = "teacher.safetensors"  # a squeeze with distillation: the model before the first cut
 _DIVERGED_HINT = "lower --lr (and --mpo-lr), or clip gradients harder with --max-grad-norm"
 
 
@@ -423,7 +424,7 @@ class TrainingRun:
             size = min(accum, n - start)  # batches in this step
             last = i + 1 == start + size
             with nullcontext() if last else acc.no_sync(self.model):
-                loss = self.model(**model_inputs(self.unwrapped, batch)).loss
+                loss = self._loss(batch)
                 extra = self.method.training_loss(self.unwrapped)
                 acc.backward((loss if extra is None else loss + extra) / size)
             pending.append(loss.detach())
@@ -442,6 +443,15 @@ class TrainingRun:
                 self._after_step(step_loss)
                 if state.step >= self.total_steps:
                     return
+
+    def _loss(self, batch: dict[str, Any]) -> Tensor:
+        """The training loss of one batch: the task's, distilled while a squeeze has a
+        teacher."""
+        inputs = model_inputs(self.unwrapped, batch)
+        outputs = self.model(**inputs)
+        if self.squeezer is None:
+            return outputs.loss
+        return self.squeezer.training_loss(outputs.loss, outputs.logits, inputs)
 
     def _optimizer_step(self) -> None:
         self.method.before_optimizer_step(self.unwrapped, self.state.step, self.config.seed)
@@ -535,6 +545,9 @@ class TrainingRun:
             )
             if self.best_weights is not None:
                 save_file(self.best_weights, str(tmp / _BEST))
+            if self.squeezer is not None and self.squeezer.teacher is not None:
+                teacher, _ = unique_state_dict(self.squeezer.teacher)
+                save_file({k: v.contiguous() for k, v in teacher.items()}, str(tmp / _TEACHER))
             info = {
                 "state": asdict(self.state),
                 "num_processes": acc.num_processes,
@@ -583,6 +596,13 @@ class TrainingRun:
                 raise FileNotFoundError(directory / _WEIGHTS)
             with open_tensors(directory / _WEIGHTS) as reader:
                 tensors = {key: reader.get(key) for key in reader.keys()}
+        squeeze = info.get("squeeze")
+        squeezer = self.squeezer
+        if squeezer and squeezer.distillation and squeeze and squeeze["cuts"]:
+            with reading_checkpoint(directory / _TEACHER):  # the model before the first cut
+                teacher = frozen_copy(self.unwrapped)
+                teacher.load_state_dict(load_file(str(directory / _TEACHER)), strict=False)
+                squeezer.teacher = teacher
         with reading_checkpoint(state_file):
             self.method.restore_structure(self.unwrapped, structure, tensors)
         with reading_checkpoint(directory / _WEIGHTS):
@@ -598,9 +618,9 @@ class TrainingRun:
         if self.hook is not None and hook_state is not None:
             with reading_checkpoint(state_file):
                 self.hook.load_state_dict(hook_state)
-        if self.squeezer is not None and info.get("squeeze") is not None:
+        if self.squeezer is not None and squeeze is not None:
             with reading_checkpoint(state_file):
-                self.squeezer.load_state_dict(info["squeeze"])
+                self.squeezer.load_state_dict(squeeze)
         self._prepare()
         optimizer_file = directory / "optimizer.pt"
         with reading_checkpoint(optimizer_file):

@@ -19,12 +19,14 @@ them, a cut gives exactly what `truncate` gives on the same cores.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from mposurgeon.methods.mpo.state import mpo_cores
 from mposurgeon.models.layers import MPOCores
@@ -89,6 +91,30 @@ def reachable_ratio(model: nn.Module) -> float:
     return floor / before if before else 1.0
 
 
+@dataclass(frozen=True)
+class Distillation:
+    """Distillation from the model as it was just before the first cut (the teacher):
+    loss = (1 - alpha) * task loss + alpha * T^2 * KL(teacher || student) on the logits
+    softened by temperature T, averaged over the rows (classification) or the positions
+    with a label (language modelling)."""
+
+    alpha: float
+    temperature: float = 2.0
+
+    def loss(
+        self, task_loss: Tensor, student: Tensor, teacher: Tensor, labels: Tensor | None
+    ) -> Tensor:
+        """The combined loss; logits (rows, classes) or (batch, positions, vocabulary)."""
+        t = self.temperature
+        log_student = F.log_softmax(student.float() / t, dim=-1)
+        log_teacher = F.log_softmax(teacher.float() / t, dim=-1)
+        kl = (log_teacher.exp() * (log_teacher - log_student)).sum(dim=-1)
+        if kl.dim() > 1 and labels is not None and labels.shape == kl.shape:
+            keep = labels != -100
+            kl = kl[keep] if bool(keep.any()) else kl.reshape(-1)
+        return (1 - self.alpha) * task_loss + self.alpha * t * t * kl.mean()
+
+
 @dataclass
 class Squeezer:
     """The cuts of a `SqueezeSchedule` on a live model's MPOs: called after every optimizer
@@ -97,8 +123,10 @@ class Squeezer:
 
     schedule: SqueezeSchedule
     evaluate: Callable[[], dict[str, float]] | None = None
+    distillation: Distillation | None = None
     start_params: int | None = None  # MPO parameters when the run started
     cuts: list[Cut] = field(default_factory=list)
+    teacher: nn.Module | None = None  # with `distillation`: the model before the first cut
 
     def __call__(self, step: int, model: nn.Module) -> bool:
         if self.start_params is None:
@@ -106,6 +134,8 @@ class Squeezer:
         steps = self.schedule.steps()
         if len(self.cuts) >= len(steps) or step != steps[len(self.cuts)]:
             return False
+        if self.distillation is not None and self.teacher is None:
+            self.teacher = frozen_copy(model)
         before = self.evaluate() if self.evaluate is not None else None
         cut = cut_bonds(model, self.schedule, len(self.cuts) + 1, self.start_params, step)
         if self.evaluate is not None:
@@ -113,12 +143,29 @@ class Squeezer:
         self.cuts.append(cut)
         return True
 
+    def training_loss(self, task_loss: Tensor, logits: Tensor, inputs: Mapping[str, Any]) -> Tensor:
+        """The loss to train on: the task's, or with a teacher the distillation loss."""
+        if self.distillation is None or self.teacher is None:
+            return task_loss
+        with torch.no_grad():
+            teacher = self.teacher(**inputs).logits
+        labels = inputs.get("labels")
+        return self.distillation.loss(task_loss, logits, teacher, labels)
+
     def state_dict(self) -> dict[str, Any]:
         return {"start_params": self.start_params, "cuts": [c.to_dict() for c in self.cuts]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.start_params = state["start_params"]
         self.cuts = [Cut(**c) for c in state["cuts"]]
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` in eval mode that takes no gradients (a teacher)."""
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 def cut_bonds(
