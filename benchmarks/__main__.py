@@ -23,6 +23,7 @@ from benchmarks import (
     bench_process,
     bench_pruning,
     bench_scaling,
+    bench_squeeze,
     bench_train,
     bench_truncation,
 )
@@ -43,6 +44,7 @@ OPTIONAL_SUITES = {
     "defaults": bench_defaults.run,
     "pruning": bench_pruning.run,
     "mpoe": bench_mpoe.run,
+    "squeeze": bench_squeeze.run,
 }
 
 

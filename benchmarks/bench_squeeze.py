@@ -1,0 +1,233 @@
+"""Dimension squeezing on a hard real-text task: squeeze while training vs cut then train vs
+cut alone, at MPO parameter ratios 0.5 and 0.3, over 3 seeds; factorized inference vs dense.
+
+MiniLM with FFN_1, FFN_2 and attention decomposed losslessly (5 cores), fine-tuned with
+`overparam` (every weight and core) on `man-sections` for 3 epochs, batch 16, its default rate:
+
+- `squeeze-R`: `train --squeeze-to R --squeeze-steps 3` from the lossless MPO;
+- `truncate-train-R`: `truncate --param-ratio R`, then the same training without squeezing;
+- `truncate-R`: `truncate --param-ratio R` of the model after dense-equivalent training
+  (`overparam` on the lossless MPO, no squeeze), scored without training after the cut.
+
+The dense baseline (`full`, same data, epochs and seeds) is read from
+`benchmarks/pruning-runs.jsonl`. Then, in this process: the factorized model's inference time
+(`load_model`, forward `auto`) and multiply-adds per token against the dense MiniLM, at each
+ratio (batch 16 x 128, median of 10).
+
+Opt-in (about 2 hours on 2 quiet cores): `python -m benchmarks squeeze`. Each finished run is
+appended to `benchmarks/squeeze-runs.jsonl` (kept in the repository) and not repeated. Set
+MPOSURGEON_SWEEP_DATA to the folder of man-sections-{train,eval}.jsonl (default `data/`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import minilm_dir
+
+HERE = Path(__file__).resolve().parent
+LOG = HERE / "squeeze-runs.jsonl"
+DENSE_LOG = HERE / "pruning-runs.jsonl"
+RATIOS = (0.5, 0.3)
+SEEDS = (0, 1, 2)
+ARMS = ("squeeze", "truncate-train", "truncate")
+EPOCHS, BATCH, METHOD = 3, 16, "overparam"
+
+
+def data_dir() -> Path:
+    """Where man-sections-{train,eval}.jsonl are (MPOSURGEON_SWEEP_DATA, else data/)."""
+    path = Path(os.environ.get("MPOSURGEON_SWEEP_DATA", HERE.parent / "data"))
+    if not (path / "man-sections-train.jsonl").is_file():
+        raise SystemExit(f"man-sections data not found in {path}: set MPOSURGEON_SWEEP_DATA")
+    return path
+
+
+def _rows(log: Path) -> list[dict[str, Any]]:
+    if not log.is_file():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+class _Runs:
+    """The models of one seed under `root`, each built when first needed."""
+
+    def __init__(self, root: Path, seed: int) -> None:
+        import mposurgeon
+
+        self.api, self.root, self.seed = mposurgeon, root, seed
+        data = data_dir()
+        self.eval_data = data / "man-sections-eval.jsonl"
+        self.train_args = {
+            "data": data / "man-sections-train.jsonl",
+            "eval_data": self.eval_data,
+            "epochs": EPOCHS,
+            "batch_size": BATCH,
+            "seed": seed,
+            "method": METHOD,
+        }
+
+    def lossless(self) -> Path:
+        out = self.root / "lossless"
+        if not out.exists():
+            self.api.decompose(minilm_dir(), output=out, layers=["FFN_1", "FFN_2", "attention"])
+        return out
+
+    def tuned(self) -> Path:
+        """The lossless MPO fine-tuned without squeezing (what `truncate-R` cuts)."""
+        out = self.root / f"tuned-{self.seed}"
+        if not out.exists():
+            self.api.train(self.lossless(), output=out, **self.train_args)
+        return out
+
+    def arm(self, arm: str, ratio: float) -> dict[str, Any]:
+        start = time.perf_counter()
+        if arm == "squeeze":
+            result = self.api.train(
+                self.lossless(), output=self.root / f"squeeze-{ratio}-{self.seed}",
+                squeeze_to=ratio, squeeze_steps=3, **self.train_args,
+            )  # fmt: skip
+            metrics = result.metrics
+            accuracy, params = metrics["eval_accuracy"], metrics["squeeze"]["final_params"]
+        elif arm == "truncate-train":
+            cut = self.root / f"cut-{ratio}"
+            if not cut.exists():
+                self.api.truncate(self.lossless(), output=cut, param_ratio=ratio)
+            result = self.api.train(
+                cut, output=self.root / f"cut-train-{ratio}-{self.seed}", **self.train_args
+            )
+            accuracy = result.metrics["eval_accuracy"]
+            params = self.api.inspect(cut)["params"]["mpo"]
+        else:
+            cut = self.root / f"tuned-cut-{ratio}-{self.seed}"
+            if not cut.exists():
+                self.api.truncate(self.tuned(), output=cut, param_ratio=ratio)
+            accuracy = self.api.evaluate(cut, data=self.eval_data).metrics["accuracy"]
+            params = self.api.inspect(cut)["params"]["mpo"]
+        return {
+            "arm": arm,
+            "ratio": ratio,
+            "seed": self.seed,
+            "eval_accuracy": accuracy,
+            "mpo_params": params,
+            "seconds": round(time.perf_counter() - start, 1),
+            "threads": torch.get_num_threads(),
+        }
+
+
+def sweep(root: Path) -> list[dict[str, Any]]:
+    """Every (arm, ratio, seed) not in the log yet; all logged runs."""
+    done = {(r["arm"], r["ratio"], r["seed"]): r for r in _rows(LOG)}
+    for seed in SEEDS:
+        runs = _Runs(root, seed)
+        for ratio in RATIOS:
+            for arm in ARMS:
+                if (arm, ratio, seed) in done:
+                    continue
+                row = runs.arm(arm, ratio)
+                done[(arm, ratio, seed)] = row
+                with LOG.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+    return list(done.values())
+
+
+def _median_seconds(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    with torch.inference_mode():
+        model(**batch)
+        times = []
+        for _ in range(10):
+            start = time.perf_counter()
+            model(**batch)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def inference(root: Path) -> list[dict[str, Any]]:
+    """Factorized inference time and multiply-adds per token at each ratio, vs dense."""
+    from transformers import AutoModel
+
+    import mposurgeon
+    from mposurgeon.methods.mpo.state import mpo_cores
+    from mposurgeon.mpo.contract import contract_flops, reconstruct_flops
+
+    runs = _Runs(root, 0)
+    batch = {
+        "input_ids": torch.randint(1000, 20000, (16, 128)),
+        "attention_mask": torch.ones(16, 128, dtype=torch.long),
+    }
+    dense = _median_seconds(AutoModel.from_pretrained(minilm_dir()).eval(), batch)
+    rows = []
+    for ratio in RATIOS:
+        cut = root / f"cut-{ratio}"
+        if not cut.exists():
+            mposurgeon.truncate(runs.lossless(), output=cut, param_ratio=ratio)
+        model = mposurgeon.load_model(cut)
+        tokens = batch["input_ids"].numel()
+        macs = dense_macs = 0
+        for c in mpo_cores(model).values():  # what forward `auto` picks: the cheaper
+            dense_product = tokens * c.shape.out_dim * c.shape.in_dim
+            cores = list(c.core)
+            macs += min(contract_flops(cores, tokens), reconstruct_flops(cores) + dense_product)
+            dense_macs += dense_product
+        seconds = _median_seconds(model, batch)
+        rows.append(
+            {
+                "benchmark": f"inference, MiniLM MPO at {ratio} of the MPO parameters "
+                f"(load_model, forward auto, batch 16x128, CPU; its MPO layers' multiply-adds "
+                f"{macs / dense_macs:.2f}x the dense ones')",
+                "threads": torch.get_num_threads(),
+                "value": f"{seconds:.3f} s",
+                "baseline": f"dense MiniLM {dense:.3f} s",
+                "ratio": seconds / dense,
+                "goal": None,
+            }
+        )
+    return rows
+
+
+def _spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f} (1 seed)"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} (min {min(values):.3f})"
+
+
+def run() -> list[dict[str, Any]]:
+    """Benchmark rows: each (arm, ratio) over the seeds against dense `full`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = sweep(Path(tmp))
+        timed = inference(Path(tmp))
+    dense = [r["eval_accuracy"] for r in _rows(DENSE_LOG) if r["arm"] == "dense"]
+    baseline = f"dense full {_spread(dense)}" if dense else "dense full: not run"
+    rows = []
+    for ratio in RATIOS:
+        for arm in ARMS:
+            items = [r for r in runs if r["arm"] == arm and r["ratio"] == ratio]
+            if not items:
+                continue
+            accuracy = [r["eval_accuracy"] for r in items]
+            rows.append(
+                {
+                    "benchmark": f"man-sections eval accuracy, {arm} to {ratio} of the MPO "
+                    f"parameters ({items[0]['mpo_params']:,}; MiniLM, {METHOD}, {EPOCHS} "
+                    f"epochs, seeds {','.join(str(r['seed']) for r in items)})",
+                    "threads": items[0]["threads"],
+                    "value": _spread(accuracy),
+                    "baseline": baseline,
+                    "ratio": statistics.mean(accuracy) / statistics.mean(dense) if dense else None,
+                    "goal": None,
+                }
+            )
+    return rows + timed
+
+
+if __name__ == "__main__":
+    for row in run():
+        print(row)
