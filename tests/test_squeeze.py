@@ -230,3 +230,16 @@ def test_distilled_squeeze_resumes_with_its_teacher(mpo_bert: Path, tmp_path: Pa
     a, b, c = _tensors(straight.output), _tensors(out), _tensors(undistilled.output)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)  # the teacher did pull
+
+
+def test_inspect_reports_the_multiply_adds_of_the_cut_cores(mpo_bert: Path, tmp_path: Path) -> None:
+    from mposurgeon.mpo.contract import contract_flops, reconstruct_flops
+
+    out = tmp_path / "cut"
+    mposurgeon.truncate(mpo_bert, output=out, param_ratio=0.3)
+    macs = mposurgeon.inspect(out)["params"]["multiply_adds"]
+    cores = [list(c.core) for c in mpo_cores(mposurgeon.load_model(out)).values()]
+    assert macs["contract_per_row"] == sum(contract_flops(c, 1) for c in cores)
+    assert macs["reconstruct"] == sum(reconstruct_flops(c) for c in cores)
+    records = [r for r in read_manifest(out).modules.values() if isinstance(r, MPORecord)]
+    assert macs["dense_per_row"] == sum(r.out_dim * r.in_dim for r in records)

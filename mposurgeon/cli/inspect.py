@@ -80,6 +80,14 @@ def render_report(report: dict[str, Any], all_modules: bool) -> None:
     if p.get("trainable") is not None:
         line += f"; trainable {fmt_int(p['trainable'])}"
     stdout.print(line)
+    macs = p.get("multiply_adds")
+    if macs and macs["dense_per_row"]:
+        stdout.print(
+            f"multiply-adds of the MPO layers: {fmt_int(macs['contract_per_row'])} per input row "
+            f"contracted through the cores ({macs['contract_per_row'] / macs['dense_per_row']:.2f}"
+            f"x the dense {fmt_int(macs['dense_per_row'])}), or {fmt_int(macs['reconstruct'])} "
+            "once to rebuild the dense weights; load_model picks the cheaper per call"
+        )
     if report.get("experts"):
         _print_experts(report["experts"])
     metrics = report.get("metrics") or {}

@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mposurgeon.artifact.manifest import Manifest, load_artifact
 from mposurgeon.artifact.resolve import resolve_model
 from mposurgeon.artifact.tensors import TensorReader, open_tensors
@@ -21,6 +23,7 @@ from mposurgeon.methods.mpo.record import FactorizedRecord, MPORecord
 from mposurgeon.methods.mpo.state import record_cores
 from mposurgeon.methods.mpoe.record import MPOERecord
 from mposurgeon.models.pruning import masked_key
+from mposurgeon.mpo.contract import contract_flops, reconstruct_flops
 from mposurgeon.mpo.decomposition import bond_spectra
 from mposurgeon.plot import (
     ModuleSpectra,
@@ -125,6 +128,9 @@ def _report(reader: TensorReader, manifest: Manifest | None) -> dict[str, Any]:
         dense_equiv = sum(r.dense_params for r in records.values())
         report["params"]["dense_equivalent_of_mpo"] = dense_equiv
         report["params"]["mpo_ratio"] = mpo / dense_equiv if dense_equiv else None
+        mpo_records = [r for r in records.values() if isinstance(r, MPORecord)]
+        if mpo_records:
+            report["params"]["multiply_adds"] = _multiply_adds(mpo_records)
         if manifest.metrics:
             report["metrics"] = manifest.metrics
             report["params"]["trainable"] = manifest.metrics.get("trainable_params")
@@ -138,6 +144,20 @@ def _report(reader: TensorReader, manifest: Manifest | None) -> dict[str, Any]:
     if experts:
         report["experts"] = _experts(experts, (manifest.metrics or {}) if manifest else {})
     return report
+
+
+def _multiply_adds(records: list[MPORecord]) -> dict[str, int]:
+    """Multiply-adds of the MPO modules (Linear and Conv1D): per input row contracted through
+    the cores, once to rebuild every dense weight, and per row of the dense product."""
+    contract = rebuild = dense = 0
+    for rec in records:
+        if rec.kind == "embedding":
+            continue
+        cores = [torch.empty(shape, device="meta") for shape in rec.core_shapes()]
+        contract += contract_flops(cores, 1)
+        rebuild += reconstruct_flops(cores)
+        dense += rec.out_dim * rec.in_dim
+    return {"contract_per_row": contract, "reconstruct": rebuild, "dense_per_row": dense}
 
 
 def _experts(records: list[MPOERecord], metrics: dict[str, Any]) -> dict[str, Any]:
