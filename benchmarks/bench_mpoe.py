@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import minilm_dir
+from benchmarks.common import man_sections_dir, minilm_dir, read_log, spread
 
 HERE = Path(__file__).resolve().parent
 LOG = HERE / "mpoe-runs.jsonl"
@@ -36,20 +36,6 @@ SWEEP = (5e-5, 1e-4, 2e-4)
 EXPERTS = (4, 8)
 SEEDS = (0, 1, 2)
 EPOCHS, BATCH = 3, 16
-
-
-def data_dir() -> Path:
-    """Where man-sections-{train,eval}.jsonl are (MPOSURGEON_SWEEP_DATA, else data/)."""
-    path = Path(os.environ.get("MPOSURGEON_SWEEP_DATA", HERE.parent / "data"))
-    if not (path / "man-sections-train.jsonl").is_file():
-        raise SystemExit(f"man-sections data not found in {path}: set MPOSURGEON_SWEEP_DATA")
-    return path
-
-
-def _rows(log: Path) -> list[dict[str, Any]]:
-    if not log.is_file():
-        return []
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
 def _plan() -> list[tuple[int, float, int]]:
@@ -68,8 +54,8 @@ def sweep(root: Path) -> list[dict[str, Any]]:
     """Every planned run not in the log yet (models under `root`); all logged runs."""
     import mposurgeon
 
-    data = data_dir()
-    done = {(r["experts"], r["lr"], r["seed"]): r for r in _rows(LOG)}
+    data = man_sections_dir()
+    done = {(r["experts"], r["lr"], r["seed"]): r for r in read_log(LOG)}
     for experts, lr, seed in _plan():
         if (experts, lr, seed) in done:
             continue
@@ -112,7 +98,7 @@ def _step_seconds(source: Path, method: str, root: Path) -> float:
     timed by the run's own clock, the first left out."""
     import mposurgeon
 
-    data = data_dir() / "man-sections-train.jsonl"
+    data = man_sections_dir() / "man-sections-train.jsonl"
     times = []
     for steps in (1, 6):
         start = time.perf_counter()
@@ -160,12 +146,6 @@ def deployment(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _spread(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f} (1 seed)"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} (min {min(values):.3f})"
-
-
 def run() -> list[dict[str, Any]]:
     """Benchmark rows: the sweep, each expert count over the seeds against dense `full`."""
     from mposurgeon.methods.registry import method_config
@@ -173,8 +153,8 @@ def run() -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         runs = sweep(Path(tmp))
         deployed = deployment(Path(tmp))
-    dense = [r["eval_accuracy"] for r in _rows(DENSE_LOG) if r["arm"] == "dense"]
-    baseline = f"dense full {_spread(dense)}" if dense else "dense full: not run"
+    dense = [r["eval_accuracy"] for r in read_log(DENSE_LOG) if r["arm"] == "dense"]
+    baseline = f"dense full {spread(dense)}" if dense else "dense full: not run"
     default = method_config("mpoe").default("lr")
     rows = []
     groups: dict[tuple[int, float], list[dict[str, Any]]] = {}
@@ -190,7 +170,7 @@ def run() -> list[dict[str, Any]]:
                 f"{','.join(str(r['seed']) for r in items)}; {items[0]['trainable_params']:,} "
                 "trained)",
                 "threads": items[0]["threads"],
-                "value": _spread(accuracy),
+                "value": spread(accuracy),
                 "baseline": baseline,
                 "ratio": statistics.mean(accuracy) / statistics.mean(dense) if dense else None,
                 "goal": None,

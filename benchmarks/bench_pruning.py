@@ -24,7 +24,6 @@ MPOSURGEON_SWEEP_DATA to the folder of man-sections-{train,eval}.jsonl (default 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -34,7 +33,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import minilm_dir
+from benchmarks.common import man_sections_dir, minilm_dir, spread
 
 HERE = Path(__file__).resolve().parent
 LOG = HERE / "pruning-runs.jsonl"
@@ -42,14 +41,6 @@ SEEDS = (0, 1, 2)
 EPOCHS, BATCH = 3, 16
 FFN_NEURONS = 768  # half of MiniLM's 1,536
 ARMS = ("dense", "dsee", "lora-r16", "unstructured-50", "ffn-50")
-
-
-def data_dir() -> Path:
-    """Where man-sections-{train,eval}.jsonl are (MPOSURGEON_SWEEP_DATA, else data/)."""
-    path = Path(os.environ.get("MPOSURGEON_SWEEP_DATA", HERE.parent / "data"))
-    if not (path / "man-sections-train.jsonl").is_file():
-        raise SystemExit(f"man-sections data not found in {path}: set MPOSURGEON_SWEEP_DATA")
-    return path
 
 
 def _done() -> dict[tuple[str, int], dict[str, Any]]:
@@ -68,7 +59,7 @@ class _Runs:
         self.api = mposurgeon
         self.root = root
         self.seed = seed
-        data = data_dir()
+        data = man_sections_dir()
         self.train_args = {
             "data": data / "man-sections-train.jsonl",
             "eval_data": data / "man-sections-eval.jsonl",
@@ -215,11 +206,6 @@ def deployment(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _spread(values: list[float]) -> str:
-    mean = statistics.mean(values)
-    return f"{mean:.3f} ± {statistics.stdev(values):.3f} (min {min(values):.3f})"
-
-
 def run() -> list[dict[str, Any]]:
     """Benchmark rows: each arm's mean accuracy over the seeds against dense fine-tuning."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -232,15 +218,15 @@ def run() -> list[dict[str, Any]]:
         accuracy = [r["eval_accuracy"] for r in items]
         note = ""
         if "accuracy_as_cut" in items[0]:
-            note = f"; as cut {_spread([r['accuracy_as_cut'] for r in items])}"
+            note = f"; as cut {spread([r['accuracy_as_cut'] for r in items])}"
         rows.append(
             {
                 "benchmark": f"man-sections eval accuracy, {arm} (MiniLM, {EPOCHS} epochs, "
                 f"seeds {','.join(str(r['seed']) for r in items)}; "
                 f"{items[0]['trainable_params']:,} trained{note})",
                 "threads": items[0]["threads"],
-                "value": _spread(accuracy),
-                "baseline": f"dense full {_spread(dense)}",
+                "value": spread(accuracy),
+                "baseline": f"dense full {spread(dense)}",
                 "ratio": statistics.mean(accuracy) / statistics.mean(dense),
                 "goal": None,
             }

@@ -22,7 +22,6 @@ MPOSURGEON_SWEEP_DATA to the folder of man-sections-{train,eval}.jsonl (default 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -31,7 +30,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import minilm_dir
+from benchmarks.common import man_sections_dir, minilm_dir, read_log, spread
 
 HERE = Path(__file__).resolve().parent
 LOG = HERE / "squeeze-runs.jsonl"
@@ -42,20 +41,6 @@ ARMS = ("squeeze", "truncate-train", "truncate")
 EPOCHS, BATCH, METHOD = 3, 16, "overparam"
 
 
-def data_dir() -> Path:
-    """Where man-sections-{train,eval}.jsonl are (MPOSURGEON_SWEEP_DATA, else data/)."""
-    path = Path(os.environ.get("MPOSURGEON_SWEEP_DATA", HERE.parent / "data"))
-    if not (path / "man-sections-train.jsonl").is_file():
-        raise SystemExit(f"man-sections data not found in {path}: set MPOSURGEON_SWEEP_DATA")
-    return path
-
-
-def _rows(log: Path) -> list[dict[str, Any]]:
-    if not log.is_file():
-        return []
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-
-
 class _Runs:
     """The models of one seed under `root`, each built when first needed."""
 
@@ -63,7 +48,7 @@ class _Runs:
         import mposurgeon
 
         self.api, self.root, self.seed = mposurgeon, root, seed
-        data = data_dir()
+        data = man_sections_dir()
         self.eval_data = data / "man-sections-eval.jsonl"
         self.train_args = {
             "data": data / "man-sections-train.jsonl",
@@ -124,7 +109,7 @@ class _Runs:
 
 def sweep(root: Path) -> list[dict[str, Any]]:
     """Every (arm, ratio, seed) not in the log yet; all logged runs."""
-    done = {(r["arm"], r["ratio"], r["seed"]): r for r in _rows(LOG)}
+    done = {(r["arm"], r["ratio"], r["seed"]): r for r in read_log(LOG)}
     for seed in SEEDS:
         runs = _Runs(root, seed)
         for ratio in RATIOS:
@@ -193,19 +178,13 @@ def inference(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _spread(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f} (1 seed)"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} (min {min(values):.3f})"
-
-
 def run() -> list[dict[str, Any]]:
     """Benchmark rows: each (arm, ratio) over the seeds against dense `full`."""
     with tempfile.TemporaryDirectory() as tmp:
         runs = sweep(Path(tmp))
         timed = inference(Path(tmp))
-    dense = [r["eval_accuracy"] for r in _rows(DENSE_LOG) if r["arm"] == "dense"]
-    baseline = f"dense full {_spread(dense)}" if dense else "dense full: not run"
+    dense = [r["eval_accuracy"] for r in read_log(DENSE_LOG) if r["arm"] == "dense"]
+    baseline = f"dense full {spread(dense)}" if dense else "dense full: not run"
     rows = []
     for ratio in RATIOS:
         for arm in ARMS:
@@ -219,7 +198,7 @@ def run() -> list[dict[str, Any]]:
                     f"parameters ({items[0]['mpo_params']:,}; MiniLM, {METHOD}, {EPOCHS} "
                     f"epochs, seeds {','.join(str(r['seed']) for r in items)})",
                     "threads": items[0]["threads"],
-                    "value": _spread(accuracy),
+                    "value": spread(accuracy),
                     "baseline": baseline,
                     "ratio": statistics.mean(accuracy) / statistics.mean(dense) if dense else None,
                     "goal": None,
