@@ -43,9 +43,12 @@ def test_float64_cores_and_float32_merge(tiny_model_dir, tmp_path: Path) -> None
     mposurgeon.merge(tmp_path / "mpo", output=tmp_path / "dense")
     with safe_open(tmp_path / "dense" / "model.safetensors", "pt") as f:
         assert f.get_slice("encoder.layer.0.intermediate.dense.weight").get_dtype() == "F32"
-    dtype32 = mposurgeon.merge(tmp_path / "mpo", output=tmp_path / "bf16", dtype="bfloat16")
-    with safe_open(dtype32.output / "model.safetensors", "pt") as f:
+    bf16 = mposurgeon.merge(tmp_path / "mpo", output=tmp_path / "bf16", dtype="bfloat16",
+                            verify=True)  # fmt: skip
+    with safe_open(bf16.output / "model.safetensors", "pt") as f:
         assert f.get_slice("encoder.layer.0.intermediate.dense.weight").get_dtype() == "BF16"
+    assert BertModel.from_pretrained(bf16.output).dtype == torch.bfloat16  # the config says so
+    assert bf16.comparison is not None and bf16.comparison.ok
 
 
 def test_sharded_input_and_sharded_output(tiny_model_dir, tmp_path: Path) -> None:

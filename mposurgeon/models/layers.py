@@ -140,11 +140,19 @@ class MPOLinear(nn.Module):
         return "contract" if contract_flops(cores, batch) < dense else "reconstruct"
 
     def forward(self, x: Tensor) -> Tensor:
+        """x (..., in_features) -> (..., out_features), in x's dtype (cores of another dtype,
+        float64 say, compute in theirs and the result is cast)."""
         batch = x.numel() // self.in_features if self.in_features else 0
         if self.chosen_mode(batch) == "reconstruct":
-            return F.linear(x, self.mpo.matrix(), self.bias)
-        y = apply_mpo(x, self.mpo.cores, self.mpo.shape)
-        return y + self.bias if self.bias is not None else y
+            weight = self.mpo.matrix()
+            bias = self.bias
+            if weight.dtype != x.dtype:
+                weight = weight.to(x.dtype)
+                bias = bias.to(x.dtype) if bias is not None else None
+            return F.linear(x, weight, bias)
+        dtype = self.mpo.cores[0].dtype
+        y = apply_mpo(x.to(dtype), self.mpo.cores, self.mpo.shape).to(x.dtype)
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:
         s = self.mpo.shape

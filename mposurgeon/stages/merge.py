@@ -20,6 +20,7 @@ base model (`--base`, else the one its config records): `stages/peft_adapter.py`
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -131,6 +132,8 @@ def merge(
         if moe is not None:
             moe.config.save_pretrained(tmp)  # before the copy, which keeps it
         copy_model_files(inp.path, tmp)
+        if opts.dtype != "auto":
+            _record_dtype(tmp, opts.dtype)  # what from_pretrained loads the weights as
         if opts.verify:
             comparison = verify_merge(inp.path, tmp)
         metrics = {"verify": asdict(comparison) | {"ok": comparison.ok}} if comparison else None
@@ -267,6 +270,16 @@ def _dtype_of(rec: ModuleRecord, dtype: str = "auto") -> torch.dtype:
             hint="re-create the artifact with the stage that made it, or pass merge --dtype",
         )
     return FLOAT_DTYPES[name]
+
+
+def _record_dtype(directory: Path, dtype: str) -> None:
+    """Say in `directory`'s config.json that its weights are `dtype` (written by --dtype)."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["dtype"] = dtype
+    if "torch_dtype" in config:  # written by older transformers
+        config["torch_dtype"] = dtype
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def verify_merge(artifact: Path, merged: Path) -> OutputComparison:
