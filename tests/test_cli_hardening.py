@@ -81,10 +81,23 @@ def test_usage_error_with_json_prints_one_error_object(capsys) -> None:
 
 
 # What the console script does (`from mposurgeon.cli.entry import main; sys.exit(main())`),
-# telling the test through a pipe when `main` starts importing the CLI. Before that, a Ctrl-C
-# lands in Python's own startup (`site`, ~50 ms) or in `import mposurgeon` (~5 ms, `typing`):
-# beyond the reach of any code of ours.
-_SCRIPT = "import os; from mposurgeon.cli.entry import main; os.write({fd}, b'up'); main()"
+# telling the test through a pipe once `main` has installed its SIGINT handler (its first
+# `signal.signal` call writes "up"). Before that, a Ctrl-C lands in Python's own startup
+# (`site`, ~50 ms), in `import mposurgeon` (~5 ms, `typing`) or between the script's statements:
+# beyond the reach of any code of ours. (Writing "up" before calling `main` left a window of a
+# few bytecodes that a loaded machine hit.)
+_SCRIPT = """
+import os, signal
+from mposurgeon.cli.entry import main
+install = signal.signal
+def first(signum, handler):
+    previous = install(signum, handler)
+    signal.signal = install
+    os.write({fd}, b'up')
+    return previous
+signal.signal = first
+main()
+"""
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.01, 0.03, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5])

@@ -21,6 +21,7 @@ from mposurgeon.methods import registry
 from mposurgeon.methods.base import Method, head_parameter_names
 from mposurgeon.methods.config import MethodConfig
 from mposurgeon.methods.mpo.record import MPORecord
+from mposurgeon.methods.mpoe.record import MPOERecord
 from mposurgeon.methods.registry import (
     get_method,
     method_config,
@@ -41,7 +42,7 @@ TRAIN = REPO / "data" / "sentiment-train.jsonl"
 
 def test_registry_holds_the_training_methods_and_the_mpo_state() -> None:
     trained = ["full", "lightweight", "overparam", "lora", "dsee", "ia3", "prompt-tuning"]
-    trained += ["prefix-tuning", "bitfit", "apet", "adapter"]
+    trained += ["prefix-tuning", "bitfit", "apet", "adapter", "mpoe"]
     assert method_names(training=True) == trained
     assert method_names() == [*trained, "mpo"]
     for name in method_names():
@@ -51,6 +52,7 @@ def test_registry_holds_the_training_methods_and_the_mpo_state() -> None:
         assert method.config_class is config and isinstance(method.config, config)
         assert config.summary and "\n" not in config.summary
     assert record_class("mpo") is MPORecord
+    assert record_class("mpoe") is MPOERecord
     assert record_class("lightweight") is None and record_class("nope") is None
 
 
@@ -62,6 +64,7 @@ def test_each_method_declares_its_measured_learning_rate() -> None:
         "lora": 2e-3, "dsee": 2e-3, "ia3": 1e-2, "prompt-tuning": 3e-2, "prefix-tuning": 1e-1,
         "bitfit": 1e-2, "apet": 1e-2,
         "adapter": 3e-3,
+        "mpoe": 1e-4,  # overparam's, until the man-sections sweep (benchmarks/bench_mpoe.py)
     }  # fmt: skip
     assert get_method("lightweight").config.lr == 5e-4
 

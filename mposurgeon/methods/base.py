@@ -26,6 +26,7 @@ from torch.nn.utils import parametrize
 
 from mposurgeon.errors import UsageError
 from mposurgeon.methods.config import MethodConfig
+from mposurgeon.methods.peft_layers import keep_lora_zeros
 from mposurgeon.methods.records import ModuleRecord
 from mposurgeon.models.layers import ForwardMode, MPOEmbedding, MPOLinear
 from mposurgeon.models.orientation import Kind, as_weight
@@ -92,12 +93,14 @@ class Method:
         """Make module `name` (live) of a prepared model compute with its pruned entries
         (`pruned`, bool, its weight as `kind` stores it) zero whatever trains, so training
         sees the weight that `merge` writes. The stored weight itself is kept at zero by the
-        stage (`keep_pruned`); this covers what is stacked on it: here, MPO layers rebuild
-        their matrix masked, and a weight parametrization (APET's sparse delta) gets
-        `KeepZeros` last."""
+        stage (`keep_pruned`); this covers what is stacked on it: MPO layers rebuild their
+        matrix masked, PEFT's LoRA layers (LoRA, DSEE) compute with the masked merged weight,
+        and a weight parametrization (APET's sparse delta) gets `KeepZeros` last."""
         module = model.get_submodule(name)
         if isinstance(module, MPOLinear | MPOEmbedding):
             module.mpo.keep_zeros(as_weight(pruned, kind))  # (out_dim, in_dim), a transpose
+        elif hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            keep_lora_zeros(module, pruned)
         elif parametrize.is_parametrized(module, "weight"):
             pruned = pruned.to(module.weight.device)
             parametrize.register_parametrization(module, "weight", KeepZeros(pruned))

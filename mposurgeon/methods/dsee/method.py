@@ -28,11 +28,11 @@ from mposurgeon.methods.base import Method, train_only
 from mposurgeon.methods.dsee.config import DEFAULT_LAYERS, DEFAULT_PROJECTIONS, DseeConfig
 from mposurgeon.methods.dsee.record import DseeRecord
 from mposurgeon.methods.dsee.support import godec_support, magnitude_support, random_support
-from mposurgeon.methods.peft_layers import ADAPTER, fan_in_fan_out, inject_lora, keep_lora_zeros
+from mposurgeon.methods.peft_layers import ADAPTER, fan_in_fan_out, inject_lora
 from mposurgeon.methods.records import ModuleRecord
 from mposurgeon.models.groups import Target, attention_projection, select_targets
 from mposurgeon.models.layers import ForwardMode
-from mposurgeon.models.orientation import Kind, as_weight
+from mposurgeon.models.orientation import as_weight
 from mposurgeon.models.surgery import resolve_module_name
 
 #: Live names -> the artifact's, applied in order.
@@ -134,13 +134,6 @@ class DseeMethod(Method):
                 assert generator is not None
                 supports[t.name] = random_support(weight.numel(), size, generator)
         return supports
-
-    def keep_zeros(self, model: nn.Module, name: str, pruned: Tensor, kind: Kind) -> None:
-        layer = model.get_submodule(name)
-        if hasattr(layer, "lora_A"):
-            keep_lora_zeros(layer, pruned)
-        else:
-            super().keep_zeros(model, name, pruned, kind)
 
     def set_trainable(self, model: nn.Module) -> None:
         train_only(model, lambda name: ".lora_" in name or name.endswith(_VALUES))

@@ -23,13 +23,12 @@ from mposurgeon.methods.peft_layers import (
     ADAPTER,
     fan_in_fan_out,
     inject_lora,
-    keep_lora_zeros,
     peft_default_targets,
 )
 from mposurgeon.methods.records import ModuleRecord
 from mposurgeon.models.groups import Target, select_targets
 from mposurgeon.models.layers import ForwardMode
-from mposurgeon.models.orientation import Kind, as_weight
+from mposurgeon.models.orientation import as_weight
 from mposurgeon.models.surgery import resolve_module_name
 
 #: PEFT's live names -> the artifact's: no `.base_layer`, no adapter name.
@@ -102,13 +101,6 @@ class LoraMethod(Method):
             )
         keys = model.state_dict().keys()
         return select_targets(model, keys, layers=layers, target_modules=regex)
-
-    def keep_zeros(self, model: nn.Module, name: str, pruned: Tensor, kind: Kind) -> None:
-        layer = model.get_submodule(name)
-        if hasattr(layer, "lora_A"):
-            keep_lora_zeros(layer, pruned)
-        else:
-            super().keep_zeros(model, name, pruned, kind)
 
     def set_trainable(self, model: nn.Module) -> None:
         train_only(model, lambda name: ".lora_" in name)
