@@ -257,3 +257,22 @@ def test_target_modules_alone_find_the_roles(tiny_model_dir) -> None:
     result = mposurgeon.moe(tiny_model_dir("bert"), target_modules=regex, dry_run=True)
     (block,) = result.blocks
     assert block.roles == ["in", "out"] and block.router.endswith("layer.0.mpoe_router")
+
+
+def test_an_mpo_input_gives_its_own_cores_to_the_experts(
+    tiny_model_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """Upcycling a truncated decomposition: every expert starts as the truncated matrix, the
+    bonds are the input's, and the untargeted MPO modules pass through."""
+    src = tiny_model_dir("bert")
+    mpo = tmp_path / "mpo"
+    mposurgeon.decompose(src, output=mpo, layers="FFN_1,FFN_2,attention", max_bond=6)
+    mposurgeon.moe(mpo, output=tmp_path / "moe", experts=3)
+    before, after = read_manifest(mpo).modules, read_manifest(tmp_path / "moe").modules
+    experts = {n: r for n, r in after.items() if isinstance(r, MPOERecord)}
+    assert len(experts) == 4 and all(r.bonds == before[n].bonds for n, r in experts.items())
+    assert {n for n in after if n not in experts} == {n for n in before if n not in experts}
+    truncated, upcycled = mposurgeon.load_model(mpo), mposurgeon.load_model(tmp_path / "moe")
+    with torch.no_grad():
+        expected, got = truncated(**_inputs("bert"))[0], upcycled(**_inputs("bert"))[0]
+    assert (got - expected).abs().max().item() < 1e-5

@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 
 from mposurgeon.artifact.config import read_config
 from mposurgeon.artifact.store import atomic_directory
-from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
+from mposurgeon.artifact.tensors import ShardedWriter, TensorReader, open_tensors
 from mposurgeon.errors import UsageError
 from mposurgeon.methods.mpo.record import MPORecord
 from mposurgeon.methods.mpo.state import factorize_weight, mpo_record, record_cores
@@ -270,81 +270,81 @@ def _write(
     generator: torch.Generator,
     progress: ProgressCallback | None,
 ) -> dict[str, MPOERecord]:
-    """Stream the input into `writer` with the targets as experts; their records."""
-    plan: dict[str, tuple[MoeBlock, int]] = {}
-    routers: dict[str, torch.Tensor] = {}
+    """Stream the input into `writer`, each target's experts where its weight (or, for an
+    MPO input, its first core) was; the targets' records."""
+    mpo_inputs = inp.mpo_modules
+    first: dict[str, tuple[MoeBlock, int]] = {}  # the key a target is written at
+    replaced: set[str] = set()  # the keys of the targets' dense weights or input cores
     for block in blocks:
         for i, t in enumerate(block.targets):
-            plan[t.weight_key] = (block, i)
-    records: dict[str, MPOERecord] = {}
+            rec = mpo_inputs.get(t.name)
+            keys = rec.core_keys() if rec is not None else [t.weight_key]
+            first[keys[0]] = (block, i)
+            replaced.update(keys)
     scale = float(opts.experts) if gate == "switch" else 1.0
     scaled_biases = {
-        t.bias_key: t for b in blocks for t, r in zip(b.targets, b.roles, strict=True)
+        t.bias_key for b in blocks for t, r in zip(b.targets, b.roles, strict=True)
         if r == "out" and t.bias_key and scale != 1.0
     }  # fmt: skip
-    mpo_inputs = {rec.weight_key: rec for rec in inp.mpo_modules.values()}
+    records: dict[str, MPOERecord] = {}
     with open_tensors(inp.path) as reader:
         keys = reader.keys()
-        dtype = next((reader.dtype(k) for k in keys if k in plan), torch.float32)
-        for block in blocks:  # drawn in block order, whatever the files' order
-            routers[block.router] = router_weight(
+        dtype = next((reader.dtype(k) for k in keys if k in first), torch.float32)
+        routers = {  # drawn in block order, whatever the files' order
+            block.router: router_weight(
                 opts.experts, block.d_model, gate=gate, generator=generator, dtype=dtype
             )
-        mpo_keys = {k for rec in inp.mpo_modules.values() for k in rec.core_keys()}
-        todo = [k for k in keys if k not in mpo_keys] + [
-            rec.weight_key for rec in inp.mpo_modules.values()
-        ]
-        for n, key in enumerate(todo):
-            if key in plan:
-                block, i = plan[key]
-                target, role = block.targets[i], block.roles[i]
-                if key in mpo_inputs:
-                    base = mpo_inputs[key]
-                    cores = record_cores(base, reader)
-                else:
-                    weight = reader.get(key)
-                    factorized = factorize_weight(weight, target.kind, shapes[target.name])
-                    cores = factorized.cores
-                    base = mpo_record(
-                        name=target.name,
-                        kind=target.kind,
-                        weight_shape=target.shape,
-                        dtype=weight.dtype,
-                        shape=shapes[target.name],
-                        factorized=factorized,
-                        tied_keys=target.tied_keys,
-                    )
-                rec = _record(base, block, i, role, opts, gate)
-                tensors = expert_tensors(rec, cores, scale if role == "out" else 1.0)
+            for block in blocks
+        }
+        for n, key in enumerate(keys):
+            if key in first:
+                block, i = first[key]
+                rec, cores = _factorized(inp, reader, block.targets[i], shapes)
+                rec = _record(rec, block, i, opts, gate)
+                tensors = expert_tensors(rec, cores, scale if rec.role == "out" else 1.0)
                 if rec.owns_router:
                     tensors[f"{block.router}.weight"] = routers[block.router]
                 for name, tensor in tensors.items():
                     writer.add(name, tensor)
-                records[target.name] = rec
-            elif key in mpo_inputs:
-                continue  # an MPO module not targeted: its cores were copied above
-            else:
+                records[rec.name] = rec
+            elif key not in replaced:
                 tensor = reader.get(key)
                 writer.add(key, tensor * scale if key in scaled_biases else tensor)
             if progress:
-                progress("moe", n + 1, len(todo))
-        for rec in inp.mpo_modules.values():
-            if rec.weight_key not in plan:
-                for key in rec.core_keys():
-                    writer.add(key, reader.get(key))
+                progress("moe", n + 1, len(keys))
     return records
+
+
+def _factorized(
+    inp: StageInput, reader: TensorReader, target: Target, shapes: dict[str, MPOShape]
+) -> tuple[MPORecord, list[torch.Tensor]]:
+    """A target's MPO: the input's cores, or its weight decomposed losslessly."""
+    rec = inp.mpo_modules.get(target.name)
+    if rec is not None:
+        return rec, record_cores(rec, reader)
+    weight = reader.get(target.weight_key)
+    factorized = factorize_weight(weight, target.kind, shapes[target.name])
+    rec = mpo_record(
+        name=target.name,
+        kind=target.kind,
+        weight_shape=target.shape,
+        dtype=weight.dtype,
+        shape=shapes[target.name],
+        factorized=factorized,
+        tied_keys=target.tied_keys,
+    )
+    return rec, factorized.cores
 
 
 def _record(
     base: MPORecord,
     block: MoeBlock,
     index: int,
-    role: Literal["in", "out"],
     opts: MoeOptions,
     gate: Literal["normalized", "switch"],
 ) -> MPOERecord:
     """The MPOE record of a block's `index`-th matrix from its MPO record."""
-    target = block.targets[index]
+    target, role = block.targets[index], block.roles[index]
     sizes = [
         base.bonds[k] * i * j * base.bonds[k + 1]
         for k, (i, j) in enumerate(zip(base.out_modes, base.in_modes, strict=True))
