@@ -169,6 +169,11 @@ def test_rel_tol_squeeze_keeps_every_bound(mpo_bert: Path, tmp_path: Path) -> No
         (["--squeeze-to", "0.5", "--squeeze-rel-tol", "0.2"], 2, ["not both"]),
         (["--squeeze-steps", "2"], 2, ["--squeeze-steps needs"]),
         (["--distill-alpha", "0.5"], 2, ["--distill-alpha", "needs"]),
+        (
+            ["--squeeze-to", "0.5", "--select-best", "accuracy", "--eval-data", TRAIN],
+            2,
+            ["--select-best"],
+        ),
         (["--squeeze-to", "0.0001"], 2, ["out of reach"]),
         (["--squeeze-to", "0.5", "--squeeze-steps", "30"], 2, ["at least 31 optimizer steps"]),
     ],

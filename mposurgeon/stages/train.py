@@ -611,6 +611,12 @@ def _check_squeeze(method: Method, inp: StageInput, opts: TrainOptions, dynamic:
             f"{flag}: {inp.path} has no MPO modules to squeeze",
             hint=f"decompose it first: mposurgeon decompose {inp.path}",
         )
+    if opts.select_best is not None:
+        raise UsageError(
+            f"{flag} with --select-best: the best evaluation's weights may have the shapes of "
+            "before a cut",
+            hint="squeeze without --select-best (each cut logs the eval metrics around it)",
+        )
     if dynamic:
         raise UsageError(
             f"{flag} cannot squeeze while --dynamic selection decomposes more matrices",
