@@ -4,6 +4,7 @@ registering it (no stage, manifest or CLI code names a method)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -212,3 +213,17 @@ def test_a_method_without_a_dense_form_refuses_to_merge_saying_what_to_do() -> N
     with pytest.raises(mposurgeon.errors.UsageError, match="no dense weight can hold") as err:
         BiasOnlyMethod().to_dense(rec, {})
     assert "load_model" in (err.value.hint or "")
+
+
+def test_target_modules_take_peft_lists_of_names(tiny_model_dir) -> None:
+    """PEFT's list form: each name matches modules whose whole name is it or ends with it."""
+    src = tiny_model_dir("bert")
+    listed = mposurgeon.decompose(src, target_modules=["query", "value"], dry_run=True)
+    regex = mposurgeon.decompose(src, target_modules=r".*\.(query|value)", dry_run=True)
+    names = [m.target.name for m in listed.modules]
+    assert names == [m.target.name for m in regex.modules] and len(names) == 4
+    config = method_config("lora")(target_modules=("query",))
+    assert re.fullmatch(str(config.target_modules), "encoder.layer.0.attention.self.query")
+    assert not re.fullmatch(str(config.target_modules), "encoder.layer.0.attention.self.queryx")
+    with pytest.raises(ValueError, match="module names"):
+        method_config("lora")(target_modules=[])

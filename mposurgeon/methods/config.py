@@ -7,9 +7,11 @@ torch. The implementation (a `Method` subclass, see `methods/base.py`) is import
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import re
+from collections.abc import Sequence
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from mposurgeon.methods.records import ModuleRecord
 
@@ -57,3 +59,25 @@ def comma_list(cls: type, value: object) -> object:
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     return value
+
+
+def names_regex(names: Sequence[str]) -> str:
+    """A regex matching whole module names that end with one of `names` (PEFT's matching)."""
+    if not names:
+        return "$^"  # matches nothing
+    return r"(?:.*\.)?(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
+def _names_as_regex(value: object) -> object:
+    """PEFT's list form of `target_modules` (module names, each matching a module whose whole
+    name is it or ends with "." + it) as the equivalent regex; a regex passes unchanged."""
+    if isinstance(value, list | tuple | set | frozenset):
+        names = sorted(value) if isinstance(value, set | frozenset) else list(value)
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError("give module names (non-empty strings), or a regex")
+        return names_regex(names)
+    return value
+
+
+#: A regex of whole module names, or (PEFT's habit) a list of module names matched by suffix.
+ModuleRegex = Annotated[str | None, BeforeValidator(_names_as_regex)]

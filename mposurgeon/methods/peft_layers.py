@@ -9,7 +9,6 @@ wrapper, so module names stay the model's; PEFT's live names (`M.base_layer.weig
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from functools import partial
 
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from mposurgeon.errors import UsageError
+from mposurgeon.methods.config import names_regex
 from mposurgeon.models.groups import Target
 from mposurgeon.models.pruning import KeepZerosBeside
 
@@ -38,13 +38,6 @@ def peft_default_targets(
             hint=f"name them with --layers (e.g. {example}) or --target-modules",
         )
     return names_regex(names)
-
-
-def names_regex(names: Sequence[str]) -> str:
-    """A regex matching whole module names that end with one of `names` (PEFT's matching)."""
-    if not names:
-        return "$^"  # matches nothing
-    return r"(?:.*\.)?(?:" + "|".join(re.escape(n) for n in names) + ")"
 
 
 def fan_in_fan_out(targets: Sequence[Target], method: str) -> bool:

@@ -20,6 +20,7 @@ from pydantic import Field, field_validator
 from mposurgeon.artifact.store import atomic_directory
 from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
 from mposurgeon.errors import ArtifactError, ShapeError, UsageError
+from mposurgeon.methods.config import ModuleRegex
 from mposurgeon.methods.mpo.record import MPORecord, core_key
 from mposurgeon.methods.mpo.state import factorize_weight, mpo_record
 from mposurgeon.models.groups import Target, select_targets
@@ -45,8 +46,8 @@ class DecomposeOptions(StageOptions):
     """Options of `decompose` (the CLI flags, one to one)."""
 
     layers: list[str] | None = Field(None, description="weight groups, e.g. FFN_1,attention")
-    target_modules: str | None = Field(None, description="regex, full match on module names")
-    exclude_modules: str | None = None
+    target_modules: ModuleRegex = Field(None, description="regex, full match on module names")
+    exclude_modules: ModuleRegex = None
     num_cores: int = Field(5, ge=2, le=64)
     modes: list[str] = Field(default_factory=lambda: ["auto"])
     max_bond: int | None = Field(None, ge=1)

@@ -22,6 +22,7 @@ from mposurgeon.artifact.config import read_config
 from mposurgeon.artifact.store import atomic_directory
 from mposurgeon.artifact.tensors import ShardedWriter, TensorReader, open_tensors
 from mposurgeon.errors import UsageError
+from mposurgeon.methods.config import ModuleRegex
 from mposurgeon.methods.mpo.record import MPORecord
 from mposurgeon.methods.mpo.state import factorize_weight, mpo_record, record_cores
 from mposurgeon.methods.mpoe.record import MPOERecord
@@ -57,8 +58,8 @@ class MoeOptions(StageOptions):
     router_jitter: float = Field(0.0, ge=0, lt=1, description="training: router input noise")
     gate: Literal["auto", "normalized", "switch"] = "auto"
     layers: list[str] | None = Field(None, description="weight groups (FFN_1,FFN_2)")
-    target_modules: str | None = Field(None, description="regex, full match on module names")
-    exclude_modules: str | None = None
+    target_modules: ModuleRegex = Field(None, description="regex, full match on module names")
+    exclude_modules: ModuleRegex = None
     num_cores: int = Field(5, ge=2, le=64)
     seed: int = Field(0, ge=0)
     dry_run: bool = False

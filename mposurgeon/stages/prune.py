@@ -45,6 +45,7 @@ from pydantic import Field, field_validator, model_validator
 from mposurgeon.artifact.store import atomic_directory
 from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
 from mposurgeon.errors import ModelNotFoundError, UsageError
+from mposurgeon.methods.config import ModuleRegex
 from mposurgeon.models.groups import Target, select_targets
 from mposurgeon.models.pruning import (
     UnitBlock,
@@ -80,8 +81,8 @@ class PruneOptions(StageOptions):
     """Options of `prune` (the CLI flags, one to one; `global_scope` is `--global`)."""
 
     layers: list[str] | None = Field(None, description="weight groups (--sparsity)")
-    target_modules: str | None = Field(None, description="regex, full match on module names")
-    exclude_modules: str | None = None
+    target_modules: ModuleRegex = Field(None, description="regex, full match on module names")
+    exclude_modules: ModuleRegex = None
     sparsity: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of weights to zero")
     global_scope: bool = Field(False, description="rank all targeted matrices together")
     heads: int | None = Field(None, ge=1, description="attention heads to remove per layer")

@@ -68,7 +68,7 @@ from mposurgeon.artifact.store import (
 from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
 from mposurgeon.errors import MposurgeonError, UsageError
 from mposurgeon.methods.base import Method, TrainingSource
-from mposurgeon.methods.config import MethodConfig, comma_list
+from mposurgeon.methods.config import MethodConfig, ModuleRegex, comma_list
 from mposurgeon.methods.mpo.state import mpo_cores
 from mposurgeon.methods.registry import get_method, method_config, method_names
 from mposurgeon.models.auto import model_class, quiet_transformers
@@ -213,7 +213,7 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions):
         None, description="prefix-tuning: start from vocabulary tokens' keys and values"
     )
     layers: list[str] | None = Field(None, description="PET methods: weight groups to adapt")
-    target_modules: str | None = Field(None, description="PET methods: regex of module names")
+    target_modules: ModuleRegex = Field(None, description="PET methods: regex of module names")
     max_length: int = Field(128, ge=2)
     task: TaskName | None = Field(None, description="None: inferred from the data and model")
     generate: bool = Field(False, description="score exact match of greedy generations")

@@ -7,7 +7,7 @@ from typing import ClassVar
 from pydantic import Field, field_validator
 
 from mposurgeon.methods.apet.record import ApetRecord
-from mposurgeon.methods.config import MethodConfig, comma_list
+from mposurgeon.methods.config import MethodConfig, ModuleRegex, comma_list
 
 
 class ApetConfig(MethodConfig):
@@ -26,6 +26,6 @@ class ApetConfig(MethodConfig):
     budget: int = Field(4096, ge=1, description="elements that train (the task head aside)")
     budget_seed: int = Field(0, ge=0, description="seeds the choice of the elements")
     layers: list[str] | None = Field(None, description="weight groups, e.g. attention,FFN_1")
-    target_modules: str | None = Field(None, description="regex, full match on module names")
+    target_modules: ModuleRegex = Field(None, description="regex, full match on module names")
 
     _split = field_validator("layers", mode="before")(comma_list)

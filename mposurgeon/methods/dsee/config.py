@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from mposurgeon.methods.config import MethodConfig, comma_list
+from mposurgeon.methods.config import MethodConfig, ModuleRegex, comma_list
 from mposurgeon.methods.dsee.record import DseeRecord
 
 #: How the support of the sparse update is chosen (see `methods/dsee/support.py`).
@@ -46,7 +46,7 @@ class DseeConfig(MethodConfig):
     sparse_size: int = Field(64, ge=1, description="entries of the sparse update per matrix")
     sparse_init: SparseInit = Field("godec", description="how the sparse support is chosen")
     layers: list[str] | None = Field(None, description="weight groups, e.g. attention,FFN_1")
-    target_modules: str | None = Field(None, description="regex, full match on module names")
+    target_modules: ModuleRegex = Field(None, description="regex, full match on module names")
 
     @property
     def alpha(self) -> float:

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator
 
-from mposurgeon.methods.config import MethodConfig, comma_list
+from mposurgeon.methods.config import MethodConfig, ModuleRegex, comma_list
 from mposurgeon.methods.ia3.record import Ia3Record
 
 
@@ -28,6 +28,6 @@ class Ia3Config(MethodConfig):
 
     lr: float = Field(1e-2, gt=0, allow_inf_nan=False, description="peak learning rate")
     layers: list[str] | None = Field(None, description="weight groups, e.g. attention,FFN_2")
-    target_modules: str | None = Field(None, description="regex, full match on module names")
+    target_modules: ModuleRegex = Field(None, description="regex, full match on module names")
 
     _split = field_validator("layers", mode="before")(comma_list)

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
-from mposurgeon.methods.config import MethodConfig, comma_list
+from mposurgeon.methods.config import MethodConfig, ModuleRegex, comma_list
 from mposurgeon.methods.lora.record import LoraRecord
 
 #: The rank without --lora-r or --budget.
@@ -34,7 +34,7 @@ class LoraConfig(MethodConfig):
     lora_alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description="scale alpha / r")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
     layers: list[str] | None = Field(None, description="weight groups, e.g. attention,FFN_1")
-    target_modules: str | None = Field(None, description="regex, full match on module names")
+    target_modules: ModuleRegex = Field(None, description="regex, full match on module names")
     budget: int | None = Field(
         None, ge=1, description="the largest rank whose parameters do not exceed it"
     )
