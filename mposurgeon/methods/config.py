@@ -81,3 +81,14 @@ def _names_as_regex(value: object) -> object:
 
 #: A regex of whole module names, or (PEFT's habit) a list of module names matched by suffix.
 ModuleRegex = Annotated[str | None, BeforeValidator(_names_as_regex)]
+
+
+def _groups_list(value: object) -> object:
+    """ "FFN_1, attention" -> ["FFN_1", "attention"] (lists pass unchanged)."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+#: Weight groups (`FFN_1`, `FFN_2`, `attention`, ...), as a list or a comma-separated string.
+WeightGroups = Annotated[list[str] | None, BeforeValidator(_groups_list)]

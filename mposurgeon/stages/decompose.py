@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 from mposurgeon.artifact.store import atomic_directory
 from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
 from mposurgeon.errors import ArtifactError, ShapeError, UsageError
-from mposurgeon.methods.config import ModuleRegex
+from mposurgeon.methods.config import ModuleRegex, WeightGroups
 from mposurgeon.methods.mpo.record import MPORecord, core_key
 from mposurgeon.methods.mpo.state import factorize_weight, mpo_record
 from mposurgeon.models.groups import Target, select_targets
@@ -45,7 +45,7 @@ DEFAULT_LAYERS = ["FFN_1", "FFN_2", "attention"]
 class DecomposeOptions(StageOptions):
     """Options of `decompose` (the CLI flags, one to one)."""
 
-    layers: list[str] | None = Field(None, description="weight groups, e.g. FFN_1,attention")
+    layers: WeightGroups = Field(None, description="weight groups, e.g. FFN_1,attention")
     target_modules: ModuleRegex = Field(None, description="regex, full match on module names")
     exclude_modules: ModuleRegex = None
     num_cores: int = Field(5, ge=2, le=64)
@@ -54,13 +54,6 @@ class DecomposeOptions(StageOptions):
     rel_tol: float | None = Field(None, gt=0.0, lt=1.0)
     dtype: Literal["keep", "float32", "float64"] = "keep"
     dry_run: bool = False
-
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _split_layers(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
 
     @field_validator("modes", mode="before")
     @classmethod

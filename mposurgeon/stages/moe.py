@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from mposurgeon.artifact.config import read_config
 from mposurgeon.artifact.store import atomic_directory
 from mposurgeon.artifact.tensors import ShardedWriter, TensorReader, open_tensors
 from mposurgeon.errors import UsageError
-from mposurgeon.methods.config import ModuleRegex
+from mposurgeon.methods.config import ModuleRegex, WeightGroups
 from mposurgeon.methods.mpo.record import MPORecord
 from mposurgeon.methods.mpo.state import factorize_weight, mpo_record, record_cores
 from mposurgeon.methods.mpoe.record import MPOERecord
@@ -57,19 +57,12 @@ class MoeOptions(StageOptions):
     )
     router_jitter: float = Field(0.0, ge=0, lt=1, description="training: router input noise")
     gate: Literal["auto", "normalized", "switch"] = "auto"
-    layers: list[str] | None = Field(None, description="weight groups (FFN_1,FFN_2)")
+    layers: WeightGroups = Field(None, description="weight groups (FFN_1,FFN_2)")
     target_modules: ModuleRegex = Field(None, description="regex, full match on module names")
     exclude_modules: ModuleRegex = None
     num_cores: int = Field(5, ge=2, le=64)
     seed: int = Field(0, ge=0)
     dry_run: bool = False
-
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _split_layers(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
 
 
 @dataclass

@@ -40,12 +40,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from mposurgeon.artifact.store import atomic_directory
 from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
 from mposurgeon.errors import ModelNotFoundError, UsageError
-from mposurgeon.methods.config import ModuleRegex
+from mposurgeon.methods.config import ModuleRegex, WeightGroups
 from mposurgeon.models.groups import Target, select_targets
 from mposurgeon.models.pruning import (
     UnitBlock,
@@ -80,7 +80,7 @@ DEFAULT_LAYERS = ["FFN_1", "FFN_2", "attention"]
 class PruneOptions(StageOptions):
     """Options of `prune` (the CLI flags, one to one; `global_scope` is `--global`)."""
 
-    layers: list[str] | None = Field(None, description="weight groups (--sparsity)")
+    layers: WeightGroups = Field(None, description="weight groups (--sparsity)")
     target_modules: ModuleRegex = Field(None, description="regex, full match on module names")
     exclude_modules: ModuleRegex = None
     sparsity: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of weights to zero")
@@ -94,13 +94,6 @@ class PruneOptions(StageOptions):
     max_length: int = Field(128, ge=8)
     seed: int = Field(0, ge=0)
     dry_run: bool = False
-
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _split_layers(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> PruneOptions:
