@@ -267,10 +267,13 @@ def test_an_mpo_input_gives_its_own_cores_to_the_experts(
     src = tiny_model_dir("bert")
     mpo = tmp_path / "mpo"
     mposurgeon.decompose(src, output=mpo, layers="FFN_1,FFN_2,attention", max_bond=6)
-    mposurgeon.moe(mpo, output=tmp_path / "moe", experts=3)
+    result = mposurgeon.moe(mpo, output=tmp_path / "moe", experts=3)
+    planned = mposurgeon.moe(mpo, experts=3, dry_run=True)
     before, after = read_manifest(mpo).modules, read_manifest(tmp_path / "moe").modules
     experts = {n: r for n, r in after.items() if isinstance(r, MPOERecord)}
     assert len(experts) == 4 and all(r.bonds == before[n].bonds for n, r in experts.items())
+    mpoe_params = sum(r.params for r in experts.values())
+    assert result.mpoe == planned.mpoe == mpoe_params  # the dry run counts the input's bonds
     assert {n for n in after if n not in experts} == {n for n in before if n not in experts}
     truncated, upcycled = mposurgeon.load_model(mpo), mposurgeon.load_model(tmp_path / "moe")
     with torch.no_grad():

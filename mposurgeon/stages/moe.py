@@ -122,7 +122,8 @@ def moe(
         gate = _gate(opts, canonical_type(config.model_type))
         blocks = _blocks(inp, opts)
         shapes = {t.name: _shape(inp, t, opts.num_cores) for b in blocks for t in b.targets}
-        result = _counts(blocks, shapes, opts, gate)
+        bonds = {n: tuple(r.bonds) for n, r in inp.mpo_modules.items()}
+        result = _counts(blocks, shapes, bonds, opts, gate)
         if opts.dry_run:
             return result
         generator = torch.Generator().manual_seed(opts.seed)
@@ -232,17 +233,21 @@ def _shape(inp: StageInput, target: Target, num_cores: int) -> MPOShape:
 
 
 def _counts(
-    blocks: list[MoeBlock], shapes: dict[str, MPOShape], opts: MoeOptions, gate: str
+    blocks: list[MoeBlock],
+    shapes: dict[str, MPOShape],
+    bonds_of_input: dict[str, tuple[int, ...]],
+    opts: MoeOptions,
+    gate: str,
 ) -> MoeResult:
-    """Parameter counts from the lossless bonds (planned shapes; an input's cores have
-    theirs)."""
+    """Parameter counts: an MPO input's cores with their bonds, the others with the
+    lossless bonds of their planned shapes."""
     result = MoeResult(output=None, experts=opts.experts, top_k=opts.top_k, gate=gate)
     result.blocks = blocks
     for block in blocks:
         result.routers += opts.experts * block.d_model
         for t in block.targets:
             shape = shapes[t.name]
-            bonds = shape.full_bonds()
+            bonds = bonds_of_input.get(t.name) or shape.full_bonds()
             sizes = [
                 bonds[k] * i * j * bonds[k + 1]
                 for k, (i, j) in enumerate(zip(shape.out_modes, shape.in_modes, strict=True))
