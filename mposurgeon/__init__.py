@@ -24,6 +24,9 @@ from mposurgeon.stages.registry import STAGES as _STAGES
 
 if TYPE_CHECKING:  # what `_LAZY` names, for type checkers and editors
     from mposurgeon.artifact.load import load_model as load_model
+    from mposurgeon.prepared import merge_and_unload as merge_and_unload
+    from mposurgeon.prepared import prepare as prepare
+    from mposurgeon.prepared import save_artifact as save_artifact
     from mposurgeon.stages.decompose import DecomposeOptions as DecomposeOptions
     from mposurgeon.stages.decompose import decompose as decompose
     from mposurgeon.stages.eval import EvalOptions as EvalOptions
@@ -54,6 +57,9 @@ _LAZY: dict[str, str] = {
     "export_peft": "mposurgeon.stages.export_peft",
     "ExportPeftOptions": "mposurgeon.stages.export_peft",
     "run_recipe": "mposurgeon.stages.recipe",
+    "prepare": "mposurgeon.prepared",
+    "save_artifact": "mposurgeon.prepared",
+    "merge_and_unload": "mposurgeon.prepared",
 }
 
 __all__ = ["__version__", *sorted(_LAZY)]

@@ -21,6 +21,7 @@ RANKS = {
     "__main__": 7,
     "stages": 6,
     "plot": 6,  # the figure of `inspect --plot`
+    "prepared": 6,  # the bring-your-own-loop API (prepare, save_artifact, merge_and_unload)
     "training": 5,
     "artifact": 4,
     "methods": 3,

@@ -12,10 +12,11 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import Tensor, nn
 
 from mposurgeon._version import __version__
 from mposurgeon.artifact.cache import read_record, record_key, write_record
@@ -33,12 +34,13 @@ from mposurgeon.artifact.manifest import (
 )
 from mposurgeon.artifact.resolve import ResolvedModel, resolve_model
 from mposurgeon.artifact.store import (
+    atomic_directory,
     check_output_dir,
     claim_version_dir,
     copy_model_files,
     release_claim,
 )
-from mposurgeon.artifact.tensors import open_tensors, parse_size
+from mposurgeon.artifact.tensors import ShardedWriter, open_tensors, parse_size
 from mposurgeon.errors import ArtifactError
 from mposurgeon.methods.mpo.record import MPORecord
 from mposurgeon.models.layout import (
@@ -47,6 +49,10 @@ from mposurgeon.models.layout import (
     check_layout_files,
     file_key_mapper,
 )
+from mposurgeon.training.params import unique_state_dict
+
+if TYPE_CHECKING:
+    from mposurgeon.methods.base import Method
 
 
 def default_workdir() -> Path:
@@ -363,3 +369,48 @@ def model_card(manifest: Manifest) -> str:
             "Merge back to a dense checkpoint with `mposurgeon merge`.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def write_live_model(
+    out: Path,
+    method: Method,
+    net: nn.Module,
+    tokenizer: Any,
+    inp: StageInput,
+    opts: StageOptions,
+    records: dict[str, ModuleRecord],
+    metrics: dict[str, Any],
+    selection: SelectionRecord | None,
+    masks: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {}),
+    *,
+    stage: str,
+) -> None:
+    """Write a live model as the artifact `out` of `stage`: its tensors (live names as
+    `method.file_key` stores them, tied tensors once), config, tokenizer (if any) and manifest
+    with `records` (live names); `masks` (zeroed by live parameter name, kept by stored key):
+    pruned entries written as zeros, and the masks kept."""
+    zeroed, kept = masks
+    config = net.config  # type: ignore[attr-defined]
+    config.architectures = [type(net).__name__]
+    with atomic_directory(out, overwrite=opts.overwrite) as tmp:
+        tensors, _ = unique_state_dict(net)
+        with ShardedWriter(tmp, opts.max_shard_size) as writer:
+            for key, tensor in tensors.items():
+                if key in zeroed:
+                    tensor = tensor.masked_fill(zeroed[key].to(tensor.device), 0)
+                writer.add(method.file_key(key), tensor)
+            for key, mask in kept.items():
+                writer.add(key, mask)
+        config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        finish_artifact(
+            tmp,
+            inp=inp,
+            stage=stage,
+            options=opts,
+            modules=records,
+            known_checksums=writer.checksums(),
+            metrics=metrics,
+            selection=selection,
+        )

@@ -58,14 +58,13 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 from transformers import AutoConfig
 
-from mposurgeon.artifact.manifest import ModuleRecord, SelectionRecord
+from mposurgeon.artifact.manifest import ModuleRecord
 from mposurgeon.artifact.store import (
-    atomic_directory,
     check_output_dir,
     release_claim,
     version_parent,
 )
-from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
+from mposurgeon.artifact.tensors import open_tensors
 from mposurgeon.errors import MposurgeonError, UsageError
 from mposurgeon.methods.base import Method, TrainingSource
 from mposurgeon.methods.config import MethodConfig, ModuleRegex, comma_list
@@ -78,12 +77,12 @@ from mposurgeon.progress import ProgressCallback
 from mposurgeon.stages.common import (
     StageInput,
     StageOptions,
-    finish_artifact,
     model_layout,
     open_input,
     plan_output,
     stage_options_record,
     tensor_shapes,
+    write_live_model,
 )
 from mposurgeon.training.data import (
     DEFAULT_EVAL_SPLIT,
@@ -116,7 +115,7 @@ from mposurgeon.training.model import (
     enable_gradient_checkpointing,
     training_model,
 )
-from mposurgeon.training.params import count_parameters, unique_state_dict
+from mposurgeon.training.params import count_parameters
 from mposurgeon.training.resume import (
     check_resumable,
     latest_partial_output,
@@ -516,7 +515,9 @@ def _train_with(
         selection = hook.selection() if hook is not None else carried_selection(net, inp.selection)
         final = method.trained_records(net, records)
         tokenizer, masks = setup.tokenizer, (pruned, pruned_out)
-        _write_artifact(out, method, net, tokenizer, inp, opts, final, metrics, selection, masks)
+        write_live_model(
+            out, method, net, tokenizer, inp, opts, final, metrics, selection, masks, stage="train"
+        )
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
     return TrainResult(
@@ -798,46 +799,6 @@ def _plan_output(inp: StageInput, opts: TrainOptions) -> tuple[Path, Path]:
     partial = partial_of(out)
     check_resumable(partial, _run_record(inp, opts))
     return out, partial
-
-
-def _write_artifact(
-    out: Path,
-    method: Method,
-    net: nn.Module,
-    tokenizer: Any,
-    inp: StageInput,
-    opts: TrainOptions,
-    records: dict[str, ModuleRecord],
-    metrics: dict[str, Any],
-    selection: SelectionRecord | None,
-    masks: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {}),
-) -> None:
-    """The trained model (live names, tied tensors once), its config and tokenizer, manifest;
-    `masks` (`_pruning_masks`): pruned entries written as zeros, and the masks kept."""
-    zeroed, kept = masks
-    config = net.config  # type: ignore[attr-defined]
-    config.architectures = [type(net).__name__]
-    with atomic_directory(out, overwrite=opts.overwrite) as tmp:
-        tensors, _ = unique_state_dict(net)
-        with ShardedWriter(tmp, opts.max_shard_size) as writer:
-            for key, tensor in tensors.items():
-                if key in zeroed:
-                    tensor = tensor.masked_fill(zeroed[key].to(tensor.device), 0)
-                writer.add(method.file_key(key), tensor)
-            for key, mask in kept.items():
-                writer.add(key, mask)
-        config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        finish_artifact(
-            tmp,
-            inp=inp,
-            stage="train",
-            options=opts,
-            modules=records,
-            known_checksums=writer.checksums(),
-            metrics=metrics,
-            selection=selection,
-        )
 
 
 # -- pruning masks ------------------------------------------------------------------------------
