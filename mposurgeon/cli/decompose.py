@@ -71,7 +71,7 @@ def decompose_command(
         dry_run=dry_run,
         **flags.stage_kwargs(),
     )
-    with progress_bar(flags.no_progress) as progress:
+    with progress_bar(flags.no_progress, flags.log_format, flags.log_interval) as progress:
         result = decompose(model, options, progress=progress)
     rows = [_row(m) for m in result.modules]
     summary: dict[str, Any] = {

@@ -16,7 +16,7 @@ EvalSplit = Annotated[
 ]
 
 
-@opt.shared_flags(*opt.HUB_FLAGS, "no_verify", "json_out", "quiet")
+@opt.shared_flags(*opt.HUB_FLAGS, "no_verify", "json_out", *opt.PROGRESS_FLAGS)
 @opt.data_flags(split=EvalSplit)
 def eval_command(
     model: Annotated[
@@ -77,7 +77,7 @@ def eval_command(
         cache_dir=flags.cache_dir,
         verify_checksums=not flags.no_verify,
     )
-    with progress_bar(flags.no_progress) as progress:
+    with progress_bar(flags.no_progress, flags.log_format, flags.log_interval) as progress:
         result = evaluate(model, options, progress=progress)
     if not result.is_main_process:
         return  # under accelerate launch / torchrun the main process reports

@@ -10,7 +10,7 @@ from mposurgeon.cli import options as opt
 from mposurgeon.cli.render import print_json, progress_bar, stdout
 
 
-@opt.shared_flags("output", "workdir", "overwrite", "no_verify", "json_out", "quiet")
+@opt.shared_flags("output", "workdir", "overwrite", "no_verify", "json_out", *opt.PROGRESS_FLAGS)
 def export_peft_command(
     artifact: Annotated[
         str, typer.Argument(help="Artifact of train --method lora, ia3 or prompt-tuning.")
@@ -28,7 +28,7 @@ def export_peft_command(
     from mposurgeon.stages.export_peft import ExportPeftOptions, export_peft
 
     options = ExportPeftOptions(**flags.stage_kwargs())
-    with progress_bar(flags.no_progress) as progress:
+    with progress_bar(flags.no_progress, flags.log_format, flags.log_interval) as progress:
         result = export_peft(artifact, options, progress=progress)
     summary = {
         "output": str(result.output),

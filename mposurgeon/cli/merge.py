@@ -55,7 +55,7 @@ def merge_command(
         base=base,
         **flags.stage_kwargs(),
     )
-    with progress_bar(flags.no_progress) as progress:
+    with progress_bar(flags.no_progress, flags.log_format, flags.log_interval) as progress:
         result = merge(artifact, options, progress=progress)
     cmp = result.comparison
     summary = {

@@ -69,7 +69,7 @@ def moe_command(
         dry_run=dry_run,
         **flags.stage_kwargs(),
     )
-    with progress_bar(flags.no_progress) as progress:
+    with progress_bar(flags.no_progress, flags.log_format, flags.log_interval) as progress:
         result = moe(model, options, progress=progress)
     summary: dict[str, Any] = {
         "output": str(result.output) if result.output else None,

@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
+from mposurgeon.cli.render import DEFAULT_LOG_INTERVAL, LOG_FORMATS
+
 Output = Annotated[
     Path | None,
     typer.Option(
@@ -106,7 +108,35 @@ Precision = Annotated[
 Device = Annotated[
     str, typer.Option("--device", help="auto (a GPU when there is one), cpu or cuda.")
 ]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+
+
+def _log_format(value: str) -> str:
+    """`--log-format`'s value, checked (a usage error names the choices)."""
+    if value not in LOG_FORMATS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(LOG_FORMATS)}")
+    return value
+
+
+LogFormat = Annotated[
+    str,
+    typer.Option(
+        "--log-format",
+        callback=_log_format,
+        metavar="[text|json]",
+        help="Progress off a terminal as text lines, or json: one JSON object per line on "
+        "stderr (on a terminal too, and with --json).",
+    ),
+]
+LogInterval = Annotated[
+    float,
+    typer.Option(
+        "--log-interval",
+        min=0.0,
+        help="Seconds between two progress lines of a task off a terminal or with "
+        "--log-format json (0: every report).",
+    ),
+]
 PeftBase = Annotated[
     str | None,
     typer.Option(
@@ -131,11 +161,14 @@ class StageFlags:
     max_shard_size: str = "5GB"
     json_out: bool = False
     quiet: bool = False
+    log_format: str = "text"
+    log_interval: float = DEFAULT_LOG_INTERVAL
 
     @property
     def no_progress(self) -> bool:
-        """Whether progress bars are off (`-q`, or `--json`: stdout is the object)."""
-        return self.quiet or self.json_out
+        """Whether progress is off: `-q`, or `--json` (stdout is the object) unless
+        `--log-format json` asks for JSON progress lines on stderr."""
+        return self.quiet or (self.json_out and self.log_format != "json")
 
     def stage_kwargs(self) -> dict[str, object]:
         """The common stage options as keyword arguments (an unset workdir left to its default)."""
@@ -165,10 +198,15 @@ _FLAG_TYPES: dict[str, Any] = {
     "max_shard_size": MaxShardSize,
     "json_out": Json,
     "quiet": Quiet,
+    "log_format": LogFormat,
+    "log_interval": LogInterval,
 }
 #: Every shared flag, in the order `--help` lists them: a stage that reads a model or artifact
 #: (a hub id too) and writes an artifact takes them all.
 STAGE_FLAGS: tuple[str, ...] = tuple(f.name for f in fields(StageFlags))
+#: The progress flags (`-q`, `--log-format`, `--log-interval`) of a command that reports
+#: progress.
+PROGRESS_FLAGS: tuple[str, ...] = ("quiet", "log_format", "log_interval")
 #: The flags that resolve a hub id (`--revision`, `--offline`, `--cache-dir`).
 HUB_FLAGS: tuple[str, ...] = ("revision", "offline", "cache_dir")
 #: The flags of a stage whose input is an artifact directory (no hub flags).

@@ -25,7 +25,7 @@ from mposurgeon.cli.render import print_json, progress_bar, stderr, stdout
 from mposurgeon.errors import MposurgeonError
 
 
-@opt.shared_flags("workdir", "json_out", "quiet")
+@opt.shared_flags("workdir", "json_out", *opt.PROGRESS_FLAGS)
 def run_command(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     dry_run: Annotated[
@@ -46,7 +46,7 @@ def run_command(
     """
     from mposurgeon.stages.recipe import RecipeStageError, gate_failure, run_recipe
 
-    with progress_bar(flags.no_progress) as progress:
+    with progress_bar(flags.no_progress, flags.log_format, flags.log_interval) as progress:
 
         def events(stage: Any, status: str) -> None:
             if status != "start" and not flags.json_out:

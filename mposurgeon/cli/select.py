@@ -97,7 +97,7 @@ def select_command(
         **kwargs,
         **flags.stage_kwargs(),
     )
-    with progress_bar(flags.no_progress) as progress:
+    with progress_bar(flags.no_progress, flags.log_format, flags.log_interval) as progress:
         result = select(model, options, progress=progress)
     sel = result.selection.model_dump(mode="json")
     if flags.json_out:

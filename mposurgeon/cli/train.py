@@ -327,7 +327,7 @@ def train_command(
         **flags.stage_kwargs(),
     )
     try:
-        with progress_bar(flags.no_progress) as progress:
+        with progress_bar(flags.no_progress, flags.log_format, flags.log_interval) as progress:
             result = train(model, options, progress=progress)
     except TrainingInterrupted as exc:
         stderr.print(

@@ -63,7 +63,7 @@ def truncate_command(
         dry_run=dry_run,
         **flags.stage_kwargs(),
     )
-    with progress_bar(flags.no_progress) as progress:
+    with progress_bar(flags.no_progress, flags.log_format, flags.log_interval) as progress:
         result = truncate(artifact, options, progress=progress)
     rows = [_row(m) for m in result.modules]
     before, after, dense = result.params_before, result.params_after, result.dense_params
