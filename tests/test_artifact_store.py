@@ -156,8 +156,8 @@ def test_copy_model_files(tmp_path: Path) -> None:
     dst.mkdir()
     for name in ("config.json", "tokenizer.json", "vocab.txt", "model.safetensors", "README.md"):
         (src / name).write_text(name)
-    (src / "blob").write_text("linked config")
-    (src / "generation_config.json").symlink_to(src / "blob")  # like the hub cache
+    (tmp_path / "blob").write_text("linked config")
+    (src / "generation_config.json").symlink_to(tmp_path / "blob")  # the hub cache's blobs
     copied = copy_model_files(src, dst)
     assert sorted(copied) == [
         "config.json",

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import glob
 import importlib
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from mposurgeon.artifact.manifest import MANIFEST_NAME
-from mposurgeon.artifact.store import MODEL_FILES
+from mposurgeon.artifact.store import (
+    MODEL_FILES,
+    WEIGHT_SUFFIXES,
+    listed_files,
+    sentence_transformer_modules,
+)
 from mposurgeon.errors import ArtifactError, ModelNotFoundError, UsageError
 
 #: Short names for common checkpoints -> hub ids.
@@ -40,12 +47,30 @@ ALIASES: dict[str, str] = {
     "bart-base": "facebook/bart-base",
 }
 
-#: Hub files a stage may read; everything else in a repository (other frameworks, ONNX, ...) is
-#: skipped. Legacy `.bin` weights are fetched only when a repository has no safetensors.
+#: Hub files a stage reads or keeps: the safetensors weights, and the small files of the
+#: repository's top level that every output keeps (configs, tokenizer, card, license, custom
+#: code). Everything else (other frameworks, ONNX, exports in subfolders) is skipped, except
+#: the folders of sentence-transformers modules (`_HUB_MODULE_IGNORED`). Legacy `.bin`
+#: weights are fetched only when a repository has no safetensors.
 _HUB_FILES = [
     *MODEL_FILES,
     MANIFEST_NAME,
-    "README.md",
+    "*.json",
+    "*.txt",
+    "*.md",
+    "*.model",
+    "*.spm",
+    "*.jinja",
+    "*.tiktoken",
+    "*.py",
+    "*.yaml",
+    "*.yml",
+    "LICENSE*",
+    "LICENCE*",
+    "License*",
+    "license*",
+    "NOTICE*",
+    "COPYING*",
     "model.safetensors",
     "model.safetensors.index.json",
     "model-*-of-*.safetensors",
@@ -54,6 +79,17 @@ _HUB_LEGACY_FILES = [
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
     "pytorch_model-*-of-*.bin",
+]
+#: Never fetched with `_HUB_FILES` (fnmatch's `*` spans `/`): subfolders, hidden files, and the
+#: shard indexes of weights in other formats (`_HUB_LEGACY_IGNORED` when they are wanted).
+_HUB_LEGACY_IGNORED = ["*/*", ".*", "*.h5.index.json", "*.msgpack.index.json"]
+_HUB_IGNORED = [*_HUB_LEGACY_IGNORED, "*.bin.index.json"]
+#: Never fetched from a sentence-transformers module folder: hidden files, weights in formats
+#: other than the module's own (safetensors or a legacy .bin, and their shard indexes).
+_HUB_MODULE_IGNORED = [
+    ".*",
+    "*/.*",
+    *(f"*{end}" for end in WEIGHT_SUFFIXES if end not in (".safetensors", ".bin", ".index.json")),
 ]
 
 
@@ -194,6 +230,20 @@ def _bundled(repo_id: str) -> ResolvedModel | None:
     return ResolvedModel(path, "hf", name, repo_id, f"bundled:{package}=={version}")
 
 
+def _fetch_companions(snapshot: Path, fetch: Callable[[list[str], list[str]], Path]) -> Path:
+    """Fetch what the first pass over a repository skipped but its snapshot needs: every file
+    an artifact's manifest lists (subfolders included), or else the folders of the
+    sentence-transformers modules (pooling, normalization, dense layers) its modules.json names."""
+    listed = listed_files(snapshot)
+    if listed is not None:
+        missing = sorted(name for name in listed if not (snapshot / name).is_file())
+        return fetch([glob.escape(name) for name in missing], []) if missing else snapshot
+    modules = sentence_transformer_modules(snapshot)
+    if modules:
+        return fetch([f"{glob.escape(folder)}/*" for folder in modules], _HUB_MODULE_IGNORED)
+    return snapshot
+
+
 def _download(
     spec: str, repo_id: str, revision: str | None, offline: bool, cache_dir: Path | None
 ) -> Path:
@@ -206,7 +256,7 @@ def _download(
         RevisionNotFoundError,
     )
 
-    def fetch(patterns: list[str]) -> Path:
+    def fetch(patterns: list[str], ignored: list[str]) -> Path:
         return Path(
             snapshot_download(
                 repo_id,
@@ -214,16 +264,19 @@ def _download(
                 cache_dir=cache_dir,
                 local_files_only=offline,
                 allow_patterns=patterns,
+                ignore_patterns=ignored,
             )
         )
 
     where = f"{repo_id}@{revision}" if revision else repo_id
     try:
-        snapshot = fetch(_HUB_FILES)
+        snapshot = fetch(_HUB_FILES, _HUB_IGNORED)
         if not any(
             (snapshot / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")
-        ):
-            snapshot = fetch(_HUB_FILES + _HUB_LEGACY_FILES)  # no safetensors: legacy weights
+        ):  # no safetensors: legacy weights
+            snapshot = fetch(_HUB_FILES + _HUB_LEGACY_FILES, _HUB_LEGACY_IGNORED)
+        if not offline:
+            snapshot = _fetch_companions(snapshot, fetch)
     except HFValidationError:
         raise ModelNotFoundError(
             f"no such file or directory, and not a hub id: {spec}",

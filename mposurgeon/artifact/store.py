@@ -14,14 +14,15 @@ import shutil
 import socket
 import threading
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from mposurgeon.errors import ArtifactError, OutputError, OutputExistsError
 
 #: The manifest file that makes a directory an artifact (its schema lives in `manifest`).
 MANIFEST_NAME = "mposurgeon.json"
 
-#: Files copied from a base checkpoint into every artifact (never weights).
+#: The config and tokenizer files a loader reads from a checkpoint's top level (an artifact
+#: must list each it holds). Every other file of the base is kept too: see `copy_model_files`.
 MODEL_FILES = (
     "config.json",
     "generation_config.json",
@@ -47,6 +48,33 @@ VOCABULARY_FILES = (
     "tokenizer.model",
     "sentencepiece.bpe.model",
 )
+
+#: Endings of weight files (and their shard indexes). A stage writes the model's weights itself,
+#: and weights in another format (ONNX, TensorFlow, Flax, GGUF, ...) would no longer match
+#: them: none is ever copied from a base, except inside a sentence-transformers module folder.
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".onnx",
+    ".onnx_data",
+    ".ot",
+    ".tflite",
+    ".index.json",
+)
+
+#: Top-level files of a base that a stage never copies: it writes its own manifest and card,
+#: and a PEFT adapter config would describe adapter weights that are not copied.
+NOT_COPIED = (MANIFEST_NAME, "README.md", "adapter_config.json")
+
+#: The sentence-transformers pipeline file: its modules' folders are kept whole.
+ST_MODULES_FILE = "modules.json"
+_ST_MODULES_MAX_BYTES = 1 << 20  # a real one is a few hundred bytes
 
 _VERSION_RE = re.compile(r"^v(\d+)-")
 
@@ -471,7 +499,7 @@ def artifact_symlinks(directory: Path) -> list[str]:
     return sorted(found)
 
 
-def _listed_files(src: Path) -> set[str] | None:
+def listed_files(src: Path) -> set[str] | None:
     """The files the manifest of the artifact `src` lists, or None when `src` is no artifact."""
     path = Path(src) / MANIFEST_NAME
     if not path.is_file():
@@ -483,33 +511,164 @@ def _listed_files(src: Path) -> set[str] | None:
     return set(files) if isinstance(files, dict) else set()
 
 
-def copy_model_files(src: Path, dst: Path) -> list[str]:
-    """Copy the config and tokenizer files that exist in `src` to `dst` (never weights),
-    except those a stage already wrote into `dst` (e.g. a config with a new head).
+def is_weight_file(name: str) -> bool:
+    """True for a file name (or relative path) that holds weights or indexes their shards."""
+    return name.endswith(WEIGHT_SUFFIXES)
 
-    From an artifact only files its manifest lists are copied, and a symlink among them is
-    refused; a Hugging Face cache snapshot's links to its blobs are copied as their content.
+
+def sentence_transformer_modules(directory: Path) -> list[str]:
+    """The folders (relative POSIX paths) of the sentence-transformers modules that
+    `directory/modules.json` names, apart from the Transformer itself (whose weights a stage
+    replaces): e.g. `["1_Pooling", "2_Normalize"]`. A missing, unreadable or malformed
+    modules.json names none; a path that is absolute, hidden or climbs out is left out."""
+    path = Path(directory) / ST_MODULES_FILE
+    try:
+        if not path.is_file() or path.stat().st_size > _ST_MODULES_MAX_BYTES:
+            return []
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return []
+    folders: list[str] = []
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            continue
+        if str(entry.get("type", "")).rsplit(".", 1)[-1] == "Transformer":
+            continue
+        rel = PurePosixPath(entry["path"])
+        parts = rel.parts
+        if not parts or rel.is_absolute() or any(p in ("..", ".") or p[0] == "." for p in parts):
+            continue
+        folders.append(rel.as_posix())
+    return sorted(set(folders))
+
+
+def _is_skipped_part(name: str) -> bool:
+    """Hidden files and folders (.git, .cache, .gitattributes) and Python caches."""
+    return name.startswith(".") or name == "__pycache__"
+
+
+def _tree(src: Path, listed: set[str] | None) -> list[str]:
+    """Relative POSIX paths of the regular files under `src`, hidden and cache ones left out,
+    sorted. In a checkpoint a link to a folder is followed (each folder once); in an artifact
+    (`listed`: its manifest's files) never, and one that holds a listed file is refused."""
+    found: list[str] = []
+    seen: set[str] = set()
+    stack: list[tuple[Path, str]] = [(src, "")]
+    while stack:
+        folder, prefix = stack.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            with os.scandir(folder) as entries:
+                children = sorted(entries, key=lambda entry: entry.name)
+        except OSError as err:
+            raise ArtifactError(f"cannot read {folder}: {err.strerror or err}") from err
+        for entry in children:
+            if _is_skipped_part(entry.name):
+                continue
+            rel = prefix + entry.name
+            try:
+                is_link, is_dir = entry.is_symlink(), entry.is_dir()
+                is_file = not is_dir and entry.is_file()
+            except OSError:
+                continue  # vanished or unreadable metadata: nothing to copy
+            if is_dir and is_link and listed is not None:
+                if any(name.startswith(rel + "/") for name in listed):
+                    raise ArtifactError(
+                        f"{rel} in the artifact {src} is a symbolic link",
+                        hint="an artifact holds regular files only: re-create it",
+                    )
+                continue
+            if is_dir:
+                stack.append((Path(entry.path), rel + "/"))
+            elif is_file:
+                found.append(rel)
+    return sorted(found)
+
+
+def _kept_files(files: list[str], modules: list[str]) -> list[str]:
+    """Of a base's `files` (relative POSIX paths), those every output keeps: not a top-level
+    weight, manifest, card or adapter config; a folder holding weights (an `onnx/` export, a
+    Trainer `checkpoint-N/`) is another copy of the model and dropped whole, except the
+    sentence-transformers module folders in `modules`, kept whole (a `2_Dense/` has weights
+    of its own that no stage touches)."""
+
+    def in_module(rel: str) -> bool:
+        return any(rel.startswith(folder + "/") for folder in modules)
+
+    stale: set[str] = set()  # folders that hold weights of the model in another form
+    for rel in files:
+        if is_weight_file(rel) and not in_module(rel):
+            parents = PurePosixPath(rel).parents
+            stale.update(p.as_posix() for p in parents if p != PurePosixPath("."))
+    kept: list[str] = []
+    for rel in files:
+        path = PurePosixPath(rel)
+        if in_module(rel):
+            kept.append(rel)
+        elif len(path.parts) == 1:
+            if rel not in NOT_COPIED and not is_weight_file(rel):
+                kept.append(rel)
+        elif not any(p.as_posix() in stale for p in path.parents):
+            kept.append(rel)
+    return kept
+
+
+def copy_model_files(src: Path, dst: Path) -> list[str]:
+    """Copy every file of the base checkpoint or artifact `src` that an output keeps into
+    `dst`, keeping its relative path; returns the relative POSIX paths copied.
+
+    Kept: configs, tokenizer, generation config, license, sentence-transformers modules
+    (`modules.json`, `1_Pooling/config.json`, ...) and any other file. Never copied: weights
+    (see `WEIGHT_SUFFIXES`, `_kept_files`), the manifest and card (each stage writes its
+    own), hidden files and folders, and files a stage already wrote into `dst` (e.g. a
+    config with a new head). From an artifact only files its manifest lists are copied, and
+    a symlink among them is refused; a Hugging Face cache snapshot's links to its blobs are
+    copied as their content. Files are streamed, never read whole into memory.
     """
     src, dst = Path(src), Path(dst)
-    listed = _listed_files(src)
+    if not src.is_dir():
+        return []  # a single weights file has no companions
+    listed = listed_files(src)
+    files = _tree(src, listed)
+    if listed is not None:
+        files = [rel for rel in files if rel in listed]  # an unlisted file is never trusted
+    modules = sentence_transformer_modules(src) if ST_MODULES_FILE in files else []
     copied: list[str] = []
-    for name in MODEL_FILES:
-        source = src / name
-        if not source.is_file() or (dst / name).exists():
+    for name in _kept_files(files, modules):
+        source, target = src / name, dst / name
+        if _taken(dst, name):
             continue
-        if listed is not None:
-            if name not in listed:
-                continue  # an unlisted file in an artifact is never trusted
-            if source.is_symlink() and not is_hub_blob_link(source):
-                raise ArtifactError(
-                    f"{name} in the artifact {src} is a symbolic link",
-                    hint="an artifact holds regular files only: re-create it",
-                )
+        if listed is not None and source.is_symlink() and not is_hub_blob_link(source):
+            raise ArtifactError(
+                f"{name} in the artifact {src} is a symbolic link",
+                hint="an artifact holds regular files only: re-create it",
+            )
         try:
-            shutil.copyfile(source, dst / name)
+            target.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            if is_write_only_error(err) or err.filename == str(dst / name):
-                raise write_error(dst / name, err) from err
+            raise write_error(target.parent, err) from err
+        try:
+            shutil.copyfile(source, target)
+        except OSError as err:
+            if is_write_only_error(err) or err.filename == str(target):
+                raise write_error(target, err) from err
             raise ArtifactError(f"cannot read {source}: {err.strerror or err}") from err
         copied.append(name)
     return copied
+
+
+def _taken(dst: Path, name: str) -> bool:
+    """True when `dst/name`, or a folder on its way, is already there as something else: a
+    stage wrote it, so the base's copy is not wanted."""
+    target = dst / name
+    if target.exists() or target.is_symlink():
+        return True
+    parent = target.parent
+    while parent != dst:
+        if parent.is_symlink() or (parent.exists() and not parent.is_dir()):
+            return True
+        parent = parent.parent
+    return False
