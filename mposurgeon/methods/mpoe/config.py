@@ -15,7 +15,9 @@ class MPOEConfig(MethodConfig):
     every expert's auxiliary cores, the shared central core, whose gradient is dropped each
     step with probability `grad_mask_p` (the paper's gradient mask: the central core sees
     every expert's tokens), and the model's other weights and head; the loss adds the Switch
-    load-balancing loss times `balance_coef`."""
+    load-balancing loss times `balance_coef`. Default rate measured on man-sections (MiniLM,
+    4 experts, 3 epochs, seed 0; benchmarks/bench_mpoe.py): 0.874 at 5e-5, 0.894 at 1e-4,
+    0.883 at 2e-4."""
 
     name: ClassVar[str] = "mpoe"
     summary: ClassVar[str] = (
