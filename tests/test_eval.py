@@ -154,8 +154,7 @@ def test_cli_prints_the_scores_and_writes_nothing(
     result = run_cli(capsys, "eval", trained, "--data", EVAL, "-b", "8")
     assert result.code == 0, result
     assert result.out.splitlines() == [
-        f"{trained} (artifact) on sentiment-eval.jsonl: classification, labels negative, "
-        "positive",
+        f"{trained} (artifact) on sentiment-eval.jsonl: classification, labels negative, positive",
         eval_line("classification", m),
     ]
     assert "MCC" in result.out and result.err == ""
@@ -272,9 +271,7 @@ def test_a_model_without_a_task_head_is_refused(
         )
 
 
-def test_a_regression_head_of_two_outputs_is_refused(
-    plain: Path, tmp_path: Path, capsys
-) -> None:
+def test_a_regression_head_of_two_outputs_is_refused(plain: Path, tmp_path: Path, capsys) -> None:
     model = tmp_path / "regression"
     shutil.copytree(plain, model)
     config = json.loads((model / "config.json").read_text(encoding="utf-8"))

@@ -136,4 +136,3 @@ def test_export_peft_round_trip_gives_the_artifacts_logits(
     torch.testing.assert_close(
         sample_logits(loaded, base_dir), sample_logits(factorized, base_dir), rtol=0, atol=1e-5
     )
-

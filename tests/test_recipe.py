@@ -125,9 +125,9 @@ def test_shipped_recipes_validate_and_plan(name: str, tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
 
 
-#: Recipes too long for the suite (man-sections training: pet-scaling 26 minutes, dsee 15): planned
-#: above, their parts tested on tiny models (tests/test_recipe_sweep.py).
-LONG_RECIPES = {"pet-scaling", "dsee"}
+#: Recipes too long for the suite (man-sections training: pet-scaling 26 minutes, dsee 15, mpoe 7):
+#: planned above, their parts tested on tiny models (tests/test_recipe_sweep.py, test_moe.py).
+LONG_RECIPES = {"pet-scaling", "dsee", "mpoe"}
 
 
 @pytest.mark.parametrize(
@@ -157,7 +157,10 @@ def test_data_options_are_files_beside_the_recipe_or_data_set_ids(
     recipe = load_recipe(_recipe(tmp_path, bert, stages))
     data = [stage.options["data"] for stage in recipe.stages]
     assert data == [
-        str(tmp_path / "eval.jsonl"), "glue", "org/name", str(tmp_path / "missing.jsonl")
+        str(tmp_path / "eval.jsonl"),
+        "glue",
+        "org/name",
+        str(tmp_path / "missing.jsonl"),
     ]
 
 

@@ -121,7 +121,7 @@ def is_path_like(spec: str) -> bool:
     )
 
 
-def _offline_from_env() -> bool:
+def offline_from_env() -> bool:
     """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as set now, else huggingface_hub's setting."""
     from huggingface_hub import constants
 
@@ -200,7 +200,7 @@ def resolve_model(
     if bundled is not None:
         return bundled
     if offline is None:
-        offline = _offline_from_env()
+        offline = offline_from_env()
     if cache_dir is None and os.environ.get("HF_HUB_CACHE"):
         cache_dir = Path(os.environ["HF_HUB_CACHE"]).expanduser()
     snapshot = _download(spec, repo_id, revision, offline, cache_dir)

@@ -33,6 +33,8 @@ def merge_command(
         ),
     ] = False,
     base: opt.PeftBase = None,
+    push_to_hub: opt.PushToHub = None,
+    private: opt.Private = False,
     *,
     flags: opt.StageFlags,
 ) -> None:
@@ -46,6 +48,8 @@ def merge_command(
         mposurgeon merge mposurgeon-out/bert-base-uncased/v1-decompose -o bert-dense --verify
 
         mposurgeon merge my-lora-adapter --base minilm -o minilm-lora-merged --verify
+
+        mposurgeon merge mposurgeon-out/minilm/v2-train -o minilm-sst2 --push-to-hub me/minilm-sst2
     """
     from mposurgeon.stages.merge import MergeOptions, merge
 
@@ -53,6 +57,8 @@ def merge_command(
         dtype=dtype,
         verify=verify,
         base=base,
+        push_to_hub=push_to_hub,
+        private=private,
         **flags.stage_kwargs(),
     )
     with progress_bar(flags.no_progress, flags.log_format, flags.log_interval) as progress:
@@ -74,6 +80,7 @@ def merge_command(
         summary |= {"peft_type": result.peft_type, "base": result.base}
     if result.architecture is not None:
         summary["architecture"] = result.architecture
+    summary["commit_url"] = result.commit_url
     if flags.json_out:
         print_json(summary)
         return
@@ -97,3 +104,5 @@ def merge_command(
             f"(tolerance {cmp.tolerance:.1e}, outputs up to {cmp.max_abs_value:.2f})"
         )
     stdout.print(f"wrote {result.output}")
+    if result.commit_url is not None:
+        stdout.print(f"pushed to {push_to_hub}: {result.commit_url}", markup=False)

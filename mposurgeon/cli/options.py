@@ -137,6 +137,19 @@ LogInterval = Annotated[
         "--log-format json (0: every report).",
     ),
 ]
+#: `--push-to-hub` and `--private` of the commands whose output can be pushed (merge, train).
+PushToHub = Annotated[
+    str | None,
+    typer.Option(
+        "--push-to-hub",
+        help="Upload the output, once written, to this Hub model repository (namespace/name), "
+        "creating it if need be; the token is huggingface_hub's (HF_TOKEN, hf auth login).",
+    ),
+]
+Private = Annotated[
+    bool,
+    typer.Option("--private", help="Create the --push-to-hub repository private (if new)."),
+]
 PeftBase = Annotated[
     str | None,
     typer.Option(

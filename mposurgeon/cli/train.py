@@ -257,6 +257,8 @@ def train_command(
             "--target-modules", help="lora, ia3, apet, dsee: regex of whole module names to adapt."
         ),
     ] = None,
+    push_to_hub: opt.PushToHub = None,
+    private: opt.Private = False,
     *,
     data_flags: opt.DataFlags,
     flags: opt.StageFlags,
@@ -324,6 +326,8 @@ def train_command(
         prefix_init=prefix_init,  # type: ignore[arg-type]
         layers=layers,  # type: ignore[arg-type]
         target_modules=target_modules,
+        push_to_hub=push_to_hub,
+        private=private,
         **flags.stage_kwargs(),
     )
     try:
@@ -343,7 +347,14 @@ def train_command(
         stderr.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
     if flags.json_out:
         output = None if result.output is None else str(result.output)
-        print_json({"output": output, "metrics": result.metrics, "warnings": result.warnings})
+        print_json(
+            {
+                "output": output,
+                "metrics": result.metrics,
+                "warnings": result.warnings,
+                "commit_url": result.commit_url,
+            }
+        )
         return
     if result.output is None:
         m = result.metrics
@@ -357,6 +368,8 @@ def train_command(
         )
         return
     _render(result.output, result.metrics)
+    if result.commit_url is not None:
+        stdout.print(f"pushed to {push_to_hub}: {result.commit_url}", markup=False)
 
 
 # The registered methods, one line each, in `train --help`.

@@ -49,6 +49,7 @@ from mposurgeon.models.layout import (
     check_layout_files,
     file_key_mapper,
 )
+from mposurgeon.stages.card import write_model_card
 from mposurgeon.training.params import unique_state_dict
 
 if TYPE_CHECKING:
@@ -310,7 +311,8 @@ def finish_artifact(
     selection: SelectionRecord | None = None,
     **extra: Any,
 ) -> Manifest:
-    """Copy config/tokenizer files, write the card and the manifest (with checksums).
+    """Copy the base's files, write the card (`stages/card.py`) and the manifest (with
+    checksums).
 
     First waits for the input's deferred checksum check: nothing is built on a damaged input.
     `known_checksums` (from `ShardedWriter.checksums()`) spare hashing the shards again;
@@ -329,46 +331,15 @@ def finish_artifact(
     manifest.selection = selection
     for key, value in extra.items():
         setattr(manifest, key, value)
-    (directory / "README.md").write_text(model_card(manifest), encoding="utf-8")
+    write_model_card(
+        directory,
+        manifest,
+        source=inp.path,
+        parent=inp.manifest,
+        repo_id=getattr(options, "push_to_hub", None),
+    )
     write_manifest(directory, manifest, known=known_checksums)
     return manifest
-
-
-def model_card(manifest: Manifest) -> str:
-    """A short Markdown card: base model, lineage, and how the artifact was made."""
-    base = manifest.base
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [mposurgeon, mpo]",
-        *([f"base_model: {base.model_id}"] if base.model_id else []),
-        "---",
-        "",
-        f"# {base.name} ({manifest.stage})",
-        "",
-        f"Made with mposurgeon {__version__} from `{base.model_id or base.path}`"
-        + (f" at revision `{base.revision}`." if base.revision else "."),
-        "",
-        "## Lineage",
-        "",
-    ]
-    for i, entry in enumerate(manifest.lineage, 1):
-        opts = ", ".join(
-            f"{k}={v}"
-            for k, v in entry.options.items()
-            if v not in (None, False, [], {}) and k not in {"workdir", "output", "overwrite"}
-        )
-        lines.append(f"{i}. `{entry.stage}` ({entry.created_at}): {opts}")
-    if manifest.modules:
-        total = sum(m.params for m in manifest.modules.values())
-        dense = sum(m.dense_params for m in manifest.modules.values())
-        lines += [
-            "",
-            f"{len(manifest.modules)} weight matrices are held as MPO cores: "
-            f"{total:,} parameters in place of {dense:,} dense ones.",
-            "Merge back to a dense checkpoint with `mposurgeon merge`.",
-        ]
-    return "\n".join(lines) + "\n"
 
 
 def write_live_model(

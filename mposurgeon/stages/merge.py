@@ -16,6 +16,9 @@ refused (they run through `load_model`).
 
 A PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`) is merged into its
 base model (`--base`, else the one its config records): `stages/peft_adapter.py`.
+
+With `push_to_hub`, the written checkpoint is uploaded last (`artifact/hub.py`); a failed push
+leaves it in place.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pydantic import Field
 from transformers import AutoConfig, AutoTokenizer
 
 from mposurgeon.artifact.config import read_config
+from mposurgeon.artifact.hub import PushOptions, check_can_push, push_folder
 from mposurgeon.artifact.load import load_model
 from mposurgeon.artifact.manifest import ModuleRecord
 from mposurgeon.artifact.store import VOCABULARY_FILES, atomic_directory, copy_model_files
@@ -65,7 +69,7 @@ TOLERANCES = {
 }
 
 
-class MergeOptions(StageOptions):
+class MergeOptions(StageOptions, PushOptions):
     """Options of `merge` (the CLI flags, one to one)."""
 
     dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = Field(
@@ -85,6 +89,7 @@ class MergeResult:
     peft_type: str | None = None  # a PEFT adapter's (LORA, IA3), merged into `base`
     base: str | None = None
     architecture: str | None = None  # the MoE class a mixture of experts was written as
+    commit_url: str | None = None  # the Hub commit of `push_to_hub`
 
 
 def merge(
@@ -94,10 +99,23 @@ def merge(
     **kwargs: object,
 ) -> MergeResult:
     """Write a dense checkpoint equal to the artifact's factorized model (or to a PEFT
-    adapter on its base model)."""
+    adapter on its base model); with `push_to_hub`, upload it (`commit_url`)."""
+    opts = options or MergeOptions(**kwargs)
+    if opts.push_to_hub is not None:
+        check_can_push(opts.push_to_hub)
+    result = _merge(artifact, opts, progress)
+    if opts.push_to_hub is not None:
+        result.commit_url = push_folder(
+            result.output, opts.push_to_hub, private=opts.private, stage="merge"
+        )
+    return result
+
+
+def _merge(
+    artifact: str | Path, opts: MergeOptions, progress: ProgressCallback | None
+) -> MergeResult:
     from mposurgeon.stages import peft_adapter  # which imports this module
 
-    opts = options or MergeOptions(**kwargs)
     if peft_adapter.is_adapter_dir(artifact):
         return peft_adapter.merge_adapter(artifact, opts, progress)
     if opts.base is not None:

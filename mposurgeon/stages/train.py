@@ -41,7 +41,8 @@ would map every word to the unknown token), and the tokenizer must know some of 
 the data.
 
 Multi-process (`accelerate launch`, `torchrun`): every process runs this function; only the main
-process writes files.
+process writes files, and pushes them with `push_to_hub` (`artifact/hub.py`; a failed push
+leaves the artifact in place).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 from transformers import AutoConfig
 
+from mposurgeon.artifact.hub import PushOptions, check_can_push, push_folder
 from mposurgeon.artifact.manifest import ModuleRecord
 from mposurgeon.artifact.store import (
     check_output_dir,
@@ -147,7 +149,7 @@ FINAL_LOSS_BUCKETS = 20
 MODE_ALIASES = ("full", "lightweight", "overparam")
 
 
-class TrainOptions(StageOptions, LoopConfig, DataOptions):
+class TrainOptions(StageOptions, LoopConfig, DataOptions, PushOptions):
     """Options of `train` (the CLI flags, one to one): the loop's (`LoopConfig`), the data
     (`DataOptions`: `data`, its config, split and columns; the eval data in the same columns),
     the method and its options (None: the method's default, see `methods/`)."""
@@ -346,6 +348,7 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)
     is_main_process: bool = True
     resumed_from_step: int | None = None
+    commit_url: str | None = None  # the Hub commit of `push_to_hub` (main process)
 
 
 def train(
@@ -359,6 +362,12 @@ def train(
     `options` or keyword arguments (the same names as the CLI flags) configure the stage.
     """
     opts = options or TrainOptions(**kwargs)  # type: ignore[arg-type]
+    if opts.push_to_hub is not None:
+        if opts.dry_run:
+            raise UsageError(
+                "--push-to-hub: a dry run writes nothing to push", hint="leave one of them out"
+            )
+        check_can_push(opts.push_to_hub)
     inp = open_input(model, opts)
     model_layout(inp.path, tensor_shapes(inp))  # config.json read, checked against the weights
     config = AutoConfig.from_pretrained(inp.path)
@@ -395,7 +404,7 @@ def train(
             )
         out, partial = _plan_in_main_process(accelerator, inp, opts)
         try:
-            return _train_with(
+            result = _train_with(
                 accelerator,
                 inp,
                 opts,
@@ -411,6 +420,9 @@ def train(
         except BaseException:
             release_claim(out)  # a versioned directory claimed for this run, never published
             raise
+    if opts.push_to_hub is not None and result.is_main_process:
+        result.commit_url = push_folder(out, opts.push_to_hub, private=opts.private, stage="train")
+    return result
 
 
 def _plan_in_main_process(
