@@ -4,7 +4,9 @@ cut alone, at MPO parameter ratios 0.5 and 0.3, over 3 seeds; factorized inferen
 MiniLM with FFN_1, FFN_2 and attention decomposed losslessly (5 cores), fine-tuned with
 `overparam` (every weight and core) on `man-sections` for 3 epochs, batch 16, its default rate:
 
-- `squeeze-R`: `train --squeeze-to R --squeeze-steps 3` from the lossless MPO;
+- `squeeze-R`: `train --squeeze-to R --squeeze-steps 3` from the lossless MPO; first, at R 0.5
+  and seed 0, a sweep of `--squeeze-until` (the fraction of the run by which the last cut is
+  made: `UNTIL_SWEEP`), then the default for every ratio and seed;
 - `truncate-train-R`: `truncate --param-ratio R`, then the same training without squeezing;
 - `truncate-R`: `truncate --param-ratio R` of the model after dense-equivalent training
   (`overparam` on the lossless MPO, no squeeze), scored without training after the cut.
@@ -38,6 +40,9 @@ DENSE_LOG = HERE / "pruning-runs.jsonl"
 RATIOS = (0.5, 0.3)
 SEEDS = (0, 1, 2)
 ARMS = ("squeeze", "truncate-train", "truncate")
+UNTIL_SWEEP = (0.75, 0.5, 0.25)
+#: Runs logged before `--squeeze-until` existed cut by 0.75 of the run.
+OLD_UNTIL = 0.75
 EPOCHS, BATCH, METHOD = 3, 16, "overparam"
 
 
@@ -72,12 +77,12 @@ class _Runs:
             self.api.train(self.lossless(), output=out, **self.train_args)
         return out
 
-    def arm(self, arm: str, ratio: float) -> dict[str, Any]:
+    def arm(self, arm: str, ratio: float, until: float | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         if arm == "squeeze":
             result = self.api.train(
-                self.lossless(), output=self.root / f"squeeze-{ratio}-{self.seed}",
-                squeeze_to=ratio, squeeze_steps=3, **self.train_args,
+                self.lossless(), output=self.root / f"squeeze-{ratio}-{until}-{self.seed}",
+                squeeze_to=ratio, squeeze_steps=3, squeeze_until=until, **self.train_args,
             )  # fmt: skip
             metrics = result.metrics
             accuracy, params = metrics["eval_accuracy"], metrics["squeeze"]["final_params"]
@@ -100,6 +105,7 @@ class _Runs:
             "arm": arm,
             "ratio": ratio,
             "seed": self.seed,
+            "until": until,
             "eval_accuracy": accuracy,
             "mpo_params": params,
             "seconds": round(time.perf_counter() - start, 1),
@@ -107,20 +113,38 @@ class _Runs:
         }
 
 
-def sweep(root: Path) -> list[dict[str, Any]]:
-    """Every (arm, ratio, seed) not in the log yet; all logged runs."""
-    done = {(r["arm"], r["ratio"], r["seed"]): r for r in read_log(LOG)}
+def _key(row: dict[str, Any]) -> tuple[str, float, int, float | None]:
+    until = row.get("until", OLD_UNTIL) if row["arm"] == "squeeze" else None
+    return row["arm"], row["ratio"], row["seed"], until
+
+
+def _plan() -> list[tuple[str, float, int, float | None]]:
+    """(arm, ratio, seed, until) of every run: the `--squeeze-until` sweep, then each arm."""
+    from mposurgeon.training.squeeze import SQUEEZE_UNTIL
+
+    runs = [("squeeze", RATIOS[0], SEEDS[0], until) for until in UNTIL_SWEEP]
     for seed in SEEDS:
-        runs = _Runs(root, seed)
         for ratio in RATIOS:
             for arm in ARMS:
-                if (arm, ratio, seed) in done:
-                    continue
-                row = runs.arm(arm, ratio)
-                done[(arm, ratio, seed)] = row
-                with LOG.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(json.dumps(row), flush=True)
+                run = (arm, ratio, seed, SQUEEZE_UNTIL if arm == "squeeze" else None)
+                if run not in runs:
+                    runs.append(run)
+    return runs
+
+
+def sweep(root: Path) -> list[dict[str, Any]]:
+    """Every planned run not in the log yet; all logged runs."""
+    done = {_key(r): r for r in read_log(LOG)}
+    seeds: dict[int, _Runs] = {}
+    for arm, ratio, seed, until in _plan():
+        if (arm, ratio, seed, until) in done:
+            continue
+        runs = seeds.setdefault(seed, _Runs(root, seed))
+        row = runs.arm(arm, ratio, until)
+        done[_key(row)] = row
+        with LOG.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
     return list(done.values())
 
 
@@ -185,25 +209,31 @@ def run() -> list[dict[str, Any]]:
         timed = inference(Path(tmp))
     dense = [r["eval_accuracy"] for r in read_log(DENSE_LOG) if r["arm"] == "dense"]
     baseline = f"dense full {spread(dense)}" if dense else "dense full: not run"
+    from mposurgeon.training.squeeze import SQUEEZE_UNTIL
+
     rows = []
-    for ratio in RATIOS:
-        for arm in ARMS:
-            items = [r for r in runs if r["arm"] == arm and r["ratio"] == ratio]
-            if not items:
-                continue
-            accuracy = [r["eval_accuracy"] for r in items]
-            rows.append(
-                {
-                    "benchmark": f"man-sections eval accuracy, {arm} to {ratio} of the MPO "
-                    f"parameters ({items[0]['mpo_params']:,}; MiniLM, {METHOD}, {EPOCHS} "
-                    f"epochs, seeds {','.join(str(r['seed']) for r in items)})",
-                    "threads": items[0]["threads"],
-                    "value": spread(accuracy),
-                    "baseline": baseline,
-                    "ratio": statistics.mean(accuracy) / statistics.mean(dense) if dense else None,
-                    "goal": None,
-                }
-            )
+    groups: dict[tuple[str, float, float | None], list[dict[str, Any]]] = {}
+    for r in runs:
+        arm, ratio, _, until = _key(r)
+        groups.setdefault((arm, ratio, until), []).append(r)
+    for (arm, ratio, until), items in sorted(groups.items(), key=lambda g: (-g[0][1], str(g[0]))):
+        accuracy = [r["eval_accuracy"] for r in items]
+        schedule = ""
+        if until is not None:
+            mark = ", its default" if until == SQUEEZE_UNTIL else ""
+            schedule = f", cuts by {until:g} of the run{mark}"
+        rows.append(
+            {
+                "benchmark": f"man-sections eval accuracy, {arm} to {ratio} of the MPO "
+                f"parameters{schedule} ({items[0]['mpo_params']:,}; MiniLM, {METHOD}, {EPOCHS} "
+                f"epochs, seeds {','.join(str(r['seed']) for r in items)})",
+                "threads": items[0]["threads"],
+                "value": spread(accuracy),
+                "baseline": baseline,
+                "ratio": statistics.mean(accuracy) / statistics.mean(dense) if dense else None,
+                "goal": None,
+            }
+        )
     return rows + timed
 
 

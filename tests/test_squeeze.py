@@ -49,6 +49,12 @@ def test_schedule_spreads_the_cuts_and_the_targets() -> None:
         [0.3 ** (1 / 3), 0.3 ** (2 / 3), 0.3]
     )
     assert SqueezeSchedule(10, 2, rel_tol=0.3).target(1) == (None, pytest.approx(0.15))
+    assert SqueezeSchedule(40, 3, ratio=0.3, until=0.5).steps() == [7, 13, 20]
+    for until in (0.0, 1.0):
+        with pytest.raises(ValueError, match="until must lie in"):
+            SqueezeSchedule(40, 3, ratio=0.3, until=until)
+    with pytest.raises(ValueError, match="need more than 4 steps"):
+        SqueezeSchedule(4, 3, ratio=0.3, until=0.5)  # cuts at steps 1, 1, 2: not separate
 
 
 @pytest.mark.parametrize("method", ["lightweight", "overparam"])
@@ -60,7 +66,7 @@ def test_squeeze_reaches_the_ratio_and_the_artifact_holds_the_cut_cores(
     out = tmp_path / "squeezed"
     result = mposurgeon.train(
         mpo_bert, output=out, method=method, data=TRAIN, eval_data=TRAIN, max_steps=8,
-        batch_size=8, lr=1e-3, squeeze_to=0.4, squeeze_steps=2,
+        batch_size=8, lr=1e-3, squeeze_to=0.4, squeeze_steps=2, squeeze_until=2 / 3,
     )  # fmt: skip
     squeeze = result.metrics["squeeze"]
     assert squeeze["steps"] == [3, 5] and len(squeeze["log"]) == 2
@@ -92,7 +98,7 @@ def _pairs(rec: MPORecord) -> list[tuple[int, tuple[int, int]]]:
 def test_a_cut_without_training_equals_truncate(mpo_bert: Path, tmp_path: Path) -> None:
     model = mposurgeon.load_model(mpo_bert)
     start = sum(p.numel() for c in mpo_cores(model).values() for p in c.core)
-    cut_bonds(model, SqueezeSchedule(total_steps=2, cuts=1, ratio=0.5), 1, start)
+    cut_bonds(model, SqueezeSchedule(total_steps=4, cuts=1, ratio=0.5, until=0.5), 1, start)
     mposurgeon.truncate(mpo_bert, output=tmp_path / "t", param_ratio=0.5)
     truncated = _tensors(tmp_path / "t")
     for name, cores in mpo_cores(model).items():
@@ -123,7 +129,7 @@ def test_the_optimizer_holds_no_state_of_the_old_shapes(
     monkeypatch.setattr(loop_module.TrainingRun, "_after_step", after_step)
     mposurgeon.train(
         mpo_bert, output=tmp_path / "o", method="overparam", data=TRAIN, max_steps=6,
-        batch_size=8, lr=1e-3, squeeze_to=0.5, squeeze_steps=2,
+        batch_size=8, lr=1e-3, squeeze_to=0.5, squeeze_steps=2, squeeze_until=2 / 3,
     )  # fmt: skip
     assert checked == [1, 2, 3, 4, 5, 6]
 
@@ -133,7 +139,7 @@ def test_resume_between_two_cuts_gives_the_straight_run(mpo_bert: Path, tmp_path
     resumed: the same cores, bonds and squeeze log as a run straight through."""
     common: dict[str, Any] = dict(
         data=TRAIN, method="lightweight", max_steps=9, batch_size=8, lr=1e-3, seed=1,
-        save_every=2, squeeze_to=0.4, squeeze_steps=2,
+        save_every=2, squeeze_to=0.4, squeeze_steps=2, squeeze_until=2 / 3,
     )  # fmt: skip
     straight = mposurgeon.train(mpo_bert, output=tmp_path / "straight", **common)
     out = tmp_path / "resumed"
@@ -151,7 +157,7 @@ def test_resume_between_two_cuts_gives_the_straight_run(mpo_bert: Path, tmp_path
 def test_rel_tol_squeeze_keeps_every_bound(mpo_bert: Path, tmp_path: Path) -> None:
     result = mposurgeon.train(
         mpo_bert, output=tmp_path / "o", method="lightweight", data=TRAIN, max_steps=4,
-        batch_size=8, lr=1e-3, squeeze_rel_tol=0.3, squeeze_steps=1,
+        batch_size=8, lr=1e-3, squeeze_rel_tol=0.3, squeeze_steps=1, squeeze_until=0.5,
     )  # fmt: skip
     (cut,) = result.metrics["squeeze"]["log"]
     assert 0 < cut["max_predicted_error"] <= 0.3 and cut["params_after"] < cut["params_before"]
@@ -175,7 +181,11 @@ def test_rel_tol_squeeze_keeps_every_bound(mpo_bert: Path, tmp_path: Path) -> No
             ["--select-best"],
         ),
         (["--squeeze-to", "0.0001"], 2, ["out of reach"]),
-        (["--squeeze-to", "0.5", "--squeeze-steps", "30"], 2, ["at least 31 optimizer steps"]),
+        (
+            ["--squeeze-to", "0.5", "--squeeze-steps", "30"],
+            2,
+            ["--squeeze-steps 30 by", "need separate optimizer steps"],
+        ),
     ],
 )
 def test_bad_squeezes_are_one_line_and_write_nothing(
@@ -223,7 +233,7 @@ def test_distilled_squeeze_resumes_with_its_teacher(mpo_bert: Path, tmp_path: Pa
     after the first cut resumes to the straight run's weights."""
     common: dict[str, Any] = dict(
         data=TRAIN, method="lightweight", max_steps=9, batch_size=8, lr=1e-3, seed=1,
-        save_every=2, squeeze_to=0.4, squeeze_steps=2, distill_alpha=0.5,
+        save_every=2, squeeze_to=0.4, squeeze_steps=2, squeeze_until=2 / 3, distill_alpha=0.5,
     )  # fmt: skip
     straight = mposurgeon.train(mpo_bert, output=tmp_path / "straight", **common)
     plain = dict(common, distill_alpha=None)

@@ -126,7 +126,13 @@ from mposurgeon.training.resume import (
     start_over_hint,
     start_partial,
 )
-from mposurgeon.training.squeeze import Distillation, Squeezer, SqueezeSchedule, reachable_ratio
+from mposurgeon.training.squeeze import (
+    SQUEEZE_UNTIL,
+    Distillation,
+    Squeezer,
+    SqueezeSchedule,
+    reachable_ratio,
+)
 from mposurgeon.training.tasks import (
     Task,
     check_model_task,
@@ -233,6 +239,9 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions, PushOptions):
         None, gt=0, lt=1, description="squeeze MPO bonds during training to this error bound"
     )
     squeeze_steps: int | None = Field(None, ge=1, description="cuts of the squeeze (3)")
+    squeeze_until: float | None = Field(
+        None, gt=0, lt=1, description="fraction of the run by which the last cut is made"
+    )
     distill_alpha: float | None = Field(
         None, gt=0, le=1, description="squeeze: weight of distillation from the uncut model"
     )
@@ -270,6 +279,8 @@ class TrainOptions(StageOptions, LoopConfig, DataOptions, PushOptions):
             raise ValueError("give --squeeze-to or --squeeze-rel-tol, not both")
         if self.squeeze_steps is not None and self.squeezing is None:
             raise ValueError("--squeeze-steps needs --squeeze-to or --squeeze-rel-tol")
+        if self.squeeze_until is not None and self.squeezing is None:
+            raise ValueError("--squeeze-until needs --squeeze-to or --squeeze-rel-tol")
         if self.distill_alpha is not None and self.squeezing is None:
             raise ValueError(
                 "--distill-alpha distills from the model before squeezing: it needs "
@@ -659,12 +670,15 @@ def _squeezer(opts: TrainOptions, net: nn.Module, total_steps: int, task: Task) 
     if opts.squeezing is None:
         return None
     cuts = opts.squeeze_steps or SQUEEZE_STEPS
-    if total_steps < cuts + 1:
+    until = opts.squeeze_until if opts.squeeze_until is not None else SQUEEZE_UNTIL
+    try:
+        schedule = SqueezeSchedule(total_steps, cuts, opts.squeeze_to, opts.squeeze_rel_tol, until)
+    except ValueError:
         raise UsageError(
-            f"--squeeze-steps {cuts} needs a run of at least {cuts + 1} optimizer steps; "
-            f"this one has {total_steps}",
-            hint="train longer (--epochs, --max-steps) or cut fewer times",
-        )
+            f"--squeeze-steps {cuts} by {until:g} of the run need separate optimizer steps "
+            f"before the end; this run has {total_steps}",
+            hint="train longer (--epochs, --max-steps), cut fewer times or later",
+        ) from None
     if opts.squeeze_to is not None and opts.squeeze_to < (floor := reachable_ratio(net)):
         raise UsageError(
             f"--squeeze-to {opts.squeeze_to} is out of reach: with every bond 1 the MPO "
@@ -676,7 +690,6 @@ def _squeezer(opts: TrainOptions, net: nn.Module, total_steps: int, task: Task) 
             "--distill-alpha matches class or token distributions; a regression head has none",
             hint="squeeze without --distill-alpha",
         )
-    schedule = SqueezeSchedule(total_steps, cuts, opts.squeeze_to, opts.squeeze_rel_tol)
     distillation = None
     if opts.distill_alpha is not None:
         distillation = Distillation(opts.distill_alpha, opts.distill_temperature)

@@ -1,8 +1,9 @@
 """Dimension squeezing during training (MPOP): cut the MPO bonds a step at a time, fine-tuning
 in between, so the model recovers from each cut before the next.
 
-The schedule: K cuts at optimizer steps round(T * i / (K + 1)), i = 1..K, of a run of T steps
-(the first after a warm-up of T / (K + 1) steps; the last leaves as many to recover). Cut i
+The schedule: K cuts at optimizer steps round(T * u * i / K), i = 1..K, of a run of T steps,
+u (`until`, `--squeeze-until`) the fraction of the run by which the last cut is made: the first
+comes after a warm-up of T * u / K steps, and the last leaves T * (1 - u) steps to recover. Cut i
 aims at `ratio ** (i / K)` of the MPO parameters the run started with (`--squeeze-to`, as
 `truncate --param-ratio`), or lets each module's error bound reach `rel_tol * i / K`
 (`--squeeze-rel-tol`, as `truncate --rel-tol`), with `truncate`'s global allocation
@@ -35,26 +36,43 @@ from mposurgeon.mpo.decomposition import bond_spectra
 from mposurgeon.mpo.decomposition import truncate as truncate_cores
 from mposurgeon.mpo.metrics import num_params
 
+#: The fraction of the run by which the last cut is made, by default (measured on man-sections:
+#: benchmarks/bench_squeeze.py).
+SQUEEZE_UNTIL = 0.75
+
 
 @dataclass(frozen=True)
 class SqueezeSchedule:
-    """K cuts over a run of `total_steps` optimizer steps, to `ratio` of the starting MPO
-    parameters or to error bounds `rel_tol` (exactly one of the two)."""
+    """K cuts over the first `until` of a run of `total_steps` optimizer steps, to `ratio` of
+    the starting MPO parameters or to error bounds `rel_tol` (exactly one of the two)."""
 
     total_steps: int
     cuts: int
     ratio: float | None = None
     rel_tol: float | None = None
+    until: float = SQUEEZE_UNTIL
 
     def __post_init__(self) -> None:
         if (self.ratio is None) == (self.rel_tol is None):
             raise ValueError("give ratio or rel_tol")
-        if self.cuts < 1 or self.total_steps < self.cuts + 1:
-            raise ValueError(f"{self.cuts} cuts need a run of at least {self.cuts + 1} steps")
+        if not 0 < self.until < 1:
+            raise ValueError(f"until must lie in (0, 1), got {self.until}")
+        steps = self.steps()
+        if (
+            self.cuts < 1
+            or steps[0] < 1
+            or len(set(steps)) < self.cuts
+            or steps[-1] >= self.total_steps
+        ):
+            raise ValueError(
+                f"{self.cuts} cuts by {self.until:g} of the run need more than "
+                f"{self.total_steps} steps"
+            )
 
     def steps(self) -> list[int]:
         """The optimizer steps after which the cuts happen (1-based counts of steps taken)."""
-        return [round(self.total_steps * i / (self.cuts + 1)) for i in range(1, self.cuts + 1)]
+        span = self.total_steps * self.until
+        return [round(span * i / self.cuts) for i in range(1, self.cuts + 1)]
 
     def target(self, i: int) -> tuple[float | None, float | None]:
         """(ratio, rel_tol) of cut `i` (1..K)."""
