@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig
 
+from mposurgeon.artifact.config import read_config
 from mposurgeon.artifact.manifest import ModuleRecord, load_artifact
 from mposurgeon.artifact.tensors import open_tensors
 from mposurgeon.methods.registry import get_method
@@ -42,7 +42,7 @@ def load_model(
     """
     path = Path(artifact)
     manifest = load_artifact(path, verify=verify)
-    config = config or AutoConfig.from_pretrained(path)
+    config = config or read_config(path)
     with quiet_transformers():
         model = model_class(config, task).from_pretrained(
             path, config=config, ignore_mismatched_sizes=True

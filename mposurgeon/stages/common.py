@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from mposurgeon._version import __version__
 from mposurgeon.artifact.cache import read_record, record_key, write_record
+from mposurgeon.artifact.config import set_artifact_mark
 from mposurgeon.artifact.manifest import (
     MANIFEST_NAME,
     BackgroundChecksums,
@@ -311,8 +312,9 @@ def finish_artifact(
     selection: SelectionRecord | None = None,
     **extra: Any,
 ) -> Manifest:
-    """Copy the base's files, write the card (`stages/card.py`) and the manifest (with
-    checksums).
+    """Copy the base's files, mark the config of an output with module records as an
+    artifact's (`artifact/config.py`; a merged checkpoint's stays loadable), write the card
+    (`stages/card.py`) and the manifest (with checksums).
 
     First waits for the input's deferred checksum check: nothing is built on a damaged input.
     `known_checksums` (from `ShardedWriter.checksums()`) spare hashing the shards again;
@@ -320,6 +322,7 @@ def finish_artifact(
     """
     inp.wait_verified()
     copy_model_files(inp.path, directory)
+    set_artifact_mark(directory, marked=bool(modules))  # see artifact/config.py
     manifest = new_manifest(
         stage=stage,
         options=stage_options_record(options),

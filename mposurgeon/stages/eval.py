@@ -41,8 +41,8 @@ from typing import Any
 
 from pydantic import Field
 from torch.utils.data import DataLoader
-from transformers import AutoConfig
 
+from mposurgeon.artifact.config import read_config
 from mposurgeon.errors import DataError, UsageError
 from mposurgeon.progress import ProgressCallback
 from mposurgeon.stages import peft_adapter
@@ -120,7 +120,7 @@ def evaluate(
         )
     inp = open_input(model, opts)
     model_layout(inp.path, tensor_shapes(inp))  # config.json read, checked against the weights
-    config = AutoConfig.from_pretrained(inp.path)
+    config = read_config(inp.path)
     task = trained_task(inp.path, config, opts.task)
     data = _eval_data(opts, task)
     labels: list[str] = []

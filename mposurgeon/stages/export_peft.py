@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig
-
+from mposurgeon.artifact.config import read_config
 from mposurgeon.artifact.store import atomic_directory, release_claim
 from mposurgeon.artifact.tensors import open_tensors
 from mposurgeon.errors import UsageError
@@ -73,7 +72,7 @@ def export_peft(
         )
     records = list(inp.modules.values())
     method = _peft_method(inp.path, records)
-    config = AutoConfig.from_pretrained(inp.path)
+    config = read_config(inp.path)
     head = trained_head(config)
     task_type = PEFT_TASK_TYPES.get(head or "")
     base = inp.base.model_id or inp.base.path

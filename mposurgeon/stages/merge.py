@@ -32,7 +32,7 @@ import torch
 from pydantic import Field
 from transformers import AutoConfig, AutoTokenizer
 
-from mposurgeon.artifact.config import read_config
+from mposurgeon.artifact.config import read_config, set_artifact_mark
 from mposurgeon.artifact.hub import PushOptions, check_can_push, push_folder
 from mposurgeon.artifact.load import load_model
 from mposurgeon.artifact.manifest import ModuleRecord
@@ -150,6 +150,7 @@ def _merge(
         if moe is not None:
             moe.config.save_pretrained(tmp)  # before the copy, which keeps it
         copy_model_files(inp.path, tmp)
+        set_artifact_mark(tmp, marked=False)  # a plain checkpoint: from_pretrained loads it
         if opts.dtype != "auto":
             _record_dtype(tmp, opts.dtype)  # what from_pretrained loads the weights as
         if opts.verify:

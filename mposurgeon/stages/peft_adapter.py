@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig
 
+from mposurgeon.artifact.config import read_config
 from mposurgeon.artifact.manifest import MANIFEST_NAME
 from mposurgeon.artifact.store import atomic_directory, check_output_dir, release_claim
 from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
@@ -230,7 +230,7 @@ def head_config(adapter: PeftAdapter, base: StageInput) -> Any:
     task type's head; a sequence classifier gets the number of labels of the head the adapter
     saved. When the base is a classifier with that many labels its label names are kept,
     else they are transformers' defaults (LABEL_0, ...) and the problem type is unset."""
-    config = AutoConfig.from_pretrained(base.path)
+    config = read_config(base.path)
     head = adapter.head
     if head == "auto":
         return config

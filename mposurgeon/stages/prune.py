@@ -42,6 +42,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
+from mposurgeon.artifact.config import read_config
 from mposurgeon.artifact.store import atomic_directory
 from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
 from mposurgeon.errors import ModelNotFoundError, UsageError
@@ -310,7 +311,6 @@ def _structured_plan(
     opts: PruneOptions,
     progress: ProgressCallback | None,
 ) -> tuple[PruneResult, _Plan]:
-    from mposurgeon.artifact.config import read_config
 
     if inp.modules:
         name = next(iter(inp.modules))
@@ -411,7 +411,6 @@ def _fisher_elementwise(
 ) -> dict[str, torch.Tensor]:
     """Per weight tensor (file key), the sum over batches of its squared gradients on `data`
     (eval mode, no optimizer step; a seeded shuffle of the rows)."""
-    from transformers import AutoConfig
 
     from mposurgeon.models.surgery import resolve_module_name
     from mposurgeon.training.data import Columns, read_dataset
@@ -419,7 +418,7 @@ def _fisher_elementwise(
     from mposurgeon.training.tasks import generative_task, get_task
 
     assert opts.data is not None
-    generative = generative_task(AutoConfig.from_pretrained(inp.path))
+    generative = generative_task(read_config(inp.path))
     dataset = read_dataset(opts.data, columns=Columns(generative=generative))
     task = get_task(dataset.task)
     task.check_training_data(dataset)

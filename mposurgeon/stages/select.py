@@ -40,6 +40,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from mposurgeon.artifact.config import read_config
 from mposurgeon.artifact.manifest import (
     DataRef,
     SelectionRecord,
@@ -351,14 +352,13 @@ def _fisher(
     progress: ProgressCallback | None,
 ) -> tuple[dict[str, float], int, int]:
     """Fisher scores on the data (a seeded shuffle; at most max_batches batches)."""
-    from transformers import AutoConfig
 
     from mposurgeon.training.data import Columns, read_dataset
     from mposurgeon.training.model import training_model
     from mposurgeon.training.tasks import generative_task, get_task
 
     assert opts.data is not None
-    generative = generative_task(AutoConfig.from_pretrained(inp.path))
+    generative = generative_task(read_config(inp.path))
     dataset = read_dataset(opts.data, columns=Columns(generative=generative))
     task = get_task(dataset.task)
     task.check_training_data(dataset)

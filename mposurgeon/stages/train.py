@@ -57,8 +57,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
-from transformers import AutoConfig
 
+from mposurgeon.artifact.config import read_config
 from mposurgeon.artifact.hub import PushOptions, check_can_push, push_folder
 from mposurgeon.artifact.manifest import ModuleRecord
 from mposurgeon.artifact.store import (
@@ -381,7 +381,7 @@ def train(
         check_can_push(opts.push_to_hub)
     inp = open_input(model, opts)
     model_layout(inp.path, tensor_shapes(inp))  # config.json read, checked against the weights
-    config = AutoConfig.from_pretrained(inp.path)
+    config = read_config(inp.path)
     columns = opts.columns(task=opts.task, generative=generative_task(config))
     train_data = opts.read_data(hub_cache=opts.cache_dir, columns=columns)
     task = get_task(train_data.task)
@@ -597,7 +597,7 @@ def _dry_run(inp: StageInput, method: Method, task: Task, data: TextDataset) -> 
             "files hold",
             hint="count on the checkpoint it came from, or give --budget as a number",
         )
-    config = AutoConfig.from_pretrained(inp.path)
+    config = read_config(inp.path)
     check_model_task(config, task, inp.path)
     task.configure(config, data)
     with torch.device("meta"), quiet_transformers():

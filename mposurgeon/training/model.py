@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
+from mposurgeon.artifact.config import read_config
 from mposurgeon.artifact.load import load_model
 from mposurgeon.artifact.store import VOCABULARY_FILES
 from mposurgeon.errors import ArtifactError, UsageError, one_line
@@ -93,7 +94,7 @@ def training_model(
     """`path`'s model with the head of `task` (MPO layers in place for an artifact): a new
     head for the labels of `data` (classification, regression), initialized under `seed`, or
     the model's own LM head (causal-lm, seq2seq)."""
-    config = AutoConfig.from_pretrained(path)
+    config = read_config(path)
     check_model_task(config, task, path)
     tokenizer = load_tokenizer(path, is_artifact=is_artifact)
     pad = ensure_pad_token(tokenizer, config)
