@@ -58,7 +58,11 @@ def test_dry_run_plans_without_writing(bert: Path, tmp_path: Path, capsys) -> No
     assert result.code == 0, result
     data = json.loads(result.out)
     assert data["dry_run"] is True and data["output"] is None
-    assert all(m["rel_error"] is None and m["bonds"][0] == 1 for m in data["modules"])
+    # planned inner bonds (no boundary 1s): one fewer than the cores
+    assert all(
+        m["rel_error"] is None and len(m["bonds"]) == len(m["modes"][0]) - 1
+        for m in data["modules"]
+    )
     assert {m["group"] for m in data["modules"]} == {"FFN_1", "attention"}
     assert not out.exists()
 

@@ -124,7 +124,9 @@ def test_early_sigint_never_prints_a_traceback(bert: Path, delay: float) -> None
         return
     assert proc.returncode == 130, (proc.returncode, err)
     assert err.strip() == "error: interrupted; no partial output was left behind", err
-    error = _strict_json(out)["error"]
+    data = _strict_json(out)
+    assert data["schema_version"] == 1 and data["command"] == "inspect"
+    error = data["error"]
     assert error["exit_code"] == 130 and error["type"] == "KeyboardInterrupt"
 
 
@@ -220,7 +222,7 @@ def test_json_error_object_for_a_user_error(tmp_path: Path, capsys) -> None:
     result = run_cli(capsys, "inspect", tmp_path / "nope", "--json")
     assert_one_line_error(result, 4, "nope")
     data = _strict_json(result.out)
-    assert data["ok"] is False
+    assert data["ok"] is False and (data["schema_version"], data["command"]) == (1, "inspect")
     error = data["error"]
     assert error["exit_code"] == 4 and error["type"] == "ModelNotFoundError"
     assert "nope" in error["message"] and "hint" in error
@@ -250,7 +252,7 @@ def test_a_command_that_printed_its_json_is_not_printed_twice(bert: Path, capsys
         real({"ok": False, "stages": []})
         raise ModelNotFoundError("stage 2 failed")
 
-    monkeypatch.setattr("mposurgeon.cli.inspect.print_json", print_then_fail)
+    monkeypatch.setattr("mposurgeon.cli.json_schema.print_json", print_then_fail)
     for _ in range(2):  # the flag is reset by every `main` call
         result = run_cli(capsys, "inspect", bert, "--json")
         assert result.code == 4

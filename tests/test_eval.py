@@ -161,7 +161,7 @@ def test_cli_prints_the_scores_and_writes_nothing(
     as_json = run_cli(capsys, "eval", trained, "--data", EVAL, "-b", "8", "--json")
     assert as_json.code == 0, as_json
     report = json.loads(as_json.out)
-    assert report["model"] == str(trained) and report["task"] == "classification"
+    assert report["input"] == str(trained.resolve()) and report["task"] == "classification"
     assert report["metrics"] == m and set(m) == {"accuracy", "macro_f1", "mcc", "loss", "rows"}
     assert list(tmp_path.iterdir()) == []  # no workdir, no output
     shown = run_cli(capsys, "inspect", trained)  # train's figures, MCC among them

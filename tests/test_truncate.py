@@ -221,7 +221,7 @@ def test_dry_run_plans_and_writes_nothing(tiny_art: Path, tmp_path: Path, capsys
         ).out
     )
     assert data["dry_run"] is True and data["output"] is None and data["max_rel_error"] is None
-    assert abs(data["params"]["ratio"] - 0.5) <= 0.01
+    assert abs(data["truncation"]["ratio"] - 0.5) <= 0.01
     assert all(m["rel_error"] is None for m in data["modules"])
     _nothing_written(out)
 

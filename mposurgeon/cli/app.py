@@ -22,7 +22,7 @@ import typer
 
 from mposurgeon._version import __version__
 from mposurgeon.artifact.store import os_fault_error
-from mposurgeon.cli.entry import INTERRUPTED, failure
+from mposurgeon.cli.entry import INTERRUPTED, command_name, failure
 from mposurgeon.cli.render import json_written, print_error, print_json, reset_json
 from mposurgeon.cli.run import run_command
 from mposurgeon.errors import MposurgeonError
@@ -118,11 +118,19 @@ def _quiet_broken_pipe() -> NoReturn:
     sys.exit(0)
 
 
-def _fail(json_out: bool, code: int, kind: str, message: str, hint: str | None = None) -> NoReturn:
-    """The one-line error on stderr (and, with --json, one object on stdout); exit `code`."""
+def _fail(
+    json_out: bool,
+    command: str | None,
+    code: int,
+    kind: str,
+    message: str,
+    hint: str | None = None,
+) -> NoReturn:
+    """The one-line error on stderr (and, with --json, one object on stdout naming `command`,
+    None when the command line has no known one); exit `code`."""
     print_error(message, hint)
     if json_out and not json_written():
-        print_json(failure(message, hint, code, kind))
+        print_json(failure(message, hint, code, kind, command))
     sys.exit(code)
 
 
@@ -138,7 +146,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        _run(args, debug, json_out)
+        _run(args, debug, json_out, command_name(args))
         sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
     except SystemExit as exc:
         # click turns a closed pipe into exit 1; the Python docs' pattern is used instead.
@@ -150,12 +158,13 @@ def main(argv: list[str] | None = None) -> NoReturn:
     sys.exit(0)
 
 
-def _run(args: list[str], debug: bool, json_out: bool) -> None:
-    """Run the command; every failure ends in `_fail` (one line, the JSON object, the code)."""
-    command = typer.main.get_command(app)
+def _run(args: list[str], debug: bool, json_out: bool, command: str | None) -> None:
+    """Run the command line `args` (of `command`, None if no known one); every failure ends
+    in `_fail` (one line, the JSON object, the code)."""
+    group = typer.main.get_command(app)
     try:
         # Commands return None; an int is the code of an Exit that Typer caught (130 for Ctrl-C).
-        code = command.main(args=args, prog_name="mposurgeon", standalone_mode=False)
+        code = group.main(args=args, prog_name="mposurgeon", standalone_mode=False)
         if code == 130:
             raise KeyboardInterrupt
         if isinstance(code, int) and code:
@@ -163,7 +172,7 @@ def _run(args: list[str], debug: bool, json_out: bool) -> None:
     except (typer.Exit, typer.Abort, KeyboardInterrupt) as exc:
         if isinstance(exc, typer.Exit) and exc.exit_code != 130:
             sys.exit(exc.exit_code)
-        _fail(json_out, 130, "KeyboardInterrupt", INTERRUPTED)
+        _fail(json_out, command, 130, "KeyboardInterrupt", INTERRUPTED)
     except ClickUsageError as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `mposurgeon`: the help, exit 2
             exc.show()  # type: ignore[attr-defined]
@@ -171,14 +180,14 @@ def _run(args: list[str], debug: bool, json_out: bool) -> None:
         ctx = getattr(exc, "ctx", None)
         where = ctx.command_path if ctx is not None else "mposurgeon"
         hint = f"see '{where} --help'"
-        _fail(json_out, exc.exit_code, type(exc).__name__, exc.format_message(), hint)  # type: ignore[attr-defined]
+        _fail(json_out, command, exc.exit_code, type(exc).__name__, exc.format_message(), hint)  # type: ignore[attr-defined]
     except ClickException as exc:
         message = exc.format_message()  # type: ignore[attr-defined]
-        _fail(json_out, exc.exit_code, type(exc).__name__, message)  # type: ignore[attr-defined]
+        _fail(json_out, command, exc.exit_code, type(exc).__name__, message)  # type: ignore[attr-defined]
     except MposurgeonError as exc:
         if debug:
             traceback.print_exc()
-        _fail(json_out, exc.exit_code, type(exc).__name__, str(exc), exc.hint)
+        _fail(json_out, command, exc.exit_code, type(exc).__name__, str(exc), exc.hint)
     except Exception as exc:
         if debug:
             traceback.print_exc()
@@ -186,12 +195,13 @@ def _run(args: list[str], debug: bool, json_out: bool) -> None:
             raise BrokenPipeError from exc
         if type(exc).__name__ == "ValidationError":  # pydantic: an option out of range
             message = _validation_message(exc)
-            _fail(json_out, 2, "ValidationError", message, "see the command's --help")
+            _fail(json_out, command, 2, "ValidationError", message, "see the command's --help")
         fault = _write_fault(exc)
         if fault is not None:
-            _fail(json_out, fault.exit_code, "OSError", str(fault), fault.hint)
+            _fail(json_out, command, fault.exit_code, "OSError", str(fault), fault.hint)
         _fail(
             json_out,
+            command,
             1,
             type(exc).__name__,
             f"internal error: {type(exc).__name__}: {exc}",

@@ -8,7 +8,16 @@ from typing import Annotated, Any
 import typer
 
 from mposurgeon.cli import options as opt
-from mposurgeon.cli.render import fmt_int, module_table, print_json, progress_bar, stdout
+from mposurgeon.cli.json_schema import (
+    DecomposeJson,
+    emit,
+    model_counts,
+    params_from_counts,
+    planned_params,
+    source_of,
+    total_of,
+)
+from mposurgeon.cli.render import fmt_int, inner_bonds, module_table, progress_bar, stdout
 
 
 @opt.shared_flags(*opt.STAGE_FLAGS)
@@ -74,15 +83,8 @@ def decompose_command(
     with progress_bar(flags.no_progress, flags.log_format, flags.log_interval) as progress:
         result = decompose(model, options, progress=progress)
     rows = [_row(m) for m in result.modules]
-    summary: dict[str, Any] = {
-        "output": str(result.output) if result.output else None,
-        "dry_run": dry_run,
-        "modules": rows,
-        "skipped_already_mpo": result.skipped,
-        "params": {"mpo": result.mpo_params, "dense_equivalent": result.dense_params},
-    }
     if flags.json_out:
-        print_json(summary)
+        emit(DecomposeJson, **_summary(model, result, rows, flags))
         return
     if dry_run:
         stdout.print(module_table(rows, f"planned decomposition (dry run): {len(rows)} modules"))
@@ -98,6 +100,28 @@ def decompose_command(
         stdout.print(f"already MPO, left as they are: {len(result.skipped)} modules")
     if result.output:
         stdout.print(f"wrote {Path(result.output)}  (details: mposurgeon inspect {result.output})")
+
+
+def _summary(
+    model: str, result: Any, rows: list[dict[str, Any]], flags: opt.StageFlags
+) -> dict[str, Any]:
+    """The fields of `DecomposeJson`: the output's parameter counts (a dry run: the input's,
+    with each planned matrix replaced by its cores)."""
+    source, before = source_of(model, flags)
+    if result.output is not None:
+        params = params_from_counts(model_counts(result.output), before=total_of(before))
+    else:
+        planned = result.mpo_params - result.dense_params
+        params = planned_params(before, planned, result.mpo_params, result.dense_params)
+    return {
+        "input": source,
+        "output": result.output,
+        "dry_run": result.output is None,
+        "params": params,
+        "decomposed": {"mpo": result.mpo_params, "dense_equivalent": result.dense_params},
+        "modules": [{**r, "bonds": inner_bonds(r["bonds"])} for r in rows],
+        "skipped_already_mpo": result.skipped,
+    }
 
 
 def _row(m: Any) -> dict[str, Any]:

@@ -14,10 +14,39 @@ from typing import Any, NoReturn
 
 INTERRUPTED = "interrupted; no partial output was left behind"
 
+#: The version of every `--json` object's layout (`mposurgeon.cli.json_schema` documents it).
+SCHEMA_VERSION = 1
 
-def failure(message: str, hint: str | None, exit_code: int, kind: str) -> dict[str, Any]:
-    """The JSON object a `--json` command prints on stdout when it fails."""
+#: The CLI's commands, in `--help` order (tests/test_json_schema.py: exactly those the app has).
+COMMANDS = (
+    "decompose",
+    "truncate",
+    "select",
+    "train",
+    "eval",
+    "merge",
+    "inspect",
+    "moe",
+    "prune",
+    "run",
+    "export-peft",
+)
+
+
+def command_name(args: list[str]) -> str | None:
+    """The command of a command line (its first word that is no option), None when that is
+    not one of `COMMANDS` (no command, a misspelt one)."""
+    word = next((a for a in args if not a.startswith("-")), None)
+    return word if word in COMMANDS else None
+
+
+def failure(
+    message: str, hint: str | None, exit_code: int, kind: str, command: str | None
+) -> dict[str, Any]:
+    """The JSON object a `--json` command prints on stdout when it fails (`FailureJson`)."""
     return {
+        "schema_version": SCHEMA_VERSION,
+        "command": command,
         "ok": False,
         "error": {"message": message, "hint": hint, "exit_code": exit_code, "type": kind},
     }
@@ -50,6 +79,8 @@ def _interrupted() -> NoReturn:
     if "--json" in sys.argv[1:]:
         import json
 
-        sys.stdout.write(json.dumps(failure(INTERRUPTED, None, 130, "KeyboardInterrupt")))
+        args = sys.argv[1:]
+        error = failure(INTERRUPTED, None, 130, "KeyboardInterrupt", command_name(args))
+        sys.stdout.write(json.dumps(error, indent=2))
         sys.stdout.write("\n")
     sys.exit(130)

@@ -7,7 +7,8 @@ from typing import Annotated, Any
 import typer
 
 from mposurgeon.cli import options as opt
-from mposurgeon.cli.render import eval_line, print_json, progress_bar, stdout
+from mposurgeon.cli.json_schema import EvalJson, emit, local_model
+from mposurgeon.cli.render import eval_line, progress_bar, stdout
 
 #: eval's --split: its default is the validation split.
 EvalSplit = Annotated[
@@ -82,14 +83,14 @@ def eval_command(
     if not result.is_main_process:
         return  # under accelerate launch / torchrun the main process reports
     if flags.json_out:
-        print_json(
-            {
-                "model": result.model,
-                "data": result.data,
-                "task": result.task,
-                "labels": result.labels,
-                "metrics": result.metrics,
-            }
+        path = local_model(model, flags)
+        emit(
+            EvalJson,
+            input=str(path) if path is not None else model,
+            data=result.data,
+            task=result.task,
+            labels=result.labels,
+            metrics=result.metrics,
         )
         return
     for line in result_lines(result):

@@ -7,7 +7,8 @@ from typing import Annotated
 import typer
 
 from mposurgeon.cli import options as opt
-from mposurgeon.cli.render import print_json, progress_bar, stdout
+from mposurgeon.cli.json_schema import ExportPeftJson, emit, local_model
+from mposurgeon.cli.render import progress_bar, stdout
 
 
 @opt.shared_flags("output", "workdir", "overwrite", "no_verify", "json_out", *opt.PROGRESS_FLAGS)
@@ -30,16 +31,18 @@ def export_peft_command(
     options = ExportPeftOptions(**flags.stage_kwargs())
     with progress_bar(flags.no_progress, flags.log_format, flags.log_interval) as progress:
         result = export_peft(artifact, options, progress=progress)
-    summary = {
-        "output": str(result.output),
-        "method": result.method,
-        "peft_type": result.peft_type,
-        "modules": result.modules,
-        "base_model": result.base_model,
-        "task_type": result.task_type,
-    }
     if flags.json_out:
-        print_json(summary)
+        source = local_model(artifact, flags)
+        emit(
+            ExportPeftJson,
+            input=str(source) if source is not None else artifact,
+            output=result.output,
+            method=result.method,
+            peft_type=result.peft_type,
+            modules=result.modules,
+            base_model=result.base_model,
+            task_type=result.task_type,
+        )
         return
     stdout.print(
         f"exported {result.method} ({result.modules} module{'s' if result.modules != 1 else ''}) "

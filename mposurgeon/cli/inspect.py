@@ -8,7 +8,8 @@ from typing import Annotated, Any
 import typer
 
 from mposurgeon.cli import options as opt
-from mposurgeon.cli.render import fmt_int, module_table, print_json, stdout
+from mposurgeon.cli.json_schema import InspectJson, emit, params_from_counts
+from mposurgeon.cli.render import fmt_int, inner_bonds, module_table, stdout
 
 
 @opt.shared_flags(*opt.HUB_FLAGS, "no_verify", "json_out")
@@ -47,11 +48,43 @@ def inspect_command(
         plot=plot,
     )
     if flags.json_out:
-        print_json(report)
+        emit(InspectJson, **inspect_fields(report))
         return
     render_report(report, all_modules)
     if report.get("plot"):
         stdout.print(f"{plot_kind(report.get('stage'))} plotted to {report['plot']}")
+
+
+def inspect_fields(report: dict[str, Any]) -> dict[str, Any]:
+    """The fields of `InspectJson` from the inspect stage's report: the common `params`
+    (`dense_equivalent_of_mpo` as `dense_equivalent`; `multiply_adds` beside it), inner bonds,
+    every optional part present (null when absent), an experts' `params` as `expert_params`."""
+    counts = dict(report["params"])
+    experts = report.get("experts")
+    if experts is not None:
+        p = experts["params"]
+        dense = (p["dense_experts"] - p["routers"]) // max(experts["experts"], 1)
+        experts = {key: value for key, value in experts.items() if key != "params"} | {
+            "expert_params": {"dense": dense, **p}
+        }
+    return {
+        "input": report["path"],
+        "kind": report["kind"],
+        "name": report["name"],
+        "model_id": report.get("model_id"),
+        "format_version": report["format_version"],
+        "stage": report["stage"],
+        "lineage": report["lineage"],
+        "base": report["base"],
+        "params": params_from_counts(counts),
+        "multiply_adds": counts.get("multiply_adds"),
+        "modules": [{**m, "bonds": inner_bonds(m.get("bonds"))} for m in report["modules"]],
+        "selection": report.get("selection"),
+        "metrics": report.get("metrics"),
+        "pruning": report.get("pruning"),
+        "experts": experts,
+        "plot": report.get("plot"),
+    }
 
 
 def render_report(report: dict[str, Any], all_modules: bool) -> None:

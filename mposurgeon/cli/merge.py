@@ -7,7 +7,15 @@ from typing import Annotated
 import typer
 
 from mposurgeon.cli import options as opt
-from mposurgeon.cli.render import print_json, progress_bar, stdout
+from mposurgeon.cli.json_schema import (
+    MergeJson,
+    emit,
+    model_counts,
+    params_from_counts,
+    source_of,
+    total_of,
+)
+from mposurgeon.cli.render import progress_bar, stdout
 
 
 @opt.shared_flags(*opt.ARTIFACT_STAGE_FLAGS)
@@ -64,25 +72,27 @@ def merge_command(
     with progress_bar(flags.no_progress, flags.log_format, flags.log_interval) as progress:
         result = merge(artifact, options, progress=progress)
     cmp = result.comparison
-    summary = {
-        "output": str(result.output),
-        "merged_modules": result.merged_modules,
-        "verify": None
-        if cmp is None
-        else {
-            "ok": cmp.ok,
-            "max_abs_diff": cmp.max_abs_diff,
-            "tolerance": cmp.tolerance,
-            "max_abs_value": cmp.max_abs_value,
-        },
-    }
-    if result.peft_type is not None:
-        summary |= {"peft_type": result.peft_type, "base": result.base}
-    if result.architecture is not None:
-        summary["architecture"] = result.architecture
-    summary["commit_url"] = result.commit_url
     if flags.json_out:
-        print_json(summary)
+        source, counts = source_of(artifact, flags)
+        emit(
+            MergeJson,
+            input=source,
+            output=result.output,
+            params=params_from_counts(model_counts(result.output), before=total_of(counts)),
+            merged_modules=result.merged_modules,
+            verify=None
+            if cmp is None
+            else {
+                "ok": cmp.ok,
+                "max_abs_diff": cmp.max_abs_diff,
+                "tolerance": cmp.tolerance,
+                "max_abs_value": cmp.max_abs_value,
+            },
+            peft_type=result.peft_type,
+            base=result.base,
+            architecture=result.architecture,
+            commit_url=result.commit_url,
+        )
         return
     if result.peft_type is not None:
         stdout.print(

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from mposurgeon.cli import options as opt
-from mposurgeon.cli.render import fmt_int, print_json, progress_bar, stdout
+from mposurgeon.cli.json_schema import (
+    MoeJson,
+    emit,
+    model_counts,
+    params_from_counts,
+    source_of,
+    total_of,
+)
+from mposurgeon.cli.render import fmt_int, progress_bar, stdout
 
 
 @opt.shared_flags(*opt.STAGE_FLAGS)
@@ -71,27 +79,32 @@ def moe_command(
     )
     with progress_bar(flags.no_progress, flags.log_format, flags.log_interval) as progress:
         result = moe(model, options, progress=progress)
-    summary: dict[str, Any] = {
-        "output": str(result.output) if result.output else None,
-        "dry_run": dry_run,
-        "experts": result.experts,
-        "top_k": result.top_k,
-        "gate": result.gate,
-        "blocks": [
-            {"router": b.router, "matrices": [t.name for t in b.targets], "roles": b.roles}
-            for b in result.blocks
-        ],
-        "params": {
-            "dense": result.dense,
-            "shared": result.shared,
-            "per_expert": result.per_expert,
-            "routers": result.routers,
-            "mpoe": result.mpoe,
-            "dense_experts": result.dense_experts,
-        },
-    }
     if flags.json_out:
-        print_json(summary)
+        source, counts = source_of(model, flags)
+        # a dry run: no total (a matrix the input holds as MPO cores leaves with them)
+        output = model_counts(result.output) if result.output is not None else None
+        emit(
+            MoeJson,
+            input=source,
+            output=result.output,
+            dry_run=dry_run,
+            params=params_from_counts(output, before=total_of(counts)),
+            experts=result.experts,
+            top_k=result.top_k,
+            gate=result.gate,
+            blocks=[
+                {"router": b.router, "matrices": [t.name for t in b.targets], "roles": b.roles}
+                for b in result.blocks
+            ],
+            expert_params={
+                "dense": result.dense,
+                "shared": result.shared,
+                "per_expert": result.per_expert,
+                "routers": result.routers,
+                "mpoe": result.mpoe,
+                "dense_experts": result.dense_experts,
+            },
+        )
         return
     matrices = sum(len(b.targets) for b in result.blocks)
     verb = "would upcycle" if dry_run else "upcycled"

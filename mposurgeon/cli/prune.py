@@ -8,7 +8,15 @@ from typing import Annotated, Any
 import typer
 
 from mposurgeon.cli import options as opt
-from mposurgeon.cli.render import fmt_int, print_json, progress_bar, stdout
+from mposurgeon.cli.json_schema import (
+    PruneJson,
+    emit,
+    model_counts,
+    params_from_counts,
+    planned_params,
+    source_of,
+)
+from mposurgeon.cli.render import fmt_int, progress_bar, stdout
 
 
 @opt.shared_flags(*opt.STAGE_FLAGS)
@@ -76,28 +84,34 @@ def prune_command(
     )
     with progress_bar(flags.no_progress, flags.log_format, flags.log_interval) as progress:
         result = prune(model, options, progress=progress)
-    summary: dict[str, Any] = {
-        "output": str(result.output) if result.output else None,
-        "dry_run": dry_run,
-        "mode": result.mode,
-        "matrices": [
-            {"name": m.name, "shape": list(m.shape), "pruned": m.pruned, "sparsity": m.sparsity}
-            for m in result.matrices
-        ],
-        "units": [_units(u) for u in result.units],
-        "params": {"before": result.params_before, "after": result.params_after},
-    }
-    if result.matrices:
-        summary["pruned"] = result.pruned
-        summary["sparsity"] = result.pruned / max(result.numel, 1)
+    sparsity_of_all = result.pruned / max(result.numel, 1) if result.matrices else None
     if flags.json_out:
-        print_json(summary)
+        source, counts = source_of(model, flags)
+        if result.output is not None:
+            params = params_from_counts(model_counts(result.output))
+        else:  # the stage's count of what it would write; MPO modules are left as they are
+            params = planned_params(counts, result.params_after - result.params_before, 0, 0)
+        emit(
+            PruneJson,
+            input=source,
+            output=result.output,
+            dry_run=dry_run,
+            params=params.model_copy(update={"before": result.params_before}),
+            mode=result.mode,
+            matrices=[
+                {"name": m.name, "shape": list(m.shape), "pruned": m.pruned, "sparsity": m.sparsity}
+                for m in result.matrices
+            ],
+            units=[_units(u) for u in result.units],
+            pruned=result.pruned if result.matrices else None,
+            sparsity=sparsity_of_all,
+        )
         return
     verb = "would zero" if dry_run else "zeroed"
     if result.matrices:
         stdout.print(
             f"{verb} {fmt_int(result.pruned)} of {fmt_int(result.numel)} weights in "
-            f"{len(result.matrices)} matrices (sparsity {summary['sparsity']:.4f}"
+            f"{len(result.matrices)} matrices (sparsity {sparsity_of_all:.4f}"
             + (", global)" if global_scope else ", per matrix)")
         )
     for u in result.units:

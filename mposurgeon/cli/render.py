@@ -306,8 +306,14 @@ def fmt_modes(modes: list[list[int]] | None) -> str:
     return f"{'·'.join(map(str, out))} x {'·'.join(map(str, inp))}"
 
 
+def inner_bonds(bonds: list[int] | tuple[int, ...] | None) -> list[int] | None:
+    """An MPO's bond dimensions without the boundary 1s: what tables and `--json` show."""
+    return None if bonds is None else list(bonds[1:-1])
+
+
 def fmt_bonds(bonds: list[int] | None) -> str:
-    return "-" if not bonds else ",".join(map(str, bonds[1:-1]))
+    """Full bonds (boundary 1s included) as the inner ones, comma-separated."""
+    return "-" if not bonds else ",".join(map(str, inner_bonds(bonds) or []))
 
 
 def module_table(rows: list[dict[str, Any]], title: str) -> Table:

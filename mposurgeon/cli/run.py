@@ -1,10 +1,11 @@
 """`mposurgeon run`: run a YAML recipe of stages; exit 3 when an `expect:` gate fails.
 
-With `--json`, stdout gets one object whatever happens: the stages so far (a failed one marked
-"failed"; a swept stage one entry per point, with `point` and `values`), `ok`, on failure the
-error (message, hint, exit code, type), and `sweep` (null without swept stages or on a dry run):
-the paths of `sweep.csv` and `sweep.png` (null when not drawn, `plot_error` says why), the metric
-plotted, the CSV's columns and rows, and the plotted lines (mean, min, max over seeds per x).
+With `--json`, stdout gets one object whatever happens (`RunJson` of `cli/json_schema.py`): the
+stages so far (a failed one marked "failed"; a swept stage one entry per point, with `point` and
+`values`), `ok`, on failure the error (message, hint, exit code, type), and `sweep` (null without
+swept stages or on a dry run): the paths of `sweep.csv` and `sweep.png` (null when not drawn,
+`plot_error` says why), the metric plotted, the CSV's columns and rows, and the plotted lines
+(mean, min, max over seeds per x). Every path is absolute.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from mposurgeon.cli import options as opt
 from mposurgeon.cli.entry import failure
 from mposurgeon.cli.eval import result_lines
 from mposurgeon.cli.inspect import render_report
+from mposurgeon.cli.json_schema import RunJson, build, resolved_path
 from mposurgeon.cli.render import print_json, progress_bar, stderr, stdout
 from mposurgeon.errors import MposurgeonError
 
@@ -76,17 +78,25 @@ def run_command(
 
 
 def _summary(report: Any, error: MposurgeonError | None, kind: str) -> dict[str, Any]:
-    """The JSON object of a run: the stages so far, `ok`, and the error if there was one."""
+    """The JSON object of a run (`RunJson`): the stages so far, `ok`, and the error if there
+    was one."""
     outcome = (
         {"ok": True, "error": None}
         if error is None
-        else failure(str(error), error.hint, error.exit_code, kind)
+        else failure(str(error), error.hint, error.exit_code, kind, "run")
     )
-    return {
-        "recipe": report.recipe,
-        "workdir": report.workdir,
-        **outcome,
-        "stages": [
+    sweep = asdict(report.sweep) if report.sweep is not None else None
+    if sweep is not None:  # the CSV's rows as written, their outputs resolved
+        sweep["rows"] = [
+            {**row, "output": resolved_path(row.get("output"))} for row in sweep["rows"]
+        ]
+    return build(
+        RunJson,
+        ok=outcome["ok"],
+        error=outcome["error"],
+        recipe=report.recipe,
+        workdir=report.workdir,
+        stages=[
             {
                 "name": s.name,
                 "point": s.point,
@@ -101,8 +111,8 @@ def _summary(report: Any, error: MposurgeonError | None, kind: str) -> dict[str,
             }
             for s in report.stages
         ],
-        "sweep": asdict(report.sweep) if report.sweep is not None else None,
-    }
+        sweep=sweep,
+    )
 
 
 def _render(report: Any, dry_run: bool) -> None:

@@ -9,7 +9,16 @@ import typer
 from rich.table import Table
 
 from mposurgeon.cli import options as opt
-from mposurgeon.cli.render import print_json, progress_bar, stdout
+from mposurgeon.cli.json_schema import (
+    SELECTION_KEYS,
+    SelectJson,
+    emit,
+    model_counts,
+    params_from_counts,
+    source_of,
+    total_of,
+)
+from mposurgeon.cli.render import progress_bar, stdout
 
 
 @opt.shared_flags(*opt.STAGE_FLAGS)
@@ -101,15 +110,18 @@ def select_command(
         result = select(model, options, progress=progress)
     sel = result.selection.model_dump(mode="json")
     if flags.json_out:
-        print_json(
-            {
-                "output": str(result.output),
-                "candidates": result.candidates,
-                "batches": result.batches,
-                "examples": result.examples,
-                "seconds": result.seconds,
-                **sel,
-            }
+        source, counts = source_of(model, flags)
+        recorded = {key: sel.get(key) for key in SELECTION_KEYS}
+        emit(
+            SelectJson,
+            input=source,
+            output=result.output,
+            params=params_from_counts(model_counts(result.output), before=total_of(counts)),
+            candidates=result.candidates,
+            batches=result.batches,
+            examples=result.examples,
+            seconds=result.seconds,
+            **recorded,
         )
         return
     how = sel["method"]

@@ -8,7 +8,16 @@ from typing import Annotated, Any
 import typer
 
 from mposurgeon.cli import options as opt
-from mposurgeon.cli.render import eval_line, fmt_int, print_json, progress_bar, stderr, stdout
+from mposurgeon.cli.json_schema import (
+    Params,
+    TrainJson,
+    emit,
+    model_counts,
+    params_from_counts,
+    source_of,
+    total_of,
+)
+from mposurgeon.cli.render import eval_line, fmt_int, progress_bar, stderr, stdout
 from mposurgeon.methods.registry import method_names, methods_help
 
 
@@ -346,15 +355,7 @@ def train_command(
     for warning in result.warnings:
         stderr.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
     if flags.json_out:
-        output = None if result.output is None else str(result.output)
-        print_json(
-            {
-                "output": output,
-                "metrics": result.metrics,
-                "warnings": result.warnings,
-                "commit_url": result.commit_url,
-            }
-        )
+        emit(TrainJson, **_summary(model, result, flags))
         return
     if result.output is None:
         m = result.metrics
@@ -376,6 +377,31 @@ def train_command(
 train_command.__doc__ = (train_command.__doc__ or "").replace(
     "{methods}", "\n\n    ".join(["Methods (--method):", *methods_help()])
 )
+
+
+def _summary(model: str, result: Any, flags: opt.StageFlags) -> dict[str, Any]:
+    """The fields of `TrainJson`: the output's parameter counts (a dry run: the totals the
+    method counted on the meta device; its MPO counts are not known)."""
+    source, counts = source_of(model, flags)
+    m = result.metrics
+    if result.output is not None:
+        params = params_from_counts(model_counts(result.output), before=total_of(counts))
+    else:
+        params = Params(
+            total=m.get("total_params"),
+            before=total_of(counts),
+            trainable=m.get("trainable_params"),
+            trainable_head=m.get("trainable_head"),
+        )
+    return {
+        "input": source,
+        "output": result.output,
+        "dry_run": result.output is None,
+        "params": params,
+        "metrics": m,
+        "warnings": result.warnings,
+        "commit_url": result.commit_url,
+    }
 
 
 def _render(output: Path, m: dict[str, Any]) -> None:

@@ -8,7 +8,16 @@ import typer
 from rich.table import Table
 
 from mposurgeon.cli import options as opt
-from mposurgeon.cli.render import fmt_bonds, fmt_err, fmt_int, print_json, progress_bar, stdout
+from mposurgeon.cli.json_schema import (
+    TruncateJson,
+    emit,
+    model_counts,
+    params_from_counts,
+    planned_params,
+    source_of,
+    total_of,
+)
+from mposurgeon.cli.render import fmt_bonds, fmt_err, fmt_int, inner_bonds, progress_bar, stdout
 
 
 @opt.shared_flags(*opt.ARTIFACT_STAGE_FLAGS)
@@ -68,23 +77,38 @@ def truncate_command(
     rows = [_row(m) for m in result.modules]
     before, after, dense = result.params_before, result.params_after, result.dense_params
     changed = [r for r in rows if r["changed"]]
-    summary: dict[str, Any] = {
-        "output": str(result.output) if result.output else None,
-        "dry_run": dry_run,
-        "target": result.target,
-        "modules": rows,
-        "truncated_modules": len(changed),
-        "params": {
-            "before": before,
-            "after": after,
-            "ratio": after / before if before else None,
-            "dense_equivalent": dense,
-        },
-        "max_predicted_error": max((r["predicted_error"] for r in rows), default=0.0),
-        "max_rel_error": None if dry_run else max((r["rel_error"] for r in rows), default=0.0),
-    }
+    max_rel_error = None if dry_run else max((r["rel_error"] for r in rows), default=0.0)
     if flags.json_out:
-        print_json(summary)
+        source, counts = source_of(artifact, flags)
+        if result.output is not None:
+            params = params_from_counts(model_counts(result.output), before=total_of(counts))
+        else:
+            params = planned_params(counts, after - before, after - before, 0)
+        emit(
+            TruncateJson,
+            input=source,
+            output=result.output,
+            dry_run=dry_run,
+            target=result.target,
+            params=params,
+            truncation={
+                "mpo_before": before,
+                "mpo_after": after,
+                "ratio": after / before if before else None,
+                "dense_equivalent": dense,
+            },
+            truncated_modules=len(changed),
+            max_predicted_error=max((r["predicted_error"] for r in rows), default=0.0),
+            max_rel_error=max_rel_error,
+            modules=[
+                {
+                    **r,
+                    "bonds_before": inner_bonds(r["bonds_before"]),
+                    "bonds": inner_bonds(r["bonds"]),
+                }
+                for r in rows
+            ],
+        )
         return
     if dry_run:
         title = f"planned truncation (dry run, {result.target}): {len(changed)} of {len(rows)}"
@@ -100,7 +124,7 @@ def truncate_command(
     if worst is not None:
         line = f"largest predicted error {fmt_err(worst['predicted_error'])} ({worst['name']})"
         if not dry_run:
-            line += f", largest measured error {fmt_err(summary['max_rel_error'])}"
+            line += f", largest measured error {fmt_err(max_rel_error)}"
         stdout.print(line + "  (relative to the input MPO)")
     if result.output:
         stdout.print(f"wrote {result.output}  (details: mposurgeon inspect {result.output})")

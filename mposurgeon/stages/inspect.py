@@ -106,35 +106,25 @@ def _report(reader: TensorReader, manifest: Manifest | None) -> dict[str, Any]:
     pruned_before = manifest is not None and any(e.stage == "prune" for e in manifest.lineage)
     # a pruned artifact, or one made from one (a merge): report every matrix's sparsity
     sparse = bool(masks) or pruning is not None or pruned_before
-    total = mpo = 0
     for key in reader.keys():
-        if key in masks:
-            continue  # a pruning mask, no parameter
-        n = math.prod(reader.shape(key))
-        total += n
-        if key in mpo_keys:
-            mpo += n
-        elif key not in extra and key.endswith(".weight") and len(reader.shape(key)) == 2:
+        if key in masks or key in mpo_keys or key in extra:
+            continue  # a pruning mask (no parameter), MPO cores, another method's tensors
+        if key.endswith(".weight") and len(reader.shape(key)) == 2:
             modules.append(_dense_row(key, reader, sparsity=sparse))
     report: dict[str, Any] = {
         "format_version": manifest.format_version if manifest else None,
         "stage": manifest.stage if manifest else None,
         "lineage": [e.model_dump(mode="json") for e in manifest.lineage] if manifest else [],
         "base": manifest.base.model_dump(mode="json") if manifest else None,
-        "params": {"total": total, "mpo": mpo, "dense": total - mpo, "trainable": None},
+        "params": _params(reader, manifest),
         "modules": modules,
     }
     if manifest is not None:
-        dense_equiv = sum(r.dense_params for r in records.values())
-        report["params"]["dense_equivalent_of_mpo"] = dense_equiv
-        report["params"]["mpo_ratio"] = mpo / dense_equiv if dense_equiv else None
         mpo_records = [r for r in records.values() if isinstance(r, MPORecord)]
         if mpo_records:
             report["params"]["multiply_adds"] = _multiply_adds(mpo_records)
         if manifest.metrics:
             report["metrics"] = manifest.metrics
-            report["params"]["trainable"] = manifest.metrics.get("trainable_params")
-            report["params"]["trainable_head"] = manifest.metrics.get("trainable_head")
         selection = manifest.selection.model_dump(mode="json") if manifest.selection else None
         if selection:  # as recorded (an empty record is left out)
             report["selection"] = selection
@@ -144,6 +134,54 @@ def _report(reader: TensorReader, manifest: Manifest | None) -> dict[str, Any]:
     if experts:
         report["experts"] = _experts(experts, (manifest.metrics or {}) if manifest else {})
     return report
+
+
+def count_params(
+    model: str | Path,
+    *,
+    revision: str | None = None,
+    offline: bool | None = None,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """The parameter counts of `inspect`'s report (`params`, without `multiply_adds`) of a
+    model directory, artifact, `.safetensors` file or hub id, from the tensor headers and the
+    manifest alone (no checksum, no weight read): `total` (every tensor but pruning masks),
+    `mpo` (MPO cores), `dense`, `trainable`; an artifact's `dense_equivalent_of_mpo`,
+    `mpo_ratio`, and a trained one's `trainable_head`."""
+    resolved = resolve_model(
+        str(model), revision=revision, offline=offline, cache_dir=cache_dir, allow_file=True
+    )
+    manifest = load_artifact(resolved.path, verify=False) if resolved.kind == "artifact" else None
+    with open_tensors(resolved.path) as reader:
+        return _params(reader, manifest)
+
+
+def _params(reader: TensorReader, manifest: Manifest | None) -> dict[str, Any]:
+    """The report's `params` (without `multiply_adds`): counts of the tensor headers."""
+    records = dict(manifest.modules) if manifest else {}
+    mpo_keys = {
+        key
+        for rec in records.values()
+        if isinstance(rec, FactorizedRecord)
+        for key in rec.tensor_shapes()
+    }
+    total = mpo = 0
+    for key in reader.keys():
+        if masked_key(key) is not None:
+            continue  # a pruning mask, no parameter
+        n = math.prod(reader.shape(key))
+        total += n
+        if key in mpo_keys:
+            mpo += n
+    params: dict[str, Any] = {"total": total, "mpo": mpo, "dense": total - mpo, "trainable": None}
+    if manifest is not None:
+        dense_equiv = sum(r.dense_params for r in records.values())
+        params["dense_equivalent_of_mpo"] = dense_equiv
+        params["mpo_ratio"] = mpo / dense_equiv if dense_equiv else None
+        if manifest.metrics:
+            params["trainable"] = manifest.metrics.get("trainable_params")
+            params["trainable_head"] = manifest.metrics.get("trainable_head")
+    return params
 
 
 def _multiply_adds(records: list[MPORecord]) -> dict[str, int]:
