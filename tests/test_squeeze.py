@@ -181,6 +181,8 @@ def test_rel_tol_squeeze_keeps_every_bound(mpo_bert: Path, tmp_path: Path) -> No
             ["--select-best"],
         ),
         (["--squeeze-to", "0.0001"], 2, ["out of reach"]),
+        (["--squeeze-until", "0.5"], 2, ["--squeeze-until needs"]),
+        (["--squeeze-to", "0.5", "--squeeze-until", "1.5"], 2, ["--squeeze-until", "less than 1"]),
         (
             ["--squeeze-to", "0.5", "--squeeze-steps", "30"],
             2,

@@ -192,6 +192,13 @@ def train_command(
         int | None,
         typer.Option("--squeeze-steps", help="Cuts of the squeeze, spread over the run (3)."),
     ] = None,
+    squeeze_until: Annotated[
+        float | None,
+        typer.Option(
+            "--squeeze-until",
+            help="Fraction of the run by which the last cut is made; the rest recovers (0.75).",
+        ),
+    ] = None,
     distill_alpha: Annotated[
         float | None,
         typer.Option(
@@ -323,6 +330,7 @@ def train_command(
         squeeze_to=squeeze_to,
         squeeze_rel_tol=squeeze_rel_tol,
         squeeze_steps=squeeze_steps,
+        squeeze_until=squeeze_until,
         distill_alpha=distill_alpha,
         distill_temperature=distill_temperature,
         grad_mask_p=grad_mask_p,
