@@ -39,12 +39,11 @@ from mposurgeon.methods.registry import get_method, method_config
 from mposurgeon.models.groups import select_targets
 from mposurgeon.models.surgery import resolve_module_name
 from mposurgeon.stages.common import StageInput, StageOptions, open_input, write_live_model
+from mposurgeon.stages.decompose import DEFAULT_LAYERS  # what `decompose` takes
 from mposurgeon.training.params import count_parameters, unique_state_dict
 
 #: The attribute of a prepared model holding its `PreparedState`.
 STATE_ATTRIBUTE = "mposurgeon"
-#: What an MPO method decomposes when `prepare` is given no `layers` or `target_modules`.
-DEFAULT_LAYERS = ["FFN_1", "FFN_2", "attention"]
 
 
 class PrepareOptions(StageOptions):

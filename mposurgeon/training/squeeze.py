@@ -36,8 +36,9 @@ from mposurgeon.mpo.decomposition import bond_spectra
 from mposurgeon.mpo.decomposition import truncate as truncate_cores
 from mposurgeon.mpo.metrics import num_params
 
-#: The fraction of the run by which the last cut is made, by default (measured on man-sections:
-#: benchmarks/bench_squeeze.py).
+#: The fraction of the run by which the last cut is made, by default. Measured on man-sections
+#: (benchmarks/bench_squeeze.py, R 0.5, seed 0): 0.804 at 0.75, 0.815 at 0.5 and at 0.25, a
+#: difference of 4 of 341 rows, within seed noise, so the first placement stays.
 SQUEEZE_UNTIL = 0.75
 
 
