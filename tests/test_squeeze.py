@@ -19,7 +19,7 @@ from mposurgeon.mpo.allocation import BondProblem
 from mposurgeon.mpo.decomposition import bond_spectra
 from mposurgeon.stages.train import TrainingInterrupted
 from mposurgeon.training import loop as loop_module
-from mposurgeon.training.squeeze import Distillation, SqueezeSchedule, cut_bonds
+from mposurgeon.training.squeeze import Distillation, SqueezeSchedule, cut_bonds, plan_bonds
 from tests.cli_runner import assert_one_line_error, run_cli, stop_at_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -45,10 +45,12 @@ def mpo_bert(tiny_classifier_dir: Callable[[str], Path], tmp_path_factory) -> Pa
 def test_schedule_spreads_the_cuts_and_the_targets() -> None:
     schedule = SqueezeSchedule(total_steps=40, cuts=3, ratio=0.3)
     assert schedule.steps() == [10, 20, 30]
-    assert [schedule.target(i)[0] for i in (1, 2, 3)] == pytest.approx(
-        [0.3 ** (1 / 3), 0.3 ** (2 / 3), 0.3]
-    )
-    assert SqueezeSchedule(10, 2, rel_tol=0.3).target(1) == (None, pytest.approx(0.15))
+    start, final = (1, 64, 16, 9, 1), (1, 8, 16, 10, 1)  # a bond the plan does not lower stays
+    assert [schedule.bonds(i, start, final) for i in (1, 2, 3)] == [
+        (1, 32, 16, 9, 1),
+        (1, 16, 16, 9, 1),
+        (1, 8, 16, 9, 1),
+    ]
     assert SqueezeSchedule(40, 3, ratio=0.3, until=0.5).steps() == [7, 13, 20]
     for until in (0.0, 1.0):
         with pytest.raises(ValueError, match="until must lie in"):
@@ -76,6 +78,12 @@ def test_squeeze_reaches_the_ratio_and_the_artifact_holds_the_cut_cores(
         max(r.bonds[b - 1] * s0 + s1 * r.bonds[b + 1] for b, (s0, s1) in _pairs(r)) for r in records
     )
     assert 0.4 * start - largest_drop <= final <= 0.4 * start
+    planned = squeeze["final_bonds"]  # the allocation made at the first cut, reached at the last
+    assert {name.removeprefix("bert.") for name in planned} == {
+        name.removeprefix("bert.") for name in read_manifest(out).modules
+    }
+    bonds = {name.removeprefix("bert."): r.bonds for name, r in read_manifest(out).modules.items()}
+    assert all(list(b) == list(bonds[name.removeprefix("bert.")]) for name, b in planned.items())
     files = _tensors(out)
     assert sum(r.params for r in records) == final
     for rec in records:
@@ -98,7 +106,8 @@ def _pairs(rec: MPORecord) -> list[tuple[int, tuple[int, int]]]:
 def test_a_cut_without_training_equals_truncate(mpo_bert: Path, tmp_path: Path) -> None:
     model = mposurgeon.load_model(mpo_bert)
     start = sum(p.numel() for c in mpo_cores(model).values() for p in c.core)
-    cut_bonds(model, SqueezeSchedule(total_steps=4, cuts=1, ratio=0.5, until=0.5), 1, start)
+    schedule = SqueezeSchedule(total_steps=4, cuts=1, ratio=0.5, until=0.5)
+    cut_bonds(model, schedule, 1, plan_bonds(model, schedule, start))
     mposurgeon.truncate(mpo_bert, output=tmp_path / "t", param_ratio=0.5)
     truncated = _tensors(tmp_path / "t")
     for name, cores in mpo_cores(model).items():

@@ -649,7 +649,8 @@ def _check_squeeze(method: Method, inp: StageInput, opts: TrainOptions, dynamic:
 
 
 def _squeeze_metrics(squeezer: Squeezer, net: nn.Module) -> dict[str, Any]:
-    """The squeeze's schedule, its cuts, and the MPO parameter ratio it reached."""
+    """The squeeze's schedule, its cuts, the MPO parameter ratio it reached and the bonds it
+    planned for each module (at the first cut)."""
     schedule = squeezer.schedule
     start = squeezer.start_params or 0
     final = sum(p.numel() for cores in mpo_cores(net).values() for p in cores.core)
@@ -661,6 +662,7 @@ def _squeeze_metrics(squeezer: Squeezer, net: nn.Module) -> dict[str, Any]:
         "final_params": final,
         "ratio": final / start if start else None,
         "log": [c.to_dict() for c in squeezer.cuts],
+        "final_bonds": squeezer.plan.to_dict()["final"] if squeezer.plan is not None else None,
     }
 
 

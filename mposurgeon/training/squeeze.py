@@ -3,25 +3,31 @@ in between, so the model recovers from each cut before the next.
 
 The schedule: K cuts at optimizer steps round(T * u * i / K), i = 1..K, of a run of T steps,
 u (`until`, `--squeeze-until`) the fraction of the run by which the last cut is made: the first
-comes after a warm-up of T * u / K steps, and the last leaves T * (1 - u) steps to recover. Cut i
-aims at `ratio ** (i / K)` of the MPO parameters the run started with (`--squeeze-to`, as
-`truncate --param-ratio`), or lets each module's error bound reach `rel_tol * i / K`
-(`--squeeze-rel-tol`, as `truncate --rel-tol`), with `truncate`'s global allocation
-(`mpo.allocation.allocate`) over every MPO module of the model.
+comes after a warm-up of T * u / K steps, and the last leaves T * (1 - u) steps to recover.
 
-A cut reads each module's current cores (training moved them out of canonical form), takes
-their canonical bond spectra, allocates, and replaces each changed module's cores by the
-canonicalized, SVD-cut ones (`mpo.decomposition.truncate`): new parameters, so the training loop
-rebuilds its optimizer and the cut cores start with fresh AdamW moments (their old moments
-were kept in a gauge the canonicalization rotated away, so no cut of them is consistent); the
-other parameters keep theirs, the learning-rate schedule continues. With no training between
-them, a cut gives exactly what `truncate` gives on the same cores.
+The final bonds are planned once, at the first cut: `truncate`'s global allocation
+(`mpo.allocation.allocate`) over every MPO module of the model, on the spectra of the cores as
+training left them, to `ratio` of the MPO parameters the run started with (`--squeeze-to`, as
+`truncate --param-ratio`) or to error bounds `rel_tol` (`--squeeze-rel-tol`, as `truncate
+--rel-tol`). Cut i lowers every bond geometrically from its size at the plan towards its planned
+size, r_i = round(r_0 * (r_K / r_0) ** (i / K)), so cut K reaches the plan exactly. (Allocating
+anew at each cut to `ratio ** (i / K)` lets the first, mild target decide where the cuts go: on
+MiniLM it cut the FFN matrices to 0.5 error, then had to cut attention too, and ended 3-4 points
+below truncating once at the start; see benchmarks/bench_squeeze.py.)
+
+A cut reads each module's current cores (training moved them out of canonical form) and
+replaces each changed module's cores by the canonicalized, SVD-cut ones
+(`mpo.decomposition.truncate`): new parameters, so the training loop rebuilds its optimizer and
+the cut cores start with fresh AdamW moments (their old moments were kept in a gauge the
+canonicalization rotated away, so no cut of them is consistent); the other parameters keep
+theirs, the learning-rate schedule continues. With one cut and no training before it, a squeeze
+gives exactly what `truncate` gives on the same cores.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +41,7 @@ from mposurgeon.mpo.allocation import BondProblem, allocate, min_params
 from mposurgeon.mpo.decomposition import bond_spectra
 from mposurgeon.mpo.decomposition import truncate as truncate_cores
 from mposurgeon.mpo.metrics import num_params
+from mposurgeon.mpo.shapes import bonds_of
 
 #: The fraction of the run by which the last cut is made, by default. Measured on man-sections
 #: (benchmarks/bench_squeeze.py, R 0.5, seed 0): 0.804 at 0.75, 0.815 at 0.5 and at 0.25, a
@@ -75,18 +82,42 @@ class SqueezeSchedule:
         span = self.total_steps * self.until
         return [round(span * i / self.cuts) for i in range(1, self.cuts + 1)]
 
-    def target(self, i: int) -> tuple[float | None, float | None]:
-        """(ratio, rel_tol) of cut `i` (1..K)."""
-        if self.ratio is not None:
-            return self.ratio ** (i / self.cuts), None
-        assert self.rel_tol is not None
-        return None, self.rel_tol * i / self.cuts
+    def bonds(self, i: int, start: Sequence[int], final: Sequence[int]) -> tuple[int, ...]:
+        """Bonds of cut `i` (1..K) of a module planned from `start` to `final` bonds: each
+        lowered geometrically, r_i = round(r_0 * (r_K / r_0) ** (i / K)), never below r_K."""
+        t = i / self.cuts
+        return tuple(
+            max(f, round(s * (f / s) ** t)) if f < s else s
+            for s, f in zip(start, final, strict=True)
+        )
+
+
+@dataclass(frozen=True)
+class SqueezePlan:
+    """Every MPO module's bonds when the plan was made (the first cut) and the final ones."""
+
+    start: dict[str, tuple[int, ...]]
+    final: dict[str, tuple[int, ...]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "start": {n: list(b) for n, b in self.start.items()},
+            "final": {n: list(b) for n, b in self.final.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> SqueezePlan:
+        return cls(
+            {n: tuple(b) for n, b in state["start"].items()},
+            {n: tuple(b) for n, b in state["final"].items()},
+        )
 
 
 @dataclass
 class Cut:
-    """What one cut did: its step, target, MPO parameters before and after, the largest and
-    mean predicted error bound of the changed modules, and the eval metrics around it."""
+    """What one cut did: its step, the final target, MPO parameters before and after, the
+    largest and mean predicted error bound of the changed modules, and the eval metrics
+    around it."""
 
     step: int
     target: dict[str, float]
@@ -145,6 +176,7 @@ class Squeezer:
     distillation: Distillation | None = None
     start_params: int | None = None  # MPO parameters when the run started
     cuts: list[Cut] = field(default_factory=list)
+    plan: SqueezePlan | None = None  # made at the first cut
     teacher: nn.Module | None = None  # with `distillation`: the model before the first cut
 
     def __call__(self, step: int, model: nn.Module) -> bool:
@@ -155,8 +187,10 @@ class Squeezer:
             return False
         if self.distillation is not None and self.teacher is None:
             self.teacher = frozen_copy(model)
+        if self.plan is None:
+            self.plan = plan_bonds(model, self.schedule, self.start_params)
         before = self.evaluate() if self.evaluate is not None else None
-        cut = cut_bonds(model, self.schedule, len(self.cuts) + 1, self.start_params, step)
+        cut = cut_bonds(model, self.schedule, len(self.cuts) + 1, self.plan, step)
         if self.evaluate is not None:
             cut.eval_before, cut.eval_after = before, self.evaluate()
         self.cuts.append(cut)
@@ -172,11 +206,17 @@ class Squeezer:
         return self.distillation.loss(task_loss, logits, teacher, labels)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"start_params": self.start_params, "cuts": [c.to_dict() for c in self.cuts]}
+        return {
+            "start_params": self.start_params,
+            "cuts": [c.to_dict() for c in self.cuts],
+            "plan": self.plan.to_dict() if self.plan is not None else None,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.start_params = state["start_params"]
         self.cuts = [Cut(**c) for c in state["cuts"]]
+        plan = state.get("plan")
+        self.plan = SqueezePlan.from_dict(plan) if plan is not None else None
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -187,31 +227,45 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return teacher
 
 
-def cut_bonds(
-    model: nn.Module, schedule: SqueezeSchedule, i: int, start_params: int, step: int = 0
-) -> Cut:
-    """Cut `i` (1..K) of `schedule` on every MPO of `model`, in place (new core parameters);
-    `start_params` is the MPO parameter count the ratio refers to."""
-    held = mpo_cores(model)
-    problems = {name: _problem(cores) for name, cores in held.items()}
-    ratio, rel_tol = schedule.target(i)
-    target_params = round(ratio * start_params) if ratio is not None else None
+def plan_bonds(model: nn.Module, schedule: SqueezeSchedule, start_params: int) -> SqueezePlan:
+    """The final bonds of every MPO of `model`: `truncate`'s global allocation on the cores'
+    current spectra, to `schedule.ratio` of `start_params` MPO parameters or to error bounds
+    `schedule.rel_tol`."""
+    problems = {name: _problem(cores) for name, cores in mpo_cores(model).items()}
     names = [n for n, p in problems.items() if p.num_bonds > 0]
-    planned = allocate([problems[n] for n in names], target_params=target_params, rel_tol=rel_tol)
+    target = round(schedule.ratio * start_params) if schedule.ratio is not None else None
+    planned = allocate([problems[n] for n in names], target_params=target, rel_tol=schedule.rel_tol)
+    return SqueezePlan(
+        {n: problems[n].start() for n in names},
+        {n: tuple(b) for n, b in zip(names, planned, strict=True)},
+    )
+
+
+def cut_bonds(
+    model: nn.Module, schedule: SqueezeSchedule, i: int, plan: SqueezePlan, step: int = 0
+) -> Cut:
+    """Cut `i` (1..K) of `schedule` on every MPO of `model` that `plan` lowers, in place (new
+    core parameters)."""
+    held = mpo_cores(model)
     before = _total_params(model)
     errors = []
-    for name, bonds in zip(names, planned, strict=True):
+    for name, final in plan.final.items():
         cores = held[name]
-        if tuple(bonds) == problems[name].bonds:
+        bonds = schedule.bonds(i, plan.start[name], final)
+        if tuple(bonds) == bonds_of([c.detach() for c in cores.core]):
             continue  # not cut: left as it is, out of canonical form
         with torch.no_grad():
             cut = truncate_cores([c.detach() for c in cores.core], max_bond=list(bonds[1:-1]))
         _replace_cores(cores, cut.cores)
         errors.append(cut.predicted_error)
-    target = {"ratio": ratio} if ratio is not None else {"rel_tol": rel_tol}
+    if schedule.ratio is not None:
+        target = {"ratio": schedule.ratio}
+    else:
+        assert schedule.rel_tol is not None
+        target = {"rel_tol": schedule.rel_tol}
     return Cut(
         step=step,
-        target=target,  # type: ignore[arg-type]
+        target=target,
         params_before=before,
         params_after=_total_params(model),
         modules_cut=len(errors),
