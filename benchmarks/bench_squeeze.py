@@ -4,9 +4,10 @@ cut alone, at MPO parameter ratios 0.5 and 0.3, over 3 seeds; factorized inferen
 MiniLM with FFN_1, FFN_2 and attention decomposed losslessly (5 cores), fine-tuned with
 `overparam` (every weight and core) on `man-sections` for 3 epochs, batch 16, its default rate:
 
-- `squeeze-R`: `train --squeeze-to R --squeeze-steps 3` from the lossless MPO; first, at R 0.5
-  and seed 0, a sweep of `--squeeze-until` (the fraction of the run by which the last cut is
-  made: `UNTIL_SWEEP`), then the default for every ratio and seed;
+- `squeeze-R`: `train --squeeze-to R --squeeze-steps 3` from the lossless MPO, every ratio and
+  seed at the default `--squeeze-until`. Rows logged before the final bonds were planned at the
+  first cut (`"allocation": "per-cut"`: each cut allocated anew to R ** (i / 3)) are kept and
+  reported apart, with the `--squeeze-until` sweep (0.75, 0.5, 0.25 at R 0.5, seed 0) made then;
 - `truncate-train-R`: `truncate --param-ratio R`, then the same training without squeezing;
 - `truncate-R`: `truncate --param-ratio R` of the model after dense-equivalent training
   (`overparam` on the lossless MPO, no squeeze), scored without training after the cut.
@@ -40,9 +41,11 @@ DENSE_LOG = HERE / "pruning-runs.jsonl"
 RATIOS = (0.5, 0.3)
 SEEDS = (0, 1, 2)
 ARMS = ("squeeze", "truncate-train", "truncate")
-UNTIL_SWEEP = (0.75, 0.5, 0.25)
 #: Runs logged before `--squeeze-until` existed cut by 0.75 of the run.
 OLD_UNTIL = 0.75
+#: How the squeeze chose its bonds: "planned" (once, at the first cut: the code now) or
+#: "per-cut" (anew at each cut: rows logged before the plan, without this field).
+ALLOCATION = "planned"
 EPOCHS, BATCH, METHOD = 3, 16, "overparam"
 
 
@@ -80,8 +83,9 @@ class _Runs:
     def arm(self, arm: str, ratio: float, until: float | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         if arm == "squeeze":
+            out = self.root / f"squeeze-{ratio}-{until}-{ALLOCATION}-{self.seed}"
             result = self.api.train(
-                self.lossless(), output=self.root / f"squeeze-{ratio}-{until}-{self.seed}",
+                self.lossless(), output=out,
                 squeeze_to=ratio, squeeze_steps=3, squeeze_until=until, **self.train_args,
             )  # fmt: skip
             metrics = result.metrics
@@ -106,6 +110,7 @@ class _Runs:
             "ratio": ratio,
             "seed": self.seed,
             "until": until,
+            **({"allocation": ALLOCATION} if arm == "squeeze" else {}),
             "eval_accuracy": accuracy,
             "mpo_params": params,
             "seconds": round(time.perf_counter() - start, 1),
@@ -113,31 +118,35 @@ class _Runs:
         }
 
 
-def _key(row: dict[str, Any]) -> tuple[str, float, int, float | None]:
-    until = row.get("until", OLD_UNTIL) if row["arm"] == "squeeze" else None
-    return row["arm"], row["ratio"], row["seed"], until
+Key = tuple[str, float, int, float | None, str | None]
 
 
-def _plan() -> list[tuple[str, float, int, float | None]]:
-    """(arm, ratio, seed, until) of every run: the `--squeeze-until` sweep, then each arm."""
+def _key(row: dict[str, Any]) -> Key:
+    """(arm, ratio, seed, until, allocation); the last two None but for `squeeze`."""
+    if row["arm"] != "squeeze":
+        return row["arm"], row["ratio"], row["seed"], None, None
+    until = row.get("until", OLD_UNTIL)
+    return row["arm"], row["ratio"], row["seed"], until, row.get("allocation", "per-cut")
+
+
+def _plan() -> list[Key]:
+    """Every run of the current code: each arm, ratio and seed."""
     from mposurgeon.training.squeeze import SQUEEZE_UNTIL
 
-    runs = [("squeeze", RATIOS[0], SEEDS[0], until) for until in UNTIL_SWEEP]
-    for seed in SEEDS:
-        for ratio in RATIOS:
-            for arm in ARMS:
-                run = (arm, ratio, seed, SQUEEZE_UNTIL if arm == "squeeze" else None)
-                if run not in runs:
-                    runs.append(run)
-    return runs
+    return [
+        (arm, ratio, seed, *((SQUEEZE_UNTIL, ALLOCATION) if arm == "squeeze" else (None, None)))
+        for seed in SEEDS
+        for ratio in RATIOS
+        for arm in ARMS
+    ]
 
 
 def sweep(root: Path) -> list[dict[str, Any]]:
     """Every planned run not in the log yet; all logged runs."""
     done = {_key(r): r for r in read_log(LOG)}
     seeds: dict[int, _Runs] = {}
-    for arm, ratio, seed, until in _plan():
-        if (arm, ratio, seed, until) in done:
+    for arm, ratio, seed, until, allocation in _plan():
+        if (arm, ratio, seed, until, allocation) in done:
             continue
         runs = seeds.setdefault(seed, _Runs(root, seed))
         row = runs.arm(arm, ratio, until)
@@ -212,16 +221,19 @@ def run() -> list[dict[str, Any]]:
     from mposurgeon.training.squeeze import SQUEEZE_UNTIL
 
     rows = []
-    groups: dict[tuple[str, float, float | None], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, float, float | None, str | None], list[dict[str, Any]]] = {}
     for r in runs:
-        arm, ratio, _, until = _key(r)
-        groups.setdefault((arm, ratio, until), []).append(r)
-    for (arm, ratio, until), items in sorted(groups.items(), key=lambda g: (-g[0][1], str(g[0]))):
+        arm, ratio, _, until, allocation = _key(r)
+        groups.setdefault((arm, ratio, until, allocation), []).append(r)
+    order = sorted(groups.items(), key=lambda g: (g[0][3] != ALLOCATION, -g[0][1], str(g[0])))
+    for (arm, ratio, until, allocation), items in order:
         accuracy = [r["eval_accuracy"] for r in items]
         schedule = ""
         if until is not None:
             mark = ", its default" if until == SQUEEZE_UNTIL else ""
             schedule = f", cuts by {until:g} of the run{mark}"
+            if allocation != ALLOCATION:
+                schedule += ", bonds allocated anew at each cut (before the plan)"
         rows.append(
             {
                 "benchmark": f"man-sections eval accuracy, {arm} to {ratio} of the MPO "

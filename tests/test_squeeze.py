@@ -269,3 +269,29 @@ def test_inspect_reports_the_multiply_adds_of_the_cut_cores(mpo_bert: Path, tmp_
     assert macs["reconstruct"] == sum(reconstruct_flops(c) for c in cores)
     records = [r for r in read_manifest(out).modules.values() if isinstance(r, MPORecord)]
     assert macs["dense_per_row"] == sum(r.out_dim * r.in_dim for r in records)
+
+
+def test_the_cli_reports_each_cut_and_the_ratio_reached(
+    mpo_bert: Path, tmp_path: Path, capsys
+) -> None:
+    result = run_cli(
+        capsys, "train", mpo_bert, "--method", "lightweight", "--data", TRAIN, "--eval-data",
+        TRAIN, "--max-steps", "6", "--batch-size", "8", "--squeeze-to", "0.5", "--squeeze-steps",
+        "2", "--squeeze-until", "0.5", "-o", tmp_path / "o",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    squeeze = read_manifest(tmp_path / "o").metrics["squeeze"]
+    start, (first, second) = squeeze["start_params"], squeeze["log"]
+    lines = [line for line in result.out.splitlines() if line.startswith("squeeze")]
+    assert lines[0].startswith(
+        f"squeeze cut 1 of 2 at step 2: MPO parameters {first['params_before']:,} -> "
+        f"{first['params_after']:,} (ratio {first['params_after'] / start:.3f})"
+    )
+    assert lines[1].startswith(
+        f"squeeze cut 2 of 2 at step 3: MPO parameters {second['params_before']:,}"
+    )
+    assert "eval accuracy" in lines[0]
+    assert lines[2] == (
+        f"squeezed: MPO parameters {start:,} -> {squeeze['final_params']:,} "
+        f"(ratio {squeeze['ratio']:.3f})"
+    )

@@ -459,13 +459,13 @@ def metrics_lines(m: dict[str, Any]) -> list[str]:
 def _squeeze_lines(squeeze: dict[str, Any]) -> list[str]:
     """One line per cut of a squeeze, then the ratio it reached."""
     lines = []
-    for cut in squeeze["log"]:
-        target = ", ".join(f"{k} {v:.3g}" for k, v in cut["target"].items())
+    start, cuts = squeeze["start_params"], squeeze["cuts"]
+    for i, cut in enumerate(squeeze["log"], 1):
         line = (
-            f"squeeze at step {cut['step']} ({target}): MPO parameters "
-            f"{fmt_int(cut['params_before'])} -> {fmt_int(cut['params_after'])}, "
-            f"{cut['modules_cut']} modules cut, predicted error up to "
-            f"{cut['max_predicted_error']:.3f}"
+            f"squeeze cut {i} of {cuts} at step {cut['step']}: MPO parameters "
+            f"{fmt_int(cut['params_before'])} -> {fmt_int(cut['params_after'])} "
+            f"(ratio {cut['params_after'] / start:.3f}), {cut['modules_cut']} modules cut, "
+            f"predicted error up to {cut['max_predicted_error']:.3f}"
         )
         before, after = cut.get("eval_before"), cut.get("eval_after")
         if before and after:
