@@ -127,7 +127,7 @@ def test_shipped_recipes_validate_and_plan(name: str, tmp_path: Path) -> None:
 
 #: Recipes too long for the suite (man-sections training: pet-scaling 26 minutes, dsee 15, mpoe 7):
 #: planned above, their parts tested on tiny models (tests/test_recipe_sweep.py, test_moe.py).
-LONG_RECIPES = {"pet-scaling", "dsee", "mpoe"}
+LONG_RECIPES = {"pet-scaling", "dsee", "mpoe", "mpop-squeeze"}
 
 
 @pytest.mark.parametrize(
