@@ -177,7 +177,7 @@ def save_artifact(
     tokenizer: Any = None,
     metrics: dict[str, Any] | None = None,
     overwrite: bool = False,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = "auto",
 ) -> Path:
     """Write a prepared (and trained) model as an mposurgeon artifact at `output`: what
     `train` writes, so `load_model`, `merge`, `inspect`, `truncate`... read it. Its lineage

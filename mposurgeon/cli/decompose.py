@@ -52,8 +52,13 @@ def decompose_command(
         float | None, typer.Option("--rel-tol", help="Relative Frobenius error bound per matrix.")
     ] = None,
     dtype: Annotated[
-        str, typer.Option("--dtype", help="Core dtype: keep, float32 or float64.")
-    ] = "keep",
+        str,
+        typer.Option(
+            "--dtype",
+            help="Core dtype: auto (float32 for float16/bfloat16 weights, with a fixup that "
+            "makes a lossless merge bitwise; else the weight's), keep, float32 or float64.",
+        ),
+    ] = "auto",
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List targets, modes, bonds and sizes; write nothing.")
     ] = False,

@@ -46,7 +46,12 @@ NoVerify = Annotated[
     bool, typer.Option("--no-verify", help="Skip checking the input artifact's checksums.")
 ]
 MaxShardSize = Annotated[
-    str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 5GB or 500MB.")
+    str,
+    typer.Option(
+        "--max-shard-size",
+        help="Largest safetensors shard, e.g. 5GB or 500MB; auto (default): the input's "
+        "largest shard, at most 500MB.",
+    ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 # The data flags (training/data.py `DataOptions`): which data set, split, columns and task.
@@ -171,7 +176,7 @@ class StageFlags:
     offline: bool | None = None
     cache_dir: Path | None = None
     no_verify: bool = False
-    max_shard_size: str = "5GB"
+    max_shard_size: str = "auto"
     json_out: bool = False
     quiet: bool = False
     log_format: str = "text"

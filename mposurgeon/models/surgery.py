@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from mposurgeon.models.layers import ForwardMode, MPOCores, MPOEmbedding, MPOLinear
+from mposurgeon.models.layers import Fixup, ForwardMode, MPOCores, MPOEmbedding, MPOLinear
 from mposurgeon.models.layout import kind_of
 from mposurgeon.models.orientation import Kind
 from mposurgeon.mpo.shapes import MPOShape
@@ -22,7 +22,8 @@ from mposurgeon.mpo.shapes import MPOShape
 
 @dataclass
 class MPOModuleState:
-    """What it takes to rebuild one factorized module: its cores, shape and bias."""
+    """What it takes to rebuild one factorized module: its cores, shape and bias, and the
+    rounding fixup of its matrix, if any (`MPOCores` keeps it only if made for these cores)."""
 
     name: str
     kind: Kind
@@ -30,6 +31,7 @@ class MPOModuleState:
     cores: list[Tensor]
     bias: Tensor | None = None
     tied_names: Sequence[str] = field(default_factory=tuple)
+    fixup: Fixup | None = None
 
 
 def module_kind(module: nn.Module) -> Kind:
@@ -70,7 +72,11 @@ def _mpo_layer_like(
         # Scaled word embeddings (BART, M2M100, ...) multiply their lookup by `embed_scale`.
         scale = float(getattr(old, "embed_scale", None) or 1.0)
         return MPOEmbedding(
-            cores, padding_idx=old.padding_idx, forward_mode=forward_mode, embed_scale=scale
+            cores,
+            padding_idx=old.padding_idx,
+            forward_mode=forward_mode,
+            embed_scale=scale,
+            dtype=old.weight.dtype,  # rows in the model's dtype, whatever the cores'
         )
     old_bias = getattr(old, "bias", None)
     if bias is None and isinstance(old_bias, Tensor) and old_bias.device.type != "meta":
@@ -89,7 +95,7 @@ def install_mpo_layers(
     """
     installed: dict[str, nn.Module] = {}
     for state in states:
-        cores = MPOCores([c.detach().clone() for c in state.cores], state.shape)
+        cores = MPOCores([c.detach().clone() for c in state.cores], state.shape, state.fixup)
         for i, name in enumerate([state.name, *state.tied_names]):
             live = resolve_module_name(model, name)
             old = model.get_submodule(live)

@@ -12,7 +12,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -41,8 +41,8 @@ from mposurgeon.artifact.store import (
     copy_model_files,
     release_claim,
 )
-from mposurgeon.artifact.tensors import ShardedWriter, open_tensors, parse_size
-from mposurgeon.errors import ArtifactError
+from mposurgeon.artifact.tensors import ShardedWriter, auto_shard_size, open_tensors, parse_size
+from mposurgeon.errors import ArtifactError, UsageError
 from mposurgeon.methods.mpo.record import MPORecord
 from mposurgeon.models.layout import (
     LAYOUT_FORMAT,
@@ -81,12 +81,31 @@ class StageOptions(InputOptions):
     output: Path | None = Field(None, description="output directory (default: versioned)")
     workdir: Path = Field(default_factory=default_workdir)
     overwrite: bool = False
-    max_shard_size: int = Field(5 * 10**9, description="bytes per safetensors shard")
+    max_shard_size: int | Literal["auto"] = Field(
+        "auto",
+        description="bytes per safetensors shard; auto: the input's largest, at most 500 MB",
+    )
 
     @field_validator("max_shard_size", mode="before")
     @classmethod
-    def _parse_size(cls, value: Any) -> int:
-        return parse_size(value)
+    def _parse_size(cls, value: Any) -> int | Literal["auto"]:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            return parse_size(value)
+        except UsageError as err:
+            raise UsageError(
+                f"--max-shard-size: {err}",
+                hint='write a size like "500MB" or "2GiB", or auto to follow the input\'s shards',
+            ) from None
+
+    def shard_size(self, source: Path) -> int:
+        """Bytes per output shard for a stage reading `source`: `max_shard_size`, or for
+        `auto` the input's sharding (`auto_shard_size`), so the writer's buffer, the stage's
+        private memory for its output, stays within one input shard."""
+        if self.max_shard_size == "auto":
+            return auto_shard_size(source)
+        return self.max_shard_size
 
 
 @dataclass
@@ -368,7 +387,7 @@ def write_live_model(
     config.architectures = [type(net).__name__]
     with atomic_directory(out, overwrite=opts.overwrite) as tmp:
         tensors, _ = unique_state_dict(net)
-        with ShardedWriter(tmp, opts.max_shard_size) as writer:
+        with ShardedWriter(tmp, opts.shard_size(inp.path)) as writer:
             for key, tensor in tensors.items():
                 if key in zeroed:
                     tensor = tensor.masked_fill(zeroed[key].to(tensor.device), 0)

@@ -5,12 +5,17 @@ from the config (no weights loaded; the layout is cached per config); plan each 
 (validated before any work); then stream the checkpoint tensor by tensor into a new artifact,
 replacing each target weight `M.weight` by cores `M.mpo.core.k` and recording the measured
 error. The write is atomic.
+
+Half-precision weights get float32 cores by default, and the errors of the weights merge
+writes (the contraction rounded once). A lossless decompose also stores the few entries that
+rounding misses (the module's rounding fixup, `MPORecord.fixup`), so merge gives every weight
+back bitwise.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -21,9 +26,17 @@ from mposurgeon.artifact.store import atomic_directory
 from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
 from mposurgeon.errors import ArtifactError, ShapeError, UsageError
 from mposurgeon.methods.config import ModuleRegex, WeightGroups
-from mposurgeon.methods.mpo.record import MPORecord, core_key
-from mposurgeon.methods.mpo.state import factorize_weight, mpo_record
+from mposurgeon.methods.mpo.record import FixupRecord, MPORecord, core_key
+from mposurgeon.methods.mpo.state import FactorizedMatrix, factorize_weight, mpo_record
 from mposurgeon.models.groups import Target, select_targets
+from mposurgeon.models.layers import (
+    HALF_DTYPES,
+    Fixup,
+    cores_fingerprint,
+    rounded_error,
+    rounding_fixup,
+)
+from mposurgeon.models.orientation import as_matrix
 from mposurgeon.mpo.shapes import MPOShape, parse_mode_spec, plan_shape, shape_from_modes
 from mposurgeon.progress import ProgressCallback
 from mposurgeon.stages.common import (
@@ -41,6 +54,12 @@ from mposurgeon.stages.common import (
 
 DEFAULT_LAYERS = ["FFN_1", "FFN_2", "attention"]
 
+#: The largest share of a half-precision matrix's entries a rounding fixup may hold (10
+#: bytes each, int64 index and value). A lossless decompose into float32 cores needs ~2.5e-3
+#: of a Llama-sized matrix's (0.6% of the cores' bytes), up to ~10% of a tiny matrix with
+#: outliers; truncated cores, or half-precision ones (`--dtype keep`), get none.
+MAX_FIXUP_FRACTION = 0.25
+
 
 class DecomposeOptions(StageOptions):
     """Options of `decompose` (the CLI flags, one to one)."""
@@ -52,7 +71,16 @@ class DecomposeOptions(StageOptions):
     modes: list[str] = Field(default_factory=lambda: ["auto"])
     max_bond: int | None = Field(None, ge=1)
     rel_tol: float | None = Field(None, gt=0.0, lt=1.0)
-    dtype: Literal["keep", "float32", "float64"] = "keep"
+    dtype: Literal["auto", "keep", "float32", "float64"] = Field(
+        "auto",
+        description="core dtype. auto: float32 for float16/bfloat16 weights, else the "
+        "weight's own. Half-precision weights in wider cores (auto, float32, float64): a "
+        "lossless decompose stores the few entries the rounded contraction misses (a rounding "
+        "fixup, ~1e-3 of the entries), so merge gives the weights back bitwise and rel_error "
+        "is 0.0. keep: the weight's dtype; half-precision cores are then off by their rounding "
+        "(~4e-3 for bfloat16), no fixup can repair that, and rel_error and predicted_error "
+        "include it",
+    )
     dry_run: bool = False
 
     @field_validator("modes", mode="before")
@@ -108,7 +136,7 @@ def decompose(
 
         out = plan_output(inp, opts, "decompose")
         with atomic_directory(out, overwrite=opts.overwrite) as tmp:
-            with ShardedWriter(tmp, opts.max_shard_size) as writer:
+            with ShardedWriter(tmp, opts.shard_size(inp.path)) as writer:
                 records = _write_decomposed(inp.path, writer, plan, opts, progress)
             finish_artifact(
                 tmp,
@@ -231,6 +259,44 @@ def _shape_for(
     )
 
 
+def core_dtype(option: str, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the cores of a `weight_dtype` weight under `--dtype option` (auto, keep,
+    float32 or float64): auto is float32 for half-precision weights, the weight's otherwise."""
+    if option == "keep" or (option == "auto" and weight_dtype not in HALF_DTYPES):
+        return weight_dtype
+    if option == "auto":
+        return torch.float32
+    return getattr(torch, option)
+
+
+def _as_merged(
+    factorized: FactorizedMatrix, original: torch.Tensor
+) -> tuple[FactorizedMatrix, Fixup | None]:
+    """A half-precision matrix's factorization with the errors of the weight merge writes
+    (the cores' contraction rounded once to `original`'s dtype), and the rounding fixup that
+    makes that weight bitwise `original`: for a lossless decompose (nothing cut) into wider
+    cores, when it holds at most `MAX_FIXUP_FRACTION` of the entries; the error is then 0.0.
+
+    `original` is the (out_dim, in_dim) matrix. Without a fixup, `rel_error` is the merged
+    weight's error, and `predicted_error` (from the discarded singular values, blind to
+    rounding) is raised to it."""
+    half_cores = factorized.cores[0].dtype in HALF_DTYPES  # --dtype keep
+    lossless = factorized.predicted_error == 0.0 and not half_cores
+    limit = int(MAX_FIXUP_FRACTION * original.numel()) if lossless else -1
+    index = rounding_fixup(factorized.matrix, original, limit)
+    fixup = None
+    if index is None:
+        error = rounded_error(factorized.matrix, original)
+    else:
+        error = 0.0  # with the fixup, or without one when rounding alone is exact
+        if index.numel():
+            cols = original.shape[1]
+            value = original[index // cols, index % cols].contiguous()
+            fixup = Fixup(index, value, cores_fingerprint(factorized.cores))
+    predicted = max(factorized.predicted_error, error)
+    return replace(factorized, rel_error=error, predicted_error=predicted), fixup
+
+
 def _prod(modes: tuple[int, ...]) -> int:
     p = 1
     for m in modes:
@@ -265,17 +331,16 @@ def _decompose_one(
             hint="the checkpoint is damaged or diverged in training: use another one, or leave "
             "the matrix out with --exclude-modules",
         )
+    dtype = core_dtype(opts.dtype, weight.dtype)
     factorized = factorize_weight(
-        weight,
-        target.kind,
-        shape,
-        dtype=None if opts.dtype == "keep" else getattr(torch, opts.dtype),
-        max_bond=opts.max_bond,
-        rel_tol=opts.rel_tol,
+        weight, target.kind, shape, dtype=dtype, max_bond=opts.max_bond, rel_tol=opts.rel_tol
     )
+    fixup = None
+    if weight.dtype in HALF_DTYPES:
+        factorized, fixup = _as_merged(factorized, as_matrix(weight, target.kind))
     for k, core in enumerate(factorized.cores):
         writer.add(core_key(target.name, k), core)
-    planned.record = mpo_record(
+    record = mpo_record(
         name=target.name,
         kind=target.kind,
         weight_shape=target.shape,
@@ -284,5 +349,11 @@ def _decompose_one(
         factorized=factorized,
         tied_keys=target.tied_keys,
     )
+    if fixup is not None:
+        fixed = FixupRecord(count=fixup.index.numel(), cores_sha256=fixup.cores_sha256)
+        record = record.model_copy(update={"fixup": fixed})
+        for key, tensor in zip(record.fixup_keys(), (fixup.index, fixup.value), strict=True):
+            writer.add(key, tensor)
+    planned.record = record
     planned.bonds = tuple(planned.record.bonds)
     planned.params = planned.record.params

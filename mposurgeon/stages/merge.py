@@ -4,9 +4,13 @@ checkpoint.
 The story: open and verify the artifact; stream its tensors into a new directory, replacing
 the tensors each module record owns (the cores `M.mpo.core.k` of an MPO module) by the dense
 weight its method computes, under the original name, shape, orientation (GPT-2 Conv1D is
-transposed back) and dtype; copy config and tokenizer. With
+transposed back) and dtype (an MPO module's rounding fixup, if decompose stored one for these
+cores, then makes it bitwise the original); copy config and tokenizer. With
 `verify`, run the factorized and the merged model on the same sample input before publishing:
-if they differ, nothing is written and the stage fails with exit code 3.
+if they differ, nothing is written and the stage fails with exit code 3. Both run in float32
+(half-precision weights held exactly), the factorized one evaluating bitwise the weights a
+correct merge writes, so that the tolerance of a half-precision merge can be derived from its
+unit roundoff and sizes (`half_tolerance`) and a real fault cannot hide in rounding.
 
 An MPO mixture of experts (`moe`) has no dense form: its model is written as the
 `transformers` MoE class of its architecture (`models/moe_export.py`: Llama-family models
@@ -24,13 +28,16 @@ leaves it in place.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field
+from torch import nn
 from transformers import AutoConfig, AutoTokenizer
+from transformers.pytorch_utils import Conv1D
 
 from mposurgeon.artifact.config import read_config, set_artifact_mark
 from mposurgeon.artifact.hub import PushOptions, check_can_push, push_folder
@@ -39,12 +46,16 @@ from mposurgeon.artifact.manifest import ModuleRecord
 from mposurgeon.artifact.store import VOCABULARY_FILES, atomic_directory, copy_model_files
 from mposurgeon.artifact.tensors import ShardedWriter, TensorReader, open_tensors
 from mposurgeon.errors import ArtifactError, UsageError, VerificationError
+from mposurgeon.methods.mpo.record import MPORecord
+from mposurgeon.methods.mpo.state import record_cores, record_fixup
 from mposurgeon.methods.mpoe.record import MPOERecord
 from mposurgeon.methods.mpoe.state import expert_weight
 from mposurgeon.methods.registry import get_method
 from mposurgeon.models.auto import model_class, quiet_transformers
+from mposurgeon.models.layers import HALF_DTYPES, MPOCores, MPOEmbedding
 from mposurgeon.models.layout import ModelLayout
 from mposurgeon.models.moe_export import MoEExport, MoESpec, moe_export
+from mposurgeon.models.orientation import as_matrix
 from mposurgeon.models.probe import OutputComparison, compare_outputs, model_output, sample_batch
 from mposurgeon.models.pruning import masked_key
 from mposurgeon.progress import ProgressCallback
@@ -60,13 +71,23 @@ from mposurgeon.stages.common import (
     verified_input,
 )
 
-#: merge tolerance per output dtype: (atol, rtol) on the model's main output.
+#: merge --verify tolerance for float32 and float64 outputs: (atol, rtol) on the model's main
+#: output. Half-precision outputs get a derived tolerance (`half_tolerance`).
 TOLERANCES = {
     torch.float32: (1e-4, 1e-4),
     torch.float64: (1e-8, 1e-8),
-    torch.float16: (1e-2, 1e-2),
-    torch.bfloat16: (5e-2, 2e-2),
 }
+
+#: Unit roundoff u (half the gap between 1 and the next number) of each dtype a merged
+#: model is compared in or rounded to.
+UNIT_ROUNDOFF = {
+    torch.float16: 2.0**-11,
+    torch.bfloat16: 2.0**-8,
+    torch.float32: 2.0**-24,
+}
+
+#: How many times its estimate of what rounding alone can cause `half_tolerance` allows.
+SAFETY = 8.0
 
 
 class MergeOptions(StageOptions, PushOptions):
@@ -145,7 +166,10 @@ def _merge(
     out = plan_output(inp, opts, "merge")
     comparison = None
     with atomic_directory(out, overwrite=opts.overwrite) as tmp, verified_input(inp):
-        with open_tensors(inp.path) as reader, ShardedWriter(tmp, opts.max_shard_size) as writer:
+        with (
+            open_tensors(inp.path) as reader,
+            ShardedWriter(tmp, opts.shard_size(inp.path)) as writer,
+        ):
             merged = _write_dense(reader, records, writer, opts, progress, moe)
         if moe is not None:
             moe.config.save_pretrained(tmp)  # before the copy, which keeps it
@@ -154,7 +178,8 @@ def _merge(
         if opts.dtype != "auto":
             _record_dtype(tmp, opts.dtype)  # what from_pretrained loads the weights as
         if opts.verify:
-            comparison = verify_merge(inp.path, tmp)
+            unrounded = sum(not isinstance(rec, MPORecord) for rec in records.values())
+            comparison = verify_merge(inp.path, tmp, unrounded)
         metrics = {"verify": asdict(comparison) | {"ok": comparison.ok}} if comparison else None
         finish_artifact(
             tmp,
@@ -258,10 +283,17 @@ def dense_tensors(
     rec: ModuleRecord, reader: TensorReader, dtype: str = "auto"
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the merged checkpoint one transformed module gives (its dense weight,
-    IA3's scaled bias) by name, as the original checkpoint stored them, in `dtype`."""
+    IA3's scaled bias) by name, as the original checkpoint stored them, in `dtype`. An MPO
+    module's rounding fixup is applied when merging to its recorded dtype and made for its
+    cores as they are (a stage that wrote other cores may have left it: then it is stale)."""
     to = _dtype_of(rec, dtype)
     tensors = get_method(rec.method).dense_tensors(rec, reader)
-    return {name: t.to(to).contiguous() for name, t in tensors.items()}
+    out = {name: t.to(to).contiguous() for name, t in tensors.items()}
+    if isinstance(rec, MPORecord) and to == FLOAT_DTYPES[rec.dtype]:
+        fixup = record_fixup(rec, reader)
+        if fixup is not None and fixup.matches(record_cores(rec, reader)):
+            fixup.apply(as_matrix(out[rec.weight_key], rec.kind))  # bitwise the original
+    return out
 
 
 def expert_tensors(
@@ -301,12 +333,22 @@ def _record_dtype(directory: Path, dtype: str) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def verify_merge(artifact: Path, merged: Path) -> OutputComparison:
+def verify_merge(artifact: Path, merged: Path, unrounded: int = 0) -> OutputComparison:
     """Run the factorized artifact and the merged checkpoint on the same input; raise if they
-    differ beyond the tolerance of the merged dtype."""
-    factorized = load_model(artifact, verify=False)  # merge checks the checksums itself
+    differ beyond the tolerance of the merged dtype.
+
+    The factorized model evaluates exactly the weights a correct merge writes
+    (`evaluate_as_merged`: MPO layers rebuild their matrices rounded once to the merged dtype),
+    so for MPO modules rounding alone leaves no difference; `unrounded` counts the modules
+    whose merged weights it cannot round alike (other methods' adapters, experts), each
+    allowed its rounding in the tolerance (`half_tolerance`)."""
+    dense, dtype = _merged_model(merged)
+    # merge checks the checksums itself
+    factorized = load_model(artifact, verify=False, forward_mode="reconstruct")
+    evaluate_as_merged(factorized, dtype)
     batch = sample_batch(AutoConfig.from_pretrained(merged), verify_tokenizer(merged))
-    return check_merged(model_output(factorized, batch), merged, batch)
+    reference = model_output(factorized, batch)
+    return _compare(reference, dense, dtype, batch, unrounded, "the factorized model's")
 
 
 def check_merged(
@@ -314,16 +356,118 @@ def check_merged(
     merged: Path,
     batch: dict[str, torch.Tensor],
     of: str = "the factorized model's",
+    unrounded: int | None = None,
 ) -> OutputComparison:
     """Compare the merged checkpoint's output on `batch` with `reference`, the unmerged
-    model's (`model_output`; `of` names it in the error); raise if they differ beyond the
-    tolerance of the merged dtype."""
+    model's (`model_output`, computed in float32 or finer; `of` names it in the error); raise
+    if they differ beyond the tolerance of the merged dtype. `unrounded`: how many matrices
+    the reference holds unrounded that the merged checkpoint holds rounded to a half-precision
+    dtype (None: possibly all of them)."""
+    dense, dtype = _merged_model(merged)
+    return _compare(reference, dense, dtype, batch, unrounded, of)
+
+
+def half_tolerance(
+    dtype: torch.dtype, scale: float, *, unrounded: int, products: int, width: int
+) -> float:
+    """The largest |difference| of main outputs `merge --verify` accepts for a checkpoint
+    merged to half-precision `dtype`, both models evaluated in float32 on the same weights
+    but for `unrounded` matrices; `scale`: the largest |output| of the reference.
+
+    Rounding alone leaves two differences, relative to `scale`: each of the `unrounded`
+    matrices is rounded to `dtype` in the merged checkpoint only (relative error <= u per
+    entry, u the unit roundoff of `dtype`), independent errors that add up as
+    u * sqrt(unrounded); and float32 evaluation in another order (a dense layer against
+    the factorized one) rounds each of the `products` matrix products, of inner dimension
+    <= `width`, by about u32 * sqrt(width) (probabilistic bound), u32 * sqrt(width * products)
+    in all. The tolerance is SAFETY times their sum. With only MPO modules (`unrounded` 0),
+    rounding takes none of it (the factorized model evaluates bitwise the weights merge
+    writes), and it is 2.3e-4 of the output's scale for BERT-base shapes, 4.5e-4 for a 1B
+    Llama's; one matrix off by 1% of its norm moved the output by 0.1-1.7% of its scale
+    (bf16 and fp16 Llama and BERT, hidden 32 to 1024), 12-170 times the tolerance."""
+    u, u32 = UNIT_ROUNDOFF[dtype], UNIT_ROUNDOFF[torch.float32]
+    estimate = u * math.sqrt(unrounded) + u32 * math.sqrt(width * products)
+    return SAFETY * scale * estimate
+
+
+def evaluate_as_merged(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Make `model` (a factorized model from `load_model`) evaluate the weights a merge to
+    `dtype` writes, in float32 (in float64 for float64): each MPO layer rebuilds its matrix
+    rounded once to `dtype` (`MPOCores.round_to`), every other parameter is rounded to
+    `dtype`, and half-precision tensors are held in float32 (exactly). In place."""
+    work = _work_dtype(dtype)
+    mpos = [m for m in model.modules() if isinstance(m, MPOCores)]
+    cores = {id(p) for m in mpos for p in m.parameters()}
+    for mpo in mpos:
+        mpo.round_to = dtype
+    for embedding in model.modules():
+        if isinstance(embedding, MPOEmbedding):
+            embedding.dtype = work  # rows in the dtype the model is compared in
+    for param in model.parameters():
+        if param.is_floating_point():
+            rounded = param.data if id(param) in cores else param.data.to(dtype)
+            param.data = rounded.to(_work_dtype(rounded.dtype))
+    _hold_half_in_float32(model)
+    if work == torch.float64:
+        model.double()
+    return model
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a model merged to `dtype` is compared in: float32 for half precision."""
+    return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+def _hold_half_in_float32(model: nn.Module) -> None:
+    """Convert `model`'s half-precision parameters and buffers to float32 (exact), in place."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.dtype in HALF_DTYPES:
+            tensor.data = tensor.data.float()
+
+
+def _merged_model(merged: Path) -> tuple[nn.Module, torch.dtype]:
+    """The merged checkpoint as `from_pretrained` loads it, held in its comparison dtype
+    (`_work_dtype`), and the dtype it was loaded in."""
     config = AutoConfig.from_pretrained(merged)
     with quiet_transformers():
         dense = model_class(config).from_pretrained(merged).eval()
-    other = model_output(dense, batch)
     dtype = next(dense.parameters()).dtype
-    atol, rtol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+    _hold_half_in_float32(dense)
+    return dense, dtype
+
+
+def _products(model: nn.Module) -> tuple[int, int]:
+    """The number of matrix products (linear layers) of a dense model, and their largest
+    inner dimension."""
+    dims = [m.in_features for m in model.modules() if isinstance(m, nn.Linear)]
+    dims += [int(m.weight.shape[0]) for m in model.modules() if isinstance(m, Conv1D)]
+    return len(dims), max(dims, default=1)
+
+
+def _compare(
+    reference: torch.Tensor,
+    dense: nn.Module,
+    dtype: torch.dtype,
+    batch: dict[str, torch.Tensor],
+    unrounded: int | None,
+    of: str,
+) -> OutputComparison:
+    """Compare `dense`'s output on `batch` with `reference`; raise if they differ beyond the
+    tolerance of `dtype`, the dtype `dense` was merged to."""
+    other = model_output(dense, batch)
+    if dtype in HALF_DTYPES:
+        products, width = _products(dense)
+        scale = float(reference.abs().max()) if reference.numel() else 0.0
+        tolerance = half_tolerance(
+            dtype,
+            scale,
+            unrounded=products if unrounded is None else unrounded,
+            products=products,
+            width=width,
+        )
+        atol, rtol = 0.0, tolerance / scale if scale > 0 else 0.0
+    else:
+        atol, rtol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
     result = compare_outputs(reference, other, atol, rtol)
     if not result.ok:
         raise VerificationError(

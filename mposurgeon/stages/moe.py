@@ -129,7 +129,7 @@ def moe(
         generator = torch.Generator().manual_seed(opts.seed)
         out = plan_output(inp, opts, "moe")
         with atomic_directory(out, overwrite=opts.overwrite) as tmp:
-            with ShardedWriter(tmp, opts.max_shard_size) as writer:
+            with ShardedWriter(tmp, opts.shard_size(inp.path)) as writer:
                 records = _write(inp, writer, blocks, shapes, opts, gate, generator, progress)
             kept = {n: r for n, r in inp.modules.items() if n not in records}
             finish_artifact(
@@ -277,7 +277,7 @@ def _write(
     for block in blocks:
         for i, t in enumerate(block.targets):
             rec = mpo_inputs.get(t.name)
-            keys = rec.core_keys() if rec is not None else [t.weight_key]
+            keys = list(rec.tensor_shapes()) if rec is not None else [t.weight_key]  # + fixup
             first[keys[0]] = (block, i)
             replaced.update(keys)
     scale = float(opts.experts) if gate == "switch" else 1.0
@@ -353,7 +353,7 @@ def _record(
     params = central + opts.experts * (sum(sizes) - central)
     if owns:
         params += opts.experts * block.d_model
-    fields = base.model_dump(exclude={"method", "params", "trainable"})  # an MPO record's
+    fields = base.model_dump(exclude={"method", "params", "trainable", "fixup"})  # an MPO's
     return MPOERecord(
         **fields,
         params=params,

@@ -460,7 +460,7 @@ def merge_adapter(
         tensors, _ = unique_state_dict(dense)
         main = _main_dtype(stored) if opts.dtype == "auto" else FLOAT_DTYPES[opts.dtype]
         prefix = getattr(dense, "base_model_prefix", "")
-        with ShardedWriter(tmp, opts.max_shard_size) as writer:
+        with ShardedWriter(tmp, opts.shard_size(base.path)) as writer:
             for i, (key, tensor) in enumerate(tensors.items(), 1):
                 if tensor.is_floating_point():
                     want = main if opts.dtype != "auto" else _stored(stored, key, prefix, main)

@@ -223,7 +223,7 @@ def prune(
 
         out = plan_output(inp, opts, "prune")
         with atomic_directory(out, overwrite=opts.overwrite) as tmp:
-            with ShardedWriter(tmp, opts.max_shard_size) as writer:
+            with ShardedWriter(tmp, opts.shard_size(inp.path)) as writer:
                 _write(inp.path, writer, plan, progress)
             if plan.config is not None:
                 plan.config.save_pretrained(tmp)

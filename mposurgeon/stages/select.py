@@ -192,7 +192,7 @@ def select(
     selection = _selection_record(opts, scores, patterns, chosen)
 
     with atomic_directory(out, overwrite=opts.overwrite) as tmp, open_tensors(inp.path) as reader:
-        with ShardedWriter(tmp, opts.max_shard_size) as writer:
+        with ShardedWriter(tmp, opts.shard_size(inp.path)) as writer:
             keys = reader.keys()
             for i, key in enumerate(keys):
                 writer.add(key, reader.get(key))

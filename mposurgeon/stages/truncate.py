@@ -1,19 +1,22 @@
 """truncate: squeeze the bond dimensions of an artifact's MPO modules, without data.
 
-The story: open and verify the artifact; read each module's cores once to get its canonical
-bond spectra (`bond_spectra`, gauge-free, so fine-tuned cores are handled exactly); plan new
+The story: open and verify the artifact; read each module's cores once to get its bond
+spectra (`gram_spectra`: the canonical spectra from Gram matrices, no canonical sweep;
+gauge-free, so fine-tuned cores are handled exactly); plan new
 bond dims: `--bond-pattern` overrides first, then one target over the other modules
 (`--max-bond` caps every bond, `--rel-tol` keeps each module's error bound <= X with the fewest
 parameters, `--param-ratio` keeps R of all MPO parameters and allocates bonds globally by the
 smallest discarded singular-value mass per parameter, see `mposurgeon.mpo.allocation`). Then
-stream the tensors into a new artifact: non-MPO tensors and unchanged modules pass through,
-each changed module is re-canonicalized in float64 and cut by SVD (`mpo.decomposition.truncate`)
-and its error measured. The write is atomic.
+stream the tensors into a new artifact, one module at a time: non-MPO tensors and unchanged
+modules pass through, each changed module is canonicalized in float64 (its only canonical
+sweep) and cut by SVD (`mpo.decomposition.truncate`) and its error measured. The write is atomic.
 
 Errors recorded for a truncated module are relative to the input MPO's matrix (not to the
-original dense weight): `predicted_error` is the bound sqrt(sum of discarded s^2) / ||W|| of
-the sweep that cut it (exact when a single bond is cut), `rel_error` the measured
-||W_in - W_out||_F / ||W_in||_F in float64. `truncated_from` keeps the bonds before the cut.
+original dense weight): `predicted_error` is sqrt(sum of discarded s^2) / ||W|| of the sweep
+that cut it (exact for the float64 cut, however many bonds are cut: a dry run's plan, from the
+uncut spectra, only bounds it), `rel_error` ||W_in - W_out||_F / ||W_in||_F of the cores as
+stored (`mpo.decomposition.truncation_error`: the identity for float64 cores, else both MPOs
+contracted once and compared). `truncated_from` keeps the bonds before the cut.
 """
 
 from __future__ import annotations
@@ -33,9 +36,9 @@ from mposurgeon.errors import ArtifactError, UsageError
 from mposurgeon.methods.mpo.record import CORE_KEY, MPORecord, core_key
 from mposurgeon.methods.mpo.state import record_cores
 from mposurgeon.mpo.allocation import BondProblem, allocate, cap_bonds, min_params
-from mposurgeon.mpo.decomposition import bond_spectra
+from mposurgeon.mpo.decomposition import gram_spectra, truncation_error
 from mposurgeon.mpo.decomposition import truncate as truncate_cores
-from mposurgeon.mpo.metrics import entanglement_entropy, measured_error, num_params
+from mposurgeon.mpo.metrics import entanglement_entropy, num_params
 from mposurgeon.progress import ProgressCallback
 from mposurgeon.stages.common import (
     StageInput,
@@ -206,7 +209,7 @@ def truncate(
 
         out = plan_output(inp, opts, "truncate")
         with atomic_directory(out, overwrite=opts.overwrite) as tmp:
-            with ShardedWriter(tmp, opts.max_shard_size) as writer:
+            with ShardedWriter(tmp, opts.shard_size(inp.path)) as writer:
                 new_records = _write_truncated(inp.path, writer, records, plan, progress)
             unmeasured = [m.name for m in plan.values() if m.changed and m.rel_error is None]
             if unmeasured:  # its cores were not where the manifest says: publish nothing
@@ -241,12 +244,17 @@ def _write_truncated(
     """Stream `source`'s tensors to `writer`, truncating the changed modules' cores at their
     first core; return every module's record (new ones for the changed modules)."""
     new_records = dict(records)
+    stale = {  # a changed module's rounding fixup belongs to the cores it had: dropped
+        key for name, m in plan.items() if m.changed for key in records[name].fixup_keys()
+    }
     with open_tensors(source) as reader:
         keys = reader.keys()
         for i, key in enumerate(keys):
             match = CORE_KEY.fullmatch(key)
             module = plan.get(match["module"]) if match else None
-            if module is None or not module.changed:
+            if key in stale:
+                pass
+            elif module is None or not module.changed:
                 writer.add(key, reader.get(key))
             elif match is not None and match["index"] == "0":
                 record, cores = _truncate_one(records[module.name], module, reader)
@@ -275,9 +283,10 @@ def _mpo_records(inp: StageInput) -> dict[str, MPORecord]:
 
 
 def _problem(rec: MPORecord, reader: TensorReader) -> BondProblem:
-    """The allocation problem of one module: its cores' canonical spectra, sites and bonds."""
+    """The allocation problem of one module: its cores' canonical spectra, sites and bonds
+    (only the spectra are kept: the cores are read again when cut)."""
     cores = record_cores(rec, reader)
-    return BondProblem.from_cores(cores, bond_spectra(cores))
+    return BondProblem.from_cores(cores, gram_spectra(cores))
 
 
 def _plan(
@@ -401,7 +410,8 @@ def _param_ratio_plan(
 def _truncate_one(
     rec: MPORecord, module: TruncatedModule, reader: TensorReader
 ) -> tuple[MPORecord, list[torch.Tensor]]:
-    """Cut one module's cores to the planned bonds; fill `module` with what was measured."""
+    """Cut one module's cores to the planned bonds (the module's one canonical sweep); fill
+    `module` with what was measured."""
     cores = record_cores(rec, reader)
     cut = truncate_cores(cores, max_bond=list(module.bonds[1:-1]))
     new = [core.contiguous() for core in cut.cores]
@@ -409,7 +419,7 @@ def _truncate_one(
     module.bonds = tuple(cut.bonds)
     module.params = num_params(new)
     module.predicted_error = cut.predicted_error
-    module.rel_error = measured_error(cores, new, shape)
+    module.rel_error = truncation_error(cores, cut, shape)
     module.entropy = _kept_entropy(cut.spectra, cut.bonds)
     record = MPORecord.model_validate(
         {
@@ -420,6 +430,7 @@ def _truncate_one(
             "rel_error": module.rel_error,
             "entropy": module.entropy,
             "truncated_from": list(module.bonds_before),
+            "fixup": None,
         }
     )
     return record, new

@@ -3,6 +3,13 @@
 Written by decompose, truncate and every method that trains MPO cores (full, lightweight,
 overparam). Modes multiply to the padded dimensions (`prod(out_modes) == out_dim +
 out_padding`); core k has shape (bonds[k], out_modes[k], in_modes[k], bonds[k + 1]).
+
+A module decomposed from half-precision weights into wider cores may own two more tensors, its
+rounding fixup (`fixup`): `M.mpo.fixup.index` (int64 flat indices into the (out_dim, in_dim)
+matrix) and `M.mpo.fixup.value` (the original entries, in `dtype`), which make the cores'
+contraction rounded to `dtype` bitwise the original weight. It holds for the cores whose
+fingerprint it records only: a stage that writes other cores drops it (or leaves it to be
+ignored: merge and `load_model` check the fingerprint).
 """
 
 from __future__ import annotations
@@ -11,13 +18,16 @@ import math
 import re
 from typing import Literal
 
-from pydantic import NonNegativeInt, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
 
 from mposurgeon.methods.records import ModuleRecord, raise_problems
 from mposurgeon.mpo.shapes import MPOShape
 
 #: The tensor names of MPO cores: `<module>.mpo.core.<index>`.
 CORE_KEY = re.compile(r"(?P<module>.+)\.mpo\.core\.(?P<index>\d+)")
+
+#: The tensor names of an MPO's rounding fixup: `<module>.mpo.fixup.index` and `.value`.
+FIXUP_KEY = re.compile(r"(?P<module>.+)\.mpo\.fixup\.(?P<part>index|value)")
 
 
 def core_key(module: str, index: int) -> str:
@@ -85,23 +95,46 @@ class FactorizedRecord(ModuleRecord):
         return self
 
 
+class FixupRecord(BaseModel):
+    """A module's rounding fixup: `count` entries, valid for the cores whose sha256
+    fingerprint (`models.layers.cores_fingerprint`: dtypes, shapes and bytes) is
+    `cores_sha256`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    count: PositiveInt
+    cores_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class MPORecord(FactorizedRecord):
-    """One weight matrix held as MPO cores, with the structure and errors of its MPO."""
+    """One weight matrix held as MPO cores, with the structure and errors of its MPO, and its
+    rounding fixup if it has one."""
 
     method: Literal["mpo"] = "mpo"
     trainable: list[int] = []
+    fixup: FixupRecord | None = None
 
     def core_keys(self) -> list[str]:
         """The tensor names of this module's cores, in order."""
         return [core_key(self.name, k) for k in range(self.num_cores)]
 
+    def fixup_keys(self) -> list[str]:
+        """The tensor names of the fixup's indices and values (none without a fixup)."""
+        if self.fixup is None:
+            return []
+        return [f"{self.name}.mpo.fixup.index", f"{self.name}.mpo.fixup.value"]
+
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Each core's tensor name and the shape its bonds and modes give."""
-        return dict(zip(self.core_keys(), self.core_shapes(), strict=True))
+        """Each core's tensor name and the shape its bonds and modes give, cores first;
+        then the fixup's two tensors, (count,) each."""
+        shapes = dict(zip(self.core_keys(), self.core_shapes(), strict=True))
+        if self.fixup is not None:
+            shapes |= {key: (self.fixup.count,) for key in self.fixup_keys()}
+        return shapes
 
     @classmethod
     def tensor_owner(cls, key: str) -> str | None:
-        match = CORE_KEY.fullmatch(key)
+        match = CORE_KEY.fullmatch(key) or FIXUP_KEY.fullmatch(key)
         return match["module"] if match else None
 
     @model_validator(mode="after")
@@ -109,4 +142,8 @@ class MPORecord(FactorizedRecord):
         n = self.num_cores
         if any(not 0 <= i < n for i in self.trainable):
             raise_problems([("trainable", f"{self.trainable} names cores outside 0..{n - 1}")])
+        if self.fixup is not None and self.fixup.count > self.out_dim * self.in_dim:
+            raise_problems(
+                [("fixup", f"{self.fixup.count} entries in a {self.out_dim}x{self.in_dim} matrix")]
+            )
         return self

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from mposurgeon.errors import ArtifactError
 from mposurgeon.methods.mpo.record import MPORecord, core_key
-from mposurgeon.models.layers import MPOCores
+from mposurgeon.models.layers import Fixup, MPOCores
 from mposurgeon.models.orientation import Kind, as_matrix, as_weight
 from mposurgeon.models.surgery import MPOModuleState, install_mpo_layers, module_kind
 from mposurgeon.mpo.contract import to_matrix
@@ -28,12 +28,15 @@ from mposurgeon.mpo.shapes import MPOShape, bonds_of, plan_shape
 @dataclass
 class FactorizedMatrix:
     """One weight factorized: cores (in the output dtype), full bond spectra before any cut,
-    the measured and predicted relative errors."""
+    the measured and predicted relative errors, and `matrix`, the contraction of the stored
+    cores the error was measured on ((out_dim, in_dim), float32 or float64, as merge
+    contracts them)."""
 
     cores: list[Tensor]
     spectra: list[Tensor]
     rel_error: float
     predicted_error: float
+    matrix: Tensor
 
 
 def factorize_weight(
@@ -53,8 +56,9 @@ def factorize_weight(
     reference = as_matrix(weight, kind).to(work)
     result = decompose(reference, shape, max_bond=max_bond, rel_tol=rel_tol)
     cores = [c.to(out_dtype).contiguous() for c in result.cores]
-    error = relative_error(reference, to_matrix([c.to(work) for c in cores], shape))
-    return FactorizedMatrix(cores, result.spectra, error, result.predicted_error)
+    matrix = to_matrix([c.to(work) for c in cores], shape)
+    error = relative_error(reference, matrix)
+    return FactorizedMatrix(cores, result.spectra, error, result.predicted_error, matrix)
 
 
 def mpo_record(
@@ -109,6 +113,29 @@ def record_cores(rec: MPORecord, tensors: Mapping[str, Tensor]) -> list[Tensor]:
     return cores
 
 
+def record_fixup(rec: MPORecord, tensors: Mapping[str, Tensor]) -> Fixup | None:
+    """The rounding fixup of `rec`'s module from `tensors` (a reader or a dict), None if it
+    has none; refuse one whose tensors are not what the record says. Whether it still holds
+    for the cores is the caller's check (`Fixup.matches`)."""
+    if rec.fixup is None:
+        return None
+    index_key, value_key = rec.fixup_keys()
+    index, value = tensors[index_key], tensors[value_key]
+    size = rec.out_dim * rec.in_dim
+    problem = None
+    if index.dtype != torch.int64 or value.dtype != getattr(torch, rec.dtype):
+        problem = f"holds {index.dtype} indices and {value.dtype} values"
+    elif index.numel() and not (int(index.min()) >= 0 and int(index.max()) < size):
+        problem = f"has indices outside the {rec.out_dim}x{rec.in_dim} matrix"
+    if problem is not None:
+        raise ArtifactError(
+            f"the rounding fixup of {rec.name} {problem} "
+            f"(expected int64 indices and {rec.dtype} values)",
+            hint="the artifact is damaged: restore it, or re-create it with the stage that made it",
+        )
+    return Fixup(index, value, rec.fixup.cores_sha256)
+
+
 def dense_weight(rec: MPORecord, cores: Sequence[Tensor]) -> Tensor:
     """The weight the cores represent, oriented as the original checkpoint stored it;
     contracted and returned in float64 for float64 cores, float32 otherwise."""
@@ -121,7 +148,8 @@ def module_state(rec: MPORecord, tensors: Mapping[str, Tensor]) -> MPOModuleStat
     """What `install_mpo_layers` needs to rebuild `rec`'s module (and the modules tied to it)."""
     tied = tuple(key.removesuffix(".weight") for key in rec.tied_keys)
     cores = record_cores(rec, tensors)
-    return MPOModuleState(rec.name, rec.kind, rec.mpo_shape, cores, tied_names=tied)
+    fixup = record_fixup(rec, tensors)
+    return MPOModuleState(rec.name, rec.kind, rec.mpo_shape, cores, tied_names=tied, fixup=fixup)
 
 
 # -- MPO layers of a live model ----------------------------------------------------------------
@@ -258,7 +286,8 @@ def trained_records(model: nn.Module, records: Mapping[str, MPORecord]) -> dict[
     """Records of the model's MPOs after training (live names): trained core indices, bonds
     and sizes of the cores as they are now, live tied keys. No reconstruction error and no
     bond entropy: both described the decomposition, not the trained cores (merge reproduces
-    the trained weights from the cores exactly; `inspect --plot` draws their spectra)."""
+    the trained weights from the cores exactly; `inspect --plot` draws their spectra), and no
+    rounding fixup (it held for the decomposed cores; the trained model saves none)."""
     structure = mpo_structure(model)
     final: dict[str, MPORecord] = {}
     for name, cores in mpo_cores(model).items():
@@ -271,6 +300,7 @@ def trained_records(model: nn.Module, records: Mapping[str, MPORecord]) -> dict[
                 "entropy": [],
                 "rel_error": None,
                 "predicted_error": None,
+                "fixup": None,
                 "tied_keys": [f"{t}.weight" for t in structure[name].tied],
             }
         )
