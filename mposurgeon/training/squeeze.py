@@ -48,8 +48,9 @@ from mposurgeon.mpo.metrics import num_params
 from mposurgeon.mpo.shapes import bonds_of
 
 #: The fraction of the run by which the last cut is made, by default. Measured on man-sections
-#: (benchmarks/bench_squeeze.py, R 0.5, seed 0): 0.804 at 0.75, 0.815 at 0.5 and at 0.25, a
-#: difference of 4 of 341 rows, within seed noise, so the first placement stays.
+#: (benchmarks/bench_squeeze.py, R 0.5, seed 0, bonds then allocated anew at each cut): 0.804 at
+#: 0.75, 0.815 at 0.5 and at 0.25, a difference of 4 of 341 rows, within seed noise (seeds 0-2
+#: at 0.75 span 0.798-0.839), so the first placement stays.
 SQUEEZE_UNTIL = 0.75
 
 
