@@ -41,6 +41,11 @@ DENSE_LOG = HERE / "pruning-runs.jsonl"
 RATIOS = (0.5, 0.3)
 SEEDS = (0, 1, 2)
 ARMS = ("squeeze", "truncate-train", "truncate")
+ARM_NAMES = {
+    "squeeze": "squeeze during training",
+    "truncate-train": "truncate, then the same training,",
+    "truncate": "truncate of the lossless MPO fine-tuned alone (nothing trained after)",
+}
 #: Runs logged before `--squeeze-until` existed cut by 0.75 of the run.
 OLD_UNTIL = 0.75
 #: How the squeeze chose its bonds: "planned" (once, at the first cut: the code now) or
@@ -225,7 +230,13 @@ def run() -> list[dict[str, Any]]:
     for r in runs:
         arm, ratio, _, until, allocation = _key(r)
         groups.setdefault((arm, ratio, until, allocation), []).append(r)
-    order = sorted(groups.items(), key=lambda g: (g[0][3] != ALLOCATION, -g[0][1], str(g[0])))
+
+    def place(group: tuple[str, float, float | None, str | None]) -> tuple[bool, float, int, str]:
+        """Current runs first, by ratio and arm; the squeezes of the per-cut allocation last."""
+        arm, ratio, _, allocation = group
+        return arm == "squeeze" and allocation != ALLOCATION, -ratio, ARMS.index(arm), str(group)
+
+    order = sorted(groups.items(), key=lambda g: place(g[0]))
     for (arm, ratio, until, allocation), items in order:
         accuracy = [r["eval_accuracy"] for r in items]
         schedule = ""
@@ -236,7 +247,7 @@ def run() -> list[dict[str, Any]]:
                 schedule += ", bonds allocated anew at each cut (before the plan)"
         rows.append(
             {
-                "benchmark": f"man-sections eval accuracy, {arm} to {ratio} of the MPO "
+                "benchmark": f"man-sections eval accuracy, {ARM_NAMES[arm]} to {ratio} of the MPO "
                 f"parameters{schedule} ({items[0]['mpo_params']:,}; MiniLM, {METHOD}, {EPOCHS} "
                 f"epochs, seeds {','.join(str(r['seed']) for r in items)})",
                 "threads": items[0]["threads"],
