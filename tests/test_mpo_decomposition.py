@@ -359,3 +359,16 @@ def test_to_padded_matrix_matches_the_definition(seed: int) -> None:
         to_padded_matrix(cores), _naive_matrix(cores), rtol=1e-12, atol=1e-12
     )
     assert 1 <= reconstruct_split(cores) <= max(1, n - 1)
+
+
+def test_relative_error_of_a_large_matrix_is_summed_by_rows() -> None:
+    """Above 4M entries the float64 error is summed a block of rows at a time (no float64 copy
+    of the whole matrix): the same value as at once, to float64 round-off."""
+    torch.manual_seed(0)
+    reference = torch.randn(2051, 2048)  # 2 blocks and a ragged remainder
+    approx = reference + 1e-3 * torch.randn_like(reference)
+    ref = reference.double()
+    at_once = float(torch.linalg.vector_norm(ref - approx.double()) / torch.linalg.vector_norm(ref))
+    assert relative_error(reference, approx) == pytest.approx(at_once, rel=1e-10)
+    assert relative_error(reference.bfloat16(), reference.bfloat16()) == 0.0
+    assert relative_error(torch.zeros(2051, 2048), approx) == math.inf

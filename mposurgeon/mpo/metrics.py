@@ -52,10 +52,21 @@ def entanglement_entropy(singular_values: Tensor) -> float:
 
 
 def relative_error(reference: Tensor, approx: Tensor) -> float:
-    """||reference - approx||_F / ||reference||_F, computed in float64."""
-    ref = reference.double()
-    diff = float(torch.linalg.vector_norm(ref - approx.to(ref)))
-    norm = float(torch.linalg.vector_norm(ref))
+    """||reference - approx||_F / ||reference||_F, computed in float64: at once for up to
+    `_ERROR_BLOCK` entries, else a block of rows at a time (no float64 copy of a large matrix)."""
+    if reference.numel() <= _ERROR_BLOCK or reference.dim() != 2:
+        ref = reference.double()
+        diff = float(torch.linalg.vector_norm(ref - approx.to(ref)))
+        norm = float(torch.linalg.vector_norm(ref))
+    else:
+        block = max(1, _ERROR_BLOCK // reference.shape[1])
+        diff2 = norm2 = 0.0
+        for start in range(0, reference.shape[0], block):
+            ref = reference[start : start + block].double()
+            rows = approx[start : start + block].to(ref)
+            diff2 += float(torch.linalg.vector_norm(ref - rows)) ** 2
+            norm2 += float(torch.linalg.vector_norm(ref)) ** 2
+        diff, norm = math.sqrt(diff2), math.sqrt(norm2)
     if norm == 0.0:
         return 0.0 if diff == 0.0 else math.inf
     return diff / norm
