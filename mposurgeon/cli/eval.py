@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from mposurgeon.cli import options as opt
-from mposurgeon.cli.json_schema import EvalJson, emit, local_model
+from mposurgeon.cli.json_schema import EvalJson, emit, input_of
 from mposurgeon.cli.render import eval_line, progress_bar, stdout
 
 #: eval's --split: its default is the validation split.
@@ -83,10 +83,9 @@ def eval_command(
     if not result.is_main_process:
         return  # under accelerate launch / torchrun the main process reports
     if flags.json_out:
-        path = local_model(model, flags)
         emit(
             EvalJson,
-            input=str(path) if path is not None else model,
+            input=input_of(model, flags),
             data=result.data,
             task=result.task,
             labels=result.labels,

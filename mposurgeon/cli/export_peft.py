@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from mposurgeon.cli import options as opt
-from mposurgeon.cli.json_schema import ExportPeftJson, emit, local_model
+from mposurgeon.cli.json_schema import ExportPeftJson, emit, input_of
 from mposurgeon.cli.render import progress_bar, stdout
 
 
@@ -32,10 +32,9 @@ def export_peft_command(
     with progress_bar(flags.no_progress, flags.log_format, flags.log_interval) as progress:
         result = export_peft(artifact, options, progress=progress)
     if flags.json_out:
-        source = local_model(artifact, flags)
         emit(
             ExportPeftJson,
-            input=str(source) if source is not None else artifact,
+            input=input_of(artifact, flags),
             output=result.output,
             method=result.method,
             peft_type=result.peft_type,

@@ -149,9 +149,15 @@ def model_counts(path: str | Path | None) -> dict[str, Any] | None:
         return None
 
 
+def input_of(model: str | Path, flags: StageFlags | None) -> str:
+    """A command's MODEL argument as its `input`: `local_model`'s path, else as given."""
+    path = local_model(model, flags)
+    return str(path) if path is not None else str(model)
+
+
 def source_of(model: str | Path, flags: StageFlags | None) -> tuple[str, dict[str, Any] | None]:
-    """A command's MODEL argument as its `input` (`local_model`'s path, else as given) and its
-    parameter counts (`model_counts`; None when it is no local model)."""
+    """A command's MODEL argument as its `input` (`input_of`) and its parameter counts
+    (`model_counts`; None when it is no local model)."""
     path = local_model(model, flags)
     return (str(path) if path is not None else str(model)), model_counts(path)
 

@@ -253,7 +253,7 @@ def _write_truncated(
             match = CORE_KEY.fullmatch(key)
             module = plan.get(match["module"]) if match else None
             if key in stale:
-                pass
+                pass  # not written
             elif module is None or not module.changed:
                 writer.add(key, reader.get(key))
             elif match is not None and match["index"] == "0":
