@@ -529,8 +529,9 @@ def llama_classifier_dec(
 def test_trained_cores_merge_to_their_own_contraction(
     llama_classifier_dec: Path, tmp_path: Path
 ) -> None:
-    """Training writes new cores and no fixup (records and files); the merged weights are the
-    trained cores' contraction rounded once, not overwritten by the decomposed cores' fixup."""
+    """Training writes new cores and no fixup or spectra (records and files); the merged
+    weights are the trained cores' contraction rounded once, not overwritten by the decomposed
+    cores' fixup."""
     before = _records(llama_classifier_dec)
     assert any(rec.fixup is not None for rec in before.values())
     out = tmp_path / "trained"
@@ -538,9 +539,9 @@ def test_trained_cores_merge_to_their_own_contraction(
         llama_classifier_dec, output=out, data=TRAIN, mode="lightweight", max_steps=2, lr=1e-2
     )
     trained = _tensors(out)
-    assert not [key for key in trained if ".mpo.fixup." in key]
+    assert not [key for key in trained if ".mpo.fixup." in key or ".mpo.spectra" in key]
     records = _records(out)
-    assert all(rec.fixup is None for rec in records.values())
+    assert all(rec.fixup is None and rec.spectra is None for rec in records.values())
     decomposed = _tensors(llama_classifier_dec)
     moved = [
         key for key, rec in records.items()
@@ -580,12 +581,15 @@ def test_inspect_counts_no_fixup_entry_as_a_parameter(llama_dec: Path) -> None:
     tensors = _tensors(llama_dec)
     records = _records(llama_dec)
     assert any(rec.fixup is not None for rec in records.values())
+    assert any(rec.spectra is not None for rec in records.values())
     cores = sum(tensors[k].numel() for rec in records.values() for k in rec.core_keys())
     params = mposurgeon.inspect(llama_dec)["params"]
-    fixups = sum(t.numel() for k, t in tensors.items() if ".mpo.fixup." in k)
+    derived = sum(
+        t.numel() for k, t in tensors.items() if ".mpo.fixup." in k or ".mpo.spectra" in k
+    )
     assert (
         params["mpo"] == cores
-        and params["total"] == sum(t.numel() for t in tensors.values()) - fixups
+        and params["total"] == sum(t.numel() for t in tensors.values()) - derived
     )
 
 

@@ -206,8 +206,10 @@ def test_perturbed_cores_truncate_like_canonical_cores(tiny_art: Path, tmp_path:
         b = mposurgeon.truncate(canonical, output=tmp_path / "b", overwrite=True, **kwargs)
         assert [m.bonds for m in a.modules] == [m.bonds for m in b.modules]
         ma, mb = _matrices(tmp_path / "a"), _matrices(tmp_path / "b")
+        # float32 cuts of matrices 5e-7 apart: a cut moves by the input's change over the
+        # relative spectral gap at the cut (3e-5 here; 1e-3 on flat random spectra, float64)
         for name in ma:
-            assert relative_error(mb[name], ma[name]) < 1e-5, (kwargs, name)
+            assert relative_error(mb[name], ma[name]) < 1e-4, (kwargs, name)
 
 
 def test_dry_run_plans_and_writes_nothing(tiny_art: Path, tmp_path: Path, capsys) -> None:

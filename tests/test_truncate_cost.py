@@ -1,6 +1,7 @@
-"""truncate's cheaper paths give what the old ones gave: `gram_spectra` = `bond_spectra`,
-`matrix_error` / `truncation_error` = `measured_error`, and the stage's cut cores are bitwise
-`mpo.decomposition.truncate` of the input at the plan the old spectra give."""
+"""truncate's cheaper paths give what the exact ones give: `gram_spectra` = `bond_spectra`,
+`matrix_error` / `truncation_error` = `measured_error`, `recompress` cuts within its caps and
+the plan's error bound, and the stage plans from the spectra decompose recorded (the plan
+exact spectra give) and cuts bitwise as `recompress` of the input at that plan."""
 
 from __future__ import annotations
 
@@ -19,11 +20,18 @@ from mposurgeon.mpo.decomposition import (
     bond_spectra,
     decompose,
     gram_spectra,
+    recompress,
     truncate,
     truncation_error,
 )
-from mposurgeon.mpo.metrics import FLOAT32_ERROR_FLOOR, matrix_error, measured_error
-from mposurgeon.mpo.shapes import MPOShape, plan_shape
+from mposurgeon.mpo.metrics import (
+    FLOAT32_ERROR_FLOOR,
+    error_bound,
+    matrix_error,
+    measured_error,
+    relative_error,
+)
+from mposurgeon.mpo.shapes import MPOShape, bonds_of, plan_shape
 
 SHAPES = {
     "ffn-like": MPOShape(96, 48, (2, 3, 4, 2, 2), (2, 2, 3, 2, 2)),
@@ -146,11 +154,32 @@ def test_truncation_error_equals_measured_error(dtype: torch.dtype, noise: float
     cores = _cores(shape, dtype, noise=noise)
     # several bonds cut at once: the identity is exact for the sequential cut, not only one bond
     for bonds in ([2, 2, 2, 2], [4, 8, 6, 2], [1, 12, 12, 4]):
-        cut = truncate(cores, max_bond=bonds)
+        cut, matrix = recompress(cores, shape, bonds)
         expected = measured_error(cores, cut.cores, shape)
-        assert truncation_error(cores, cut, shape) == pytest.approx(expected, rel=1e-6)
-        if dtype == torch.float64:
-            assert cut.predicted_error == pytest.approx(expected, rel=1e-10)
+        assert truncation_error(cores, matrix, cut, shape) == pytest.approx(expected, rel=1e-6)
+        if dtype == torch.float64:  # the identity, from Gram eigenvalues: ~1e-16 ||W||^2 off
+            assert cut.predicted_error**2 == pytest.approx(expected**2, rel=1e-10, abs=1e-15)
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_recompress_cuts_within_the_caps_and_the_plans_bound(name: str) -> None:
+    shape = SHAPES[name]
+    cores = _gauged(_cores(shape, torch.float64), 10.0) if shape.num_cores > 2 else None
+    cores = cores or _cores(shape, torch.float64)
+    spectra = bond_spectra(cores)
+    lossless = bonds_of(cores)
+    caps = [max(1, b // 2) for b in lossless[1:-1]]
+    cut, matrix = recompress(cores, shape, caps)
+    assert all(b <= c for b, c in zip(cut.bonds[1:-1], caps, strict=True))
+    assert [c.dtype for c in cut.cores] == [torch.float64] * len(cores)
+    error = measured_error(cores, cut.cores, shape)
+    if shape.out_padding or shape.in_padding:  # the cut also spends error on the padding
+        assert error <= cut.predicted_error * (1 + 1e-10)
+    else:
+        assert cut.predicted_error == pytest.approx(error, rel=1e-10, abs=1e-14)
+    assert error <= error_bound(spectra, cut.bonds) * (1 + 1e-10)  # the plan's bound holds
+    expected = to_padded_matrix(cores)[: shape.out_dim, : shape.in_dim]
+    assert relative_error(expected, matrix) < 1e-14  # the matrix the cores represent
 
 
 # --- the stage, on a tiny model's real MPOs -------------------------------------------------
@@ -163,22 +192,26 @@ def tiny_art(request: pytest.FixtureRequest, tiny_model_dir, tmp_path_factory) -
     return out
 
 
-def _old_plan(art: Path, ratio: float, monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple]:
-    """Planned bonds per module from the old spectra (`bond_spectra`), as a dry run."""
+def _exact_plan(art: Path, ratio: float, monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple]:
+    """Planned bonds per module from spectra of a canonical sweep (`bond_spectra`), as a dry
+    run that ignores the spectra decompose recorded."""
     with monkeypatch.context() as patch:
+        patch.setattr("mposurgeon.stages.truncate.record_spectra", lambda *_: None)
         patch.setattr("mposurgeon.stages.truncate.gram_spectra", bond_spectra)
         result = mposurgeon.truncate(art, param_ratio=ratio, dry_run=True)
     return {m.name: m.bonds for m in result.modules}
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.6, 0.9])
-def test_stage_cuts_bitwise_as_before_and_records_the_old_error(
+def test_stage_plans_from_recorded_spectra_and_cuts_by_recompress(
     tiny_art: Path, ratio: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    planned = _old_plan(tiny_art, ratio, monkeypatch)
+    planned = _exact_plan(tiny_art, ratio, monkeypatch)
     out = tmp_path / "cut"
-    result = mposurgeon.truncate(tiny_art, output=out, param_ratio=ratio)
-    assert {m.name: m.bonds for m in result.modules} == planned  # the same plan
+    with monkeypatch.context() as patch:  # every module's spectra are the recorded ones
+        patch.setattr("mposurgeon.stages.truncate.gram_spectra", _never)
+        result = mposurgeon.truncate(tiny_art, output=out, param_ratio=ratio)
+    assert {m.name: m.bonds for m in result.modules} == planned  # the exact spectra's plan
     before, after = read_manifest(tiny_art).modules, read_manifest(out).modules
     cut_bonds = 0
     with open_tensors(tiny_art) as old, open_tensors(out) as new:
@@ -187,12 +220,19 @@ def test_stage_cuts_bitwise_as_before_and_records_the_old_error(
             stored = [new.get(key) for key in rec.core_keys()]
             if tuple(rec.bonds) == tuple(before[name].bonds):
                 assert all(torch.equal(a, b) for a, b in zip(cores, stored, strict=True))
+                assert rec.spectra == before[name].spectra  # still these cores'
                 continue
+            assert rec.spectra is None and f"{name}.mpo.spectra" not in new.keys()
             changed = zip(rec.bonds, before[name].bonds, strict=True)
             cut_bonds = max(cut_bonds, sum(a != b for a, b in changed))
-            expected = truncate(cores, max_bond=list(planned[name][1:-1])).cores
-            assert all(torch.equal(a, b) for a, b in zip(expected, stored, strict=True)), name
-            assert all(a.dtype == b.dtype for a, b in zip(expected, stored, strict=True))
-            old_way = measured_error(cores, stored, rec.mpo_shape)
-            assert rec.rel_error == pytest.approx(old_way, rel=1e-6), name
+            expected, _ = recompress(cores, rec.mpo_shape, list(planned[name][1:-1]))
+            assert all(torch.equal(a, b) for a, b in zip(expected.cores, stored, strict=True))
+            assert all(a.dtype == b.dtype for a, b in zip(cores, stored, strict=True))
+            measured = measured_error(cores, stored, rec.mpo_shape)
+            assert rec.rel_error == pytest.approx(measured, rel=1e-6), name
+            assert rec.predicted_error == pytest.approx(measured, rel=1e-5), name
     assert cut_bonds >= 2  # modules with several bonds cut (the identity's general case)
+
+
+def _never(*_: object) -> None:
+    raise AssertionError("spectra computed where decompose recorded them")

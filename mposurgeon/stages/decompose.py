@@ -9,7 +9,8 @@ error. The write is atomic.
 Half-precision weights get float32 cores by default, and the errors of the weights merge
 writes (the contraction rounded once). A lossless decompose also stores the few entries that
 rounding misses (the module's rounding fixup, `MPORecord.fixup`), so merge gives every weight
-back bitwise.
+back bitwise. A module nothing was cut from keeps its bond spectra (`MPORecord.spectra`), from
+which `truncate` plans without computing them again.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from mposurgeon.artifact.store import atomic_directory
 from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
 from mposurgeon.errors import ArtifactError, ShapeError, UsageError
 from mposurgeon.methods.config import ModuleRegex, WeightGroups
-from mposurgeon.methods.mpo.record import FixupRecord, MPORecord, core_key
+from mposurgeon.methods.mpo.record import FixupRecord, MPORecord, SpectraRecord, core_key
 from mposurgeon.methods.mpo.state import FactorizedMatrix, factorize_weight, mpo_record
 from mposurgeon.models.groups import Target, select_targets
 from mposurgeon.models.layers import (
@@ -269,17 +270,30 @@ def core_dtype(option: str, weight_dtype: torch.dtype) -> torch.dtype:
     return getattr(torch, option)
 
 
+def _recordable_spectra(
+    factorized: FactorizedMatrix, fingerprint: str
+) -> tuple[SpectraRecord, torch.Tensor] | None:
+    """The record and tensor of the bond spectra truncate can plan from: those of a
+    factorization that cut nothing (each spectrum is then the full singular values of the
+    matrix's unfolding at that bond) into float32 or float64 cores; None otherwise."""
+    wide = factorized.cores[0].dtype in (torch.float32, torch.float64)
+    if factorized.predicted_error != 0.0 or not wide or not factorized.spectra:
+        return None
+    record = SpectraRecord(lengths=[len(s) for s in factorized.spectra], cores_sha256=fingerprint)
+    return record, torch.cat([s.double() for s in factorized.spectra]).contiguous()
+
+
 def _as_merged(
-    factorized: FactorizedMatrix, original: torch.Tensor
+    factorized: FactorizedMatrix, original: torch.Tensor, fingerprint: str
 ) -> tuple[FactorizedMatrix, Fixup | None]:
     """A half-precision matrix's factorization with the errors of the weight merge writes
     (the cores' contraction rounded once to `original`'s dtype), and the rounding fixup that
     makes that weight bitwise `original`: for a lossless decompose (nothing cut) into wider
     cores, when it holds at most `MAX_FIXUP_FRACTION` of the entries; the error is then 0.0.
 
-    `original` is the (out_dim, in_dim) matrix. Without a fixup, `rel_error` is the merged
-    weight's error, and `predicted_error` (from the discarded singular values, blind to
-    rounding) is raised to it."""
+    `original` is the (out_dim, in_dim) matrix, `fingerprint` the cores'. Without a fixup,
+    `rel_error` is the merged weight's error, and `predicted_error` (from the discarded singular
+    values, blind to rounding) is raised to it."""
     half_cores = factorized.cores[0].dtype in HALF_DTYPES  # --dtype keep
     lossless = factorized.predicted_error == 0.0 and not half_cores
     limit = int(MAX_FIXUP_FRACTION * original.numel()) if lossless else -1
@@ -292,7 +306,7 @@ def _as_merged(
         if index.numel():
             cols = original.shape[1]
             value = original[index // cols, index % cols].contiguous()
-            fixup = Fixup(index, value, cores_fingerprint(factorized.cores))
+            fixup = Fixup(index, value, fingerprint)
     predicted = max(factorized.predicted_error, error)
     return replace(factorized, rel_error=error, predicted_error=predicted), fixup
 
@@ -335,9 +349,11 @@ def _decompose_one(
     factorized = factorize_weight(
         weight, target.kind, shape, dtype=dtype, max_bond=opts.max_bond, rel_tol=opts.rel_tol
     )
+    fingerprint = cores_fingerprint(factorized.cores)
+    spectra = _recordable_spectra(factorized, fingerprint)
     fixup = None
     if weight.dtype in HALF_DTYPES:
-        factorized, fixup = _as_merged(factorized, as_matrix(weight, target.kind))
+        factorized, fixup = _as_merged(factorized, as_matrix(weight, target.kind), fingerprint)
     for k, core in enumerate(factorized.cores):
         writer.add(core_key(target.name, k), core)
     record = mpo_record(
@@ -354,6 +370,9 @@ def _decompose_one(
         record = record.model_copy(update={"fixup": fixed})
         for key, tensor in zip(record.fixup_keys(), (fixup.index, fixup.value), strict=True):
             writer.add(key, tensor)
+    if spectra is not None:
+        record = record.model_copy(update={"spectra": spectra[0]})
+        writer.add(*record.spectra_keys(), spectra[1])
     planned.record = record
     planned.bonds = tuple(planned.record.bonds)
     planned.params = planned.record.params

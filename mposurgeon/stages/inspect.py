@@ -19,7 +19,12 @@ from mposurgeon.artifact.manifest import Manifest, load_artifact
 from mposurgeon.artifact.resolve import resolve_model
 from mposurgeon.artifact.tensors import TensorReader, open_tensors
 from mposurgeon.errors import UsageError
-from mposurgeon.methods.mpo.record import FIXUP_KEY, FactorizedRecord, MPORecord
+from mposurgeon.methods.mpo.record import (
+    FIXUP_KEY,
+    SPECTRA_KEY,
+    FactorizedRecord,
+    MPORecord,
+)
 from mposurgeon.methods.mpo.state import record_cores
 from mposurgeon.methods.mpoe.record import MPOERecord
 from mposurgeon.models.pruning import masked_key
@@ -167,8 +172,8 @@ def _params(reader: TensorReader, manifest: Manifest | None) -> dict[str, Any]:
     }
     total = mpo = 0
     for key in reader.keys():
-        if masked_key(key) is not None or FIXUP_KEY.fullmatch(key):
-            continue  # a pruning mask or a rounding fixup, no parameter
+        if masked_key(key) is not None or FIXUP_KEY.fullmatch(key) or SPECTRA_KEY.fullmatch(key):
+            continue  # a pruning mask, a rounding fixup or recorded spectra, no parameter
         n = math.prod(reader.shape(key))
         total += n
         if key in mpo_keys:

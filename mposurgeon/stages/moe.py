@@ -277,7 +277,7 @@ def _write(
     for block in blocks:
         for i, t in enumerate(block.targets):
             rec = mpo_inputs.get(t.name)
-            keys = list(rec.tensor_shapes()) if rec is not None else [t.weight_key]  # + fixup
+            keys = list(rec.tensor_shapes()) if rec is not None else [t.weight_key]  # + derived
             first[keys[0]] = (block, i)
             replaced.update(keys)
     scale = float(opts.experts) if gate == "switch" else 1.0
@@ -353,7 +353,8 @@ def _record(
     params = central + opts.experts * (sum(sizes) - central)
     if owns:
         params += opts.experts * block.d_model
-    fields = base.model_dump(exclude={"method", "params", "trainable", "fixup"})  # an MPO's
+    derived = {"fixup", "spectra"}  # they held for the input's cores
+    fields = base.model_dump(exclude={"method", "params", "trainable", *derived})  # an MPO's
     return MPOERecord(
         **fields,
         params=params,

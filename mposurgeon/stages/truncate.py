@@ -1,22 +1,24 @@
 """truncate: squeeze the bond dimensions of an artifact's MPO modules, without data.
 
-The story: open and verify the artifact; read each module's cores once to get its bond
-spectra (`gram_spectra`: the canonical spectra from Gram matrices, no canonical sweep;
-gauge-free, so fine-tuned cores are handled exactly); plan new
+The story: open and verify the artifact; get each module's bond spectra: those decompose
+recorded (`MPORecord.spectra`), if the cores are still the ones it wrote (their fingerprint),
+else from the cores (`gram_spectra`: the canonical spectra from Gram matrices, no canonical
+sweep; gauge-free, so fine-tuned cores are handled exactly); plan new
 bond dims: `--bond-pattern` overrides first, then one target over the other modules
 (`--max-bond` caps every bond, `--rel-tol` keeps each module's error bound <= X with the fewest
 parameters, `--param-ratio` keeps R of all MPO parameters and allocates bonds globally by the
 smallest discarded singular-value mass per parameter, see `mposurgeon.mpo.allocation`). Then
 stream the tensors into a new artifact, one module at a time: non-MPO tensors and unchanged
-modules pass through, each changed module is canonicalized in float64 (its only canonical
-sweep) and cut by SVD (`mpo.decomposition.truncate`) and its error measured. The write is atomic.
+modules pass through, each changed module's cores are contracted into the matrix they
+represent, which is decomposed again with the planned bonds as caps
+(`mpo.decomposition.recompress`), and its error measured. The write is atomic.
 
 Errors recorded for a truncated module are relative to the input MPO's matrix (not to the
 original dense weight): `predicted_error` is sqrt(sum of discarded s^2) / ||W|| of the sweep
-that cut it (exact for the float64 cut, however many bonds are cut: a dry run's plan, from the
+that cut it (exact in exact arithmetic, however many bonds are cut: a dry run's plan, from the
 uncut spectra, only bounds it), `rel_error` ||W_in - W_out||_F / ||W_in||_F of the cores as
-stored (`mpo.decomposition.truncation_error`: the identity for float64 cores, else both MPOs
-contracted once and compared). `truncated_from` keeps the bonds before the cut.
+stored (`mpo.decomposition.truncation_error`: the identity for float64 cores, else the cut
+cores contracted once and compared with W_in). `truncated_from` keeps the bonds before the cut.
 """
 
 from __future__ import annotations
@@ -34,10 +36,9 @@ from mposurgeon.artifact.store import atomic_directory
 from mposurgeon.artifact.tensors import ShardedWriter, TensorReader, open_tensors
 from mposurgeon.errors import ArtifactError, UsageError
 from mposurgeon.methods.mpo.record import CORE_KEY, MPORecord, core_key
-from mposurgeon.methods.mpo.state import record_cores
+from mposurgeon.methods.mpo.state import record_cores, record_spectra
 from mposurgeon.mpo.allocation import BondProblem, allocate, cap_bonds, min_params
-from mposurgeon.mpo.decomposition import gram_spectra, truncation_error
-from mposurgeon.mpo.decomposition import truncate as truncate_cores
+from mposurgeon.mpo.decomposition import gram_spectra, recompress, truncation_error
 from mposurgeon.mpo.metrics import entanglement_entropy, num_params
 from mposurgeon.progress import ProgressCallback
 from mposurgeon.stages.common import (
@@ -244,8 +245,8 @@ def _write_truncated(
     """Stream `source`'s tensors to `writer`, truncating the changed modules' cores at their
     first core; return every module's record (new ones for the changed modules)."""
     new_records = dict(records)
-    stale = {  # a changed module's rounding fixup belongs to the cores it had: dropped
-        key for name, m in plan.items() if m.changed for key in records[name].fixup_keys()
+    stale = {  # a changed module's fixup and spectra belong to the cores it had: dropped
+        key for name, m in plan.items() if m.changed for key in records[name].derived_keys()
     }
     with open_tensors(source) as reader:
         keys = reader.keys()
@@ -283,10 +284,12 @@ def _mpo_records(inp: StageInput) -> dict[str, MPORecord]:
 
 
 def _problem(rec: MPORecord, reader: TensorReader) -> BondProblem:
-    """The allocation problem of one module: its cores' canonical spectra, sites and bonds
-    (only the spectra are kept: the cores are read again when cut)."""
+    """The allocation problem of one module: its cores' canonical spectra (those decompose
+    recorded, if they hold for these cores, else `gram_spectra`), sites and bonds (only the
+    spectra are kept: the cores are read again when cut)."""
     cores = record_cores(rec, reader)
-    return BondProblem.from_cores(cores, gram_spectra(cores))
+    spectra = record_spectra(rec, reader, cores)
+    return BondProblem.from_cores(cores, spectra if spectra is not None else gram_spectra(cores))
 
 
 def _plan(
@@ -410,16 +413,16 @@ def _param_ratio_plan(
 def _truncate_one(
     rec: MPORecord, module: TruncatedModule, reader: TensorReader
 ) -> tuple[MPORecord, list[torch.Tensor]]:
-    """Cut one module's cores to the planned bonds (the module's one canonical sweep); fill
-    `module` with what was measured."""
-    cores = record_cores(rec, reader)
-    cut = truncate_cores(cores, max_bond=list(module.bonds[1:-1]))
-    new = [core.contiguous() for core in cut.cores]
+    """Cut one module's cores to the planned bonds (`recompress`: TT-SVD of the matrix they
+    represent); fill `module` with what was measured."""
+    cores = [reader.get(key) for key in rec.core_keys()]  # found finite when planned
     shape = rec.mpo_shape
+    cut, matrix = recompress(cores, shape, list(module.bonds[1:-1]))
+    new = cut.cores
     module.bonds = tuple(cut.bonds)
     module.params = num_params(new)
     module.predicted_error = cut.predicted_error
-    module.rel_error = truncation_error(cores, cut, shape)
+    module.rel_error = truncation_error(cores, matrix, cut, shape)
     module.entropy = _kept_entropy(cut.spectra, cut.bonds)
     record = MPORecord.model_validate(
         {
@@ -431,6 +434,7 @@ def _truncate_one(
             "entropy": module.entropy,
             "truncated_from": list(module.bonds_before),
             "fixup": None,
+            "spectra": None,
         }
     )
     return record, new

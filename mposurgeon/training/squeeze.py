@@ -17,15 +17,16 @@ and the last could not undo them. On MiniLM at R 0.5 it scored the same within s
 0.804 against 0.798 planned: benchmarks/bench_squeeze.py.)
 
 A cut reads each module's current cores (training moved them out of canonical form) and
-replaces each changed module's cores by the canonicalized, SVD-cut ones
-(`mpo.decomposition.truncate`): new parameters, so the training loop rebuilds its optimizer and
-the cut cores start with fresh AdamW moments (their old moments were kept in a gauge the
-canonicalization rotated away, so no cut of them is consistent); the other parameters keep
-theirs, the learning-rate schedule continues. Measured against the nearest thing to carrying
-them (step count kept, first moment 0, second moment the old core's mean, so the first steps
-after a cut are not full-size sign steps): 0.795 against 0.798 reset (MiniLM, man-sections,
-R 0.5, seed 0), so the reset stays. With one cut and no training before it, a squeeze
-gives exactly what `truncate` gives on the same cores.
+replaces each changed module's cores by a TT-SVD of the matrix they represent, cut to the
+bonds (`mpo.decomposition.recompress`, as `truncate` cuts): new parameters, so the training
+loop rebuilds its optimizer and the cut cores start with fresh AdamW moments (their old
+moments were kept in a gauge the new cores do not share, so no cut of them is consistent);
+the other parameters keep theirs, the learning-rate schedule continues. Measured against the
+nearest thing to carrying them (step count kept, first moment 0, second moment the old core's
+mean, so the first steps after a cut are not full-size sign steps): 0.795 against 0.798 reset
+(MiniLM, man-sections, R 0.5, seed 0), so the reset stays. With one cut and no training
+before it, a squeeze gives what `truncate` gives on the same cores (the same cut; the plan
+from the same spectra, computed here, recorded by decompose there).
 """
 
 from __future__ import annotations
@@ -42,8 +43,7 @@ from torch import Tensor, nn
 from mposurgeon.methods.mpo.state import mpo_cores
 from mposurgeon.models.layers import MPOCores
 from mposurgeon.mpo.allocation import BondProblem, allocate, min_params
-from mposurgeon.mpo.decomposition import bond_spectra
-from mposurgeon.mpo.decomposition import truncate as truncate_cores
+from mposurgeon.mpo.decomposition import gram_spectra, recompress
 from mposurgeon.mpo.metrics import num_params
 from mposurgeon.mpo.shapes import bonds_of
 
@@ -260,7 +260,7 @@ def cut_bonds(
         if tuple(bonds) == bonds_of([c.detach() for c in cores.core]):
             continue  # not cut: left as it is, out of canonical form
         with torch.no_grad():
-            cut = truncate_cores([c.detach() for c in cores.core], max_bond=list(bonds[1:-1]))
+            cut, _ = recompress([c.detach() for c in cores.core], cores.shape, list(bonds[1:-1]))
         _replace_cores(cores, cut.cores)
         errors.append(cut.predicted_error)
     if schedule.ratio is not None:
@@ -281,7 +281,7 @@ def cut_bonds(
 
 def _problem(cores: MPOCores) -> BondProblem:
     tensors = [c.detach() for c in cores.core]
-    return BondProblem.from_cores(tensors, bond_spectra(tensors))
+    return BondProblem.from_cores(tensors, gram_spectra(tensors))
 
 
 def _replace_cores(cores: MPOCores, new: list[torch.Tensor]) -> None:

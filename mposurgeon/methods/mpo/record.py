@@ -10,6 +10,12 @@ matrix) and `M.mpo.fixup.value` (the original entries, in `dtype`), which make t
 contraction rounded to `dtype` bitwise the original weight. It holds for the cores whose
 fingerprint it records only: a stage that writes other cores drops it (or leaves it to be
 ignored: merge and `load_model` check the fingerprint).
+
+A module that decompose cut nothing from (a lossless decompose into float32 or float64 cores)
+also stores its bond spectra (`spectra`): `M.mpo.spectra`, float64, the descending singular
+values of every inner bond's unfolding of the decomposed matrix, bond after bond (`lengths`),
+which `truncate` plans from instead of computing them again. Like the fixup, they hold for the
+cores whose fingerprint they record only.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ CORE_KEY = re.compile(r"(?P<module>.+)\.mpo\.core\.(?P<index>\d+)")
 
 #: The tensor names of an MPO's rounding fixup: `<module>.mpo.fixup.index` and `.value`.
 FIXUP_KEY = re.compile(r"(?P<module>.+)\.mpo\.fixup\.(?P<part>index|value)")
+
+#: The tensor names of an MPO's recorded bond spectra: `<module>.mpo.spectra`.
+SPECTRA_KEY = re.compile(r"(?P<module>.+)\.mpo\.spectra")
 
 
 def core_key(module: str, index: int) -> str:
@@ -106,13 +115,24 @@ class FixupRecord(BaseModel):
     cores_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class SpectraRecord(BaseModel):
+    """A module's recorded bond spectra: `lengths[b]` singular values at inner bond b + 1, one
+    float64 tensor in all, valid for the cores whose sha256 fingerprint is `cores_sha256`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    lengths: list[PositiveInt]
+    cores_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class MPORecord(FactorizedRecord):
     """One weight matrix held as MPO cores, with the structure and errors of its MPO, and its
-    rounding fixup if it has one."""
+    rounding fixup and recorded bond spectra if it has them."""
 
     method: Literal["mpo"] = "mpo"
     trainable: list[int] = []
     fixup: FixupRecord | None = None
+    spectra: SpectraRecord | None = None
 
     def core_keys(self) -> list[str]:
         """The tensor names of this module's cores, in order."""
@@ -124,17 +144,28 @@ class MPORecord(FactorizedRecord):
             return []
         return [f"{self.name}.mpo.fixup.index", f"{self.name}.mpo.fixup.value"]
 
+    def spectra_keys(self) -> list[str]:
+        """The tensor name of the recorded spectra (none without them)."""
+        return [] if self.spectra is None else [f"{self.name}.mpo.spectra"]
+
+    def derived_keys(self) -> list[str]:
+        """The tensors that hold for these cores only (fixup, spectra): a stage that writes
+        other cores for the module drops them."""
+        return self.fixup_keys() + self.spectra_keys()
+
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Each core's tensor name and the shape its bonds and modes give, cores first;
-        then the fixup's two tensors, (count,) each."""
+        then the fixup's two tensors, (count,) each, and the spectra's, (sum of lengths,)."""
         shapes = dict(zip(self.core_keys(), self.core_shapes(), strict=True))
         if self.fixup is not None:
             shapes |= {key: (self.fixup.count,) for key in self.fixup_keys()}
+        if self.spectra is not None:
+            shapes |= {key: (sum(self.spectra.lengths),) for key in self.spectra_keys()}
         return shapes
 
     @classmethod
     def tensor_owner(cls, key: str) -> str | None:
-        match = CORE_KEY.fullmatch(key) or FIXUP_KEY.fullmatch(key)
+        match = CORE_KEY.fullmatch(key) or FIXUP_KEY.fullmatch(key) or SPECTRA_KEY.fullmatch(key)
         return match["module"] if match else None
 
     @model_validator(mode="after")
@@ -145,5 +176,9 @@ class MPORecord(FactorizedRecord):
         if self.fixup is not None and self.fixup.count > self.out_dim * self.in_dim:
             raise_problems(
                 [("fixup", f"{self.fixup.count} entries in a {self.out_dim}x{self.in_dim} matrix")]
+            )
+        if self.spectra is not None and len(self.spectra.lengths) != n - 1:
+            raise_problems(
+                [("spectra", f"{len(self.spectra.lengths)} spectra for {n - 1} inner bonds")]
             )
         return self

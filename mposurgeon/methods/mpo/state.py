@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from mposurgeon.errors import ArtifactError
 from mposurgeon.methods.mpo.record import MPORecord, core_key
-from mposurgeon.models.layers import Fixup, MPOCores
+from mposurgeon.models.layers import Fixup, MPOCores, cores_fingerprint
 from mposurgeon.models.orientation import Kind, as_matrix, as_weight
 from mposurgeon.models.surgery import MPOModuleState, install_mpo_layers, module_kind
 from mposurgeon.mpo.contract import to_matrix
@@ -134,6 +134,26 @@ def record_fixup(rec: MPORecord, tensors: Mapping[str, Tensor]) -> Fixup | None:
             hint="the artifact is damaged: restore it, or re-create it with the stage that made it",
         )
     return Fixup(index, value, rec.fixup.cores_sha256)
+
+
+def record_spectra(
+    rec: MPORecord, tensors: Mapping[str, Tensor], cores: Sequence[Tensor]
+) -> list[Tensor] | None:
+    """The bond spectra recorded for `rec`'s module (n-1 float64 tensors, descending), if it
+    has them and they hold for `cores` (their fingerprint is the recorded one); else None.
+    Refuse recorded spectra whose tensor is not what the record says."""
+    if rec.spectra is None or cores_fingerprint(cores) != rec.spectra.cores_sha256:
+        return None
+    (key,) = rec.spectra_keys()
+    flat = tensors[key]
+    lengths = rec.spectra.lengths
+    if flat.dtype != torch.float64 or flat.shape != (sum(lengths),):
+        raise ArtifactError(
+            f"the recorded spectra of {rec.name} hold {flat.dtype} values of shape "
+            f"{tuple(flat.shape)} (expected float64, ({sum(lengths)},))",
+            hint="the artifact is damaged: restore it, or re-create it with the stage that made it",
+        )
+    return list(flat.split(lengths))
 
 
 def dense_weight(rec: MPORecord, cores: Sequence[Tensor]) -> Tensor:
@@ -287,7 +307,8 @@ def trained_records(model: nn.Module, records: Mapping[str, MPORecord]) -> dict[
     and sizes of the cores as they are now, live tied keys. No reconstruction error and no
     bond entropy: both described the decomposition, not the trained cores (merge reproduces
     the trained weights from the cores exactly; `inspect --plot` draws their spectra), and no
-    rounding fixup (it held for the decomposed cores; the trained model saves none)."""
+    rounding fixup or recorded spectra (they held for the decomposed cores; the trained model
+    saves neither)."""
     structure = mpo_structure(model)
     final: dict[str, MPORecord] = {}
     for name, cores in mpo_cores(model).items():
@@ -301,6 +322,7 @@ def trained_records(model: nn.Module, records: Mapping[str, MPORecord]) -> dict[
                 "rel_error": None,
                 "predicted_error": None,
                 "fixup": None,
+                "spectra": None,
                 "tied_keys": [f"{t}.weight" for t in structure[name].tied],
             }
         )
