@@ -62,6 +62,7 @@ def decompose_command(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List targets, modes, bonds and sizes; write nothing.")
     ] = False,
+    device: opt.Device = "auto",
     *,
     flags: opt.StageFlags,
 ) -> None:
@@ -83,6 +84,7 @@ def decompose_command(
         rel_tol=rel_tol,
         dtype=dtype,
         dry_run=dry_run,
+        device=device,  # type: ignore[arg-type]
         **flags.stage_kwargs(),
     )
     with progress_bar(flags.no_progress, flags.log_format, flags.log_interval) as progress:

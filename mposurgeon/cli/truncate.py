@@ -53,6 +53,7 @@ def truncate_command(
         bool,
         typer.Option("--dry-run", help="Show planned bonds, sizes and errors; write nothing."),
     ] = False,
+    device: opt.Device = "auto",
     *,
     flags: opt.StageFlags,
 ) -> None:
@@ -70,6 +71,7 @@ def truncate_command(
         param_ratio=param_ratio,
         bond_pattern=bond_pattern or [],
         dry_run=dry_run,
+        device=device,  # type: ignore[arg-type]
         **flags.stage_kwargs(),
     )
     with progress_bar(flags.no_progress, flags.log_format, flags.log_interval) as progress:

@@ -165,6 +165,7 @@ def decompose(
     max_bond: MaxBond = None,
     rel_tol: float | None = None,
     gram_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Decomposition:
     """TT-SVD of matrix (out_dim, in_dim) into cores (r_{k-1}, I_k, J_k, r_k); lossless by default.
 
@@ -173,7 +174,9 @@ def decompose(
     spreads (rel_tol * ||W||)^2 evenly over the n-1 bonds). Grams are float64, except for a
     lossless float32 decomposition, which forms them in float32 for speed (its spectra are then
     accurate to ~1e-8 * (s_max / s)^2 relative); `gram_dtype` overrides that choice. Cores come
-    back in matrix's dtype and device.
+    back on matrix's device, in `dtype` (default: matrix's). The work runs in float32 (float64
+    for a float64 matrix or `dtype`) on one permuted copy of the matrix and one buffer of its
+    size: a half-precision matrix is converted as it is copied, so it need not be widened first.
     """
     if matrix.dim() != 2 or tuple(matrix.shape) != (shape.out_dim, shape.in_dim):
         raise ShapeError(
@@ -181,7 +184,7 @@ def decompose(
             f"{shape.out_dim}x{shape.in_dim}"
         )
     n, centre = shape.num_cores, shape.central_index
-    work_dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32
+    work_dtype = torch.float64 if torch.float64 in (matrix.dtype, dtype) else torch.float32
     lossless = max_bond is None and rel_tol is None
     if gram_dtype is None:
         gram_dtype = work_dtype if lossless else torch.float64
@@ -219,7 +222,7 @@ def decompose(
             central = central.clone()
         cores = [*left, central, *right[::-1]]
     spectra = left_spectra + right_spectra[::-1]
-    cores = [core.to(matrix.dtype).contiguous() for core in cores]
+    cores = [core.to(dtype or matrix.dtype).contiguous() for core in cores]
     return Decomposition(cores, spectra, error_bound(spectra, bonds_of(cores)))
 
 

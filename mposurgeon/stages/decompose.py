@@ -52,6 +52,8 @@ from mposurgeon.stages.common import (
     tensor_shapes,
     verified_input,
 )
+from mposurgeon.stages.device import compute_device, on_cpu
+from mposurgeon.training.loop import Device
 
 DEFAULT_LAYERS = ["FFN_1", "FFN_2", "attention"]
 
@@ -81,6 +83,9 @@ class DecomposeOptions(StageOptions):
         "is 0.0. keep: the weight's dtype; half-precision cores are then off by their rounding "
         "(~4e-3 for bfloat16), no fixup can repair that, and rel_error and predicted_error "
         "include it",
+    )
+    device: Device = Field(
+        "auto", description="where each matrix is factorized: auto (a GPU when there is one)"
     )
     dry_run: bool = False
 
@@ -127,6 +132,7 @@ def decompose(
     `options` or keyword arguments (the same names as the CLI flags) configure the stage.
     """
     opts = options or DecomposeOptions(**kwargs)
+    device = compute_device(opts.device)
     inp = open_input(model, opts, defer_checksums=True)
     with verified_input(inp):  # an artifact input is hashed while the work runs
         targets, skipped = _find_targets(inp, opts)
@@ -138,7 +144,7 @@ def decompose(
         out = plan_output(inp, opts, "decompose")
         with atomic_directory(out, overwrite=opts.overwrite) as tmp:
             with ShardedWriter(tmp, opts.shard_size(inp.path)) as writer:
-                records = _write_decomposed(inp.path, writer, plan, opts, progress)
+                records = _write_decomposed(inp.path, writer, plan, opts, device, progress)
             finish_artifact(
                 tmp,
                 inp=inp,
@@ -156,10 +162,12 @@ def _write_decomposed(
     writer: ShardedWriter,
     plan: list[PlannedModule],
     opts: DecomposeOptions,
+    device: torch.device,
     progress: ProgressCallback | None,
 ) -> dict[str, MPORecord]:
-    """Stream `source`'s tensors to `writer`, replacing each planned weight by its cores;
-    return the new modules' records (and fill each `PlannedModule.record`)."""
+    """Stream `source`'s tensors to `writer`, replacing each planned weight by its cores
+    (factorized on `device`); return the new modules' records (and fill each
+    `PlannedModule.record`)."""
     by_key = {p.target.weight_key: p for p in plan}
     records: dict[str, MPORecord] = {}
     with open_tensors(source) as reader:
@@ -169,7 +177,7 @@ def _write_decomposed(
             if planned is None:
                 writer.add(key, reader.get(key))
             else:
-                _decompose_one(planned, reader.get(key), opts, writer)
+                _decompose_one(planned, reader.get(key), opts, device, writer)
                 records[planned.target.name] = planned.record  # type: ignore[assignment]
             if progress:
                 progress("decompose", i + 1, len(keys))
@@ -334,9 +342,14 @@ def _plan(target: Target, shape: MPOShape, max_bond: int | None) -> PlannedModul
 
 
 def _decompose_one(
-    planned: PlannedModule, weight: torch.Tensor, opts: DecomposeOptions, writer: ShardedWriter
+    planned: PlannedModule,
+    weight: torch.Tensor,
+    opts: DecomposeOptions,
+    device: torch.device,
+    writer: ShardedWriter,
 ) -> None:
-    """Factorize one stored weight, add its cores to `writer`, fill `planned.record`."""
+    """Factorize one stored weight on `device`, add its cores to `writer`, fill
+    `planned.record`."""
     target, shape = planned.target, planned.shape
     if not bool(torch.isfinite(weight).all()):
         bad = "NaN" if bool(torch.isnan(weight).any()) else "inf"
@@ -347,8 +360,16 @@ def _decompose_one(
         )
     dtype = core_dtype(opts.dtype, weight.dtype)
     factorized = factorize_weight(
-        weight, target.kind, shape, dtype=dtype, max_bond=opts.max_bond, rel_tol=opts.rel_tol
-    )
+        weight.to(device), target.kind, shape, dtype=dtype, max_bond=opts.max_bond,
+        rel_tol=opts.rel_tol,
+    )  # fmt: skip
+    if device.type != "cpu":
+        factorized = replace(
+            factorized,
+            cores=on_cpu(factorized.cores),
+            spectra=on_cpu(factorized.spectra),
+            matrix=factorized.matrix.to("cpu"),
+        )
     fingerprint = cores_fingerprint(factorized.cores)
     spectra = _recordable_spectra(factorized, fingerprint)
     fixup = None

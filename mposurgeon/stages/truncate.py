@@ -51,6 +51,8 @@ from mposurgeon.stages.common import (
     tensor_shapes,
     verified_input,
 )
+from mposurgeon.stages.device import compute_device, on_cpu
+from mposurgeon.training.loop import Device
 
 TARGETS = ("max_bond", "rel_tol", "param_ratio")
 
@@ -69,6 +71,9 @@ class TruncateOptions(StageOptions):
         None, gt=0.0, le=1.0, description="fraction of the MPO parameters to keep"
     )
     bond_pattern: dict[str, int] = Field(default_factory=dict)
+    device: Device = Field(
+        "auto", description="where each module is cut: auto (a GPU when there is one)"
+    )
     dry_run: bool = False
 
     @field_validator("bond_pattern", mode="before")
@@ -193,6 +198,7 @@ def truncate(
     `truncate("art", output="small", param_ratio=0.5)`.
     """
     opts = options or TruncateOptions(**kwargs)
+    device = compute_device(opts.device)
     inp = open_input(artifact, opts, defer_checksums=True)
     records = _mpo_records(inp)
     check_no_dense_twin(records, tensor_shapes(inp))
@@ -211,7 +217,7 @@ def truncate(
         out = plan_output(inp, opts, "truncate")
         with atomic_directory(out, overwrite=opts.overwrite) as tmp:
             with ShardedWriter(tmp, opts.shard_size(inp.path)) as writer:
-                new_records = _write_truncated(inp.path, writer, records, plan, progress)
+                new_records = _write_truncated(inp.path, writer, records, plan, device, progress)
             unmeasured = [m.name for m in plan.values() if m.changed and m.rel_error is None]
             if unmeasured:  # its cores were not where the manifest says: publish nothing
                 raise ArtifactError(
@@ -240,10 +246,12 @@ def _write_truncated(
     writer: ShardedWriter,
     records: dict[str, MPORecord],
     plan: dict[str, TruncatedModule],
+    device: torch.device,
     progress: ProgressCallback | None,
 ) -> dict[str, MPORecord]:
-    """Stream `source`'s tensors to `writer`, truncating the changed modules' cores at their
-    first core; return every module's record (new ones for the changed modules)."""
+    """Stream `source`'s tensors to `writer`, truncating the changed modules' cores (on
+    `device`) at their first core; return every module's record (new ones for the changed
+    modules)."""
     new_records = dict(records)
     stale = {  # a changed module's fixup and spectra belong to the cores it had: dropped
         key for name, m in plan.items() if m.changed for key in records[name].derived_keys()
@@ -258,7 +266,7 @@ def _write_truncated(
             elif module is None or not module.changed:
                 writer.add(key, reader.get(key))
             elif match is not None and match["index"] == "0":
-                record, cores = _truncate_one(records[module.name], module, reader)
+                record, cores = _truncate_one(records[module.name], module, reader, device)
                 new_records[module.name] = record
                 for k, core in enumerate(cores):
                     writer.add(core_key(module.name, k), core)
@@ -411,14 +419,14 @@ def _param_ratio_plan(
 
 
 def _truncate_one(
-    rec: MPORecord, module: TruncatedModule, reader: TensorReader
+    rec: MPORecord, module: TruncatedModule, reader: TensorReader, device: torch.device
 ) -> tuple[MPORecord, list[torch.Tensor]]:
-    """Cut one module's cores to the planned bonds (`recompress`: TT-SVD of the matrix they
-    represent); fill `module` with what was measured."""
-    cores = [reader.get(key) for key in rec.core_keys()]  # found finite when planned
+    """Cut one module's cores to the planned bonds (`recompress` on `device`: TT-SVD of the
+    matrix they represent); fill `module` with what was measured."""
+    cores = [reader.get(key).to(device) for key in rec.core_keys()]  # found finite when planned
     shape = rec.mpo_shape
     cut, matrix = recompress(cores, shape, list(module.bonds[1:-1]))
-    new = cut.cores
+    new = on_cpu(cut.cores)
     module.bonds = tuple(cut.bonds)
     module.params = num_params(new)
     module.predicted_error = cut.predicted_error

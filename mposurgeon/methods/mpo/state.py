@@ -53,8 +53,10 @@ def factorize_weight(
     with the contraction of the stored (cast) cores."""
     out_dtype = dtype or weight.dtype
     work = torch.float64 if out_dtype == torch.float64 else torch.float32
-    reference = as_matrix(weight, kind).to(work)
-    result = decompose(reference, shape, max_bond=max_bond, rel_tol=rel_tol)
+    reference = as_matrix(weight, kind)  # not widened: decompose and the error convert it
+    if reference.dtype == torch.float64 and work != torch.float64:
+        reference = reference.to(work)  # the SVD runs in float32: so does the error
+    result = decompose(reference, shape, max_bond=max_bond, rel_tol=rel_tol, dtype=work)
     cores = [c.to(out_dtype).contiguous() for c in result.cores]
     matrix = to_matrix([c.to(work) for c in cores], shape)
     error = relative_error(reference, matrix)
