@@ -26,6 +26,7 @@ from pydantic import Field, field_validator
 from mposurgeon.artifact.store import atomic_directory
 from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
 from mposurgeon.errors import ArtifactError, ShapeError, UsageError
+from mposurgeon.memory import bound_heap_growth, release_free_memory
 from mposurgeon.methods.config import ModuleRegex, WeightGroups
 from mposurgeon.methods.mpo.record import FixupRecord, MPORecord, SpectraRecord, core_key
 from mposurgeon.methods.mpo.state import FactorizedMatrix, factorize_weight, mpo_record
@@ -133,6 +134,7 @@ def decompose(
     """
     opts = options or DecomposeOptions(**kwargs)
     device = compute_device(opts.device)
+    bound_heap_growth()
     inp = open_input(model, opts, defer_checksums=True)
     with verified_input(inp):  # an artifact input is hashed while the work runs
         targets, skipped = _find_targets(inp, opts)
@@ -397,3 +399,4 @@ def _decompose_one(
     planned.record = record
     planned.bonds = tuple(planned.record.bonds)
     planned.params = planned.record.params
+    release_free_memory()  # this matrix's temporaries

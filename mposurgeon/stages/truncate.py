@@ -35,6 +35,7 @@ from mposurgeon.artifact.manifest import MANIFEST_NAME
 from mposurgeon.artifact.store import atomic_directory
 from mposurgeon.artifact.tensors import ShardedWriter, TensorReader, open_tensors
 from mposurgeon.errors import ArtifactError, UsageError
+from mposurgeon.memory import bound_heap_growth, release_free_memory
 from mposurgeon.methods.mpo.record import CORE_KEY, MPORecord, core_key
 from mposurgeon.methods.mpo.state import record_cores, record_spectra
 from mposurgeon.mpo.allocation import BondProblem, allocate, cap_bonds, min_params
@@ -199,6 +200,7 @@ def truncate(
     """
     opts = options or TruncateOptions(**kwargs)
     device = compute_device(opts.device)
+    bound_heap_growth()
     inp = open_input(artifact, opts, defer_checksums=True)
     records = _mpo_records(inp)
     check_no_dense_twin(records, tensor_shapes(inp))
@@ -270,6 +272,7 @@ def _write_truncated(
                 new_records[module.name] = record
                 for k, core in enumerate(cores):
                     writer.add(core_key(module.name, k), core)
+                release_free_memory()  # this module's temporaries
             if progress:
                 progress("truncate", i + 1, len(keys))
     return new_records
