@@ -67,6 +67,8 @@ import mposurgeon.stages.select, mposurgeon.stages.inspect
 from mposurgeon.artifact.tensors import ShardedWriter, auto_shard_size, open_tensors, parse_size
 from mposurgeon.stages.common import model_layout
 model_layout(src)  # the modeling import and the layout: not streaming memory
+if kwargs.get("device") == "cuda":  # the CUDA context: not streaming memory either
+    torch.zeros(1, device="cuda")
 try:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
 except OSError:
@@ -86,7 +88,10 @@ else:
 status = dict(
     line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
 )
-print(json.dumps({"vmhwm_kb": int(status["VmHWM"].split()[0])}), flush=True)
+peaks = {"vmhwm_kb": int(status["VmHWM"].split()[0])}
+if torch.cuda.is_initialized():
+    peaks["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 1e6
+print(json.dumps(peaks), flush=True)
 """
 
 
@@ -107,7 +112,8 @@ def _kb(path: Path, fields: Sequence[str]) -> dict[str, int]:
 def measure(
     stage: str, src: Path, out: Path, kwargs: dict[str, Any], cap_mb: float | None = None
 ) -> dict[str, Any]:
-    """Run one stage in a child process; its resident and private peak growth (MB) and time.
+    """Run one stage in a child process; its resident and private peak growth (MB) and time
+    (s), and `cuda_peak_mb` (torch's allocated peak) when the stage used the GPU.
 
     With `cap_mb`, the child is killed once its resident set passes that size (`capped`).
     """
@@ -149,13 +155,13 @@ def measure(
         return {"capped": True, "seconds": seconds, "private_mb": private_peak / 1024}
     if proc.returncode != 0:
         raise RuntimeError(f"{stage} child failed: {errors[0][-2000:]}")
-    vmhwm = json.loads(result[0].strip().splitlines()[-1])["vmhwm_kb"]
+    peaks = json.loads(result[0].strip().splitlines()[-1])
     return {
         "capped": False,
         "seconds": seconds,
-        "resident_mb": (vmhwm - base["VmRSS"]) / 1024,
+        "resident_mb": (peaks["vmhwm_kb"] - base["VmRSS"]) / 1024,
         "private_mb": (private_peak - base["Anonymous"]) / 1024,
-    }
+    } | ({"cuda_peak_mb": peaks["cuda_peak_mb"]} if "cuda_peak_mb" in peaks else {})
 
 
 def llama_checkpoint(directory: Path, layers: int, shard: str) -> Path:
@@ -180,13 +186,14 @@ model.save_pretrained(out, max_shard_size=shard)
     return directory
 
 
-def _largest_shard_mb(path: Path) -> float:
+def largest_shard_mb(path: Path) -> float:
+    """The largest tensor file of checkpoint or artifact `path`, in MB."""
     from mposurgeon.artifact.tensors import tensor_files
 
     return max(f.stat().st_size for f in tensor_files(path)) / 1e6
 
 
-def _largest_matrix_f32_mb(artifact: Path) -> float:
+def largest_matrix_f32_mb(artifact: Path) -> float:
     """The largest matrix a stage factorizes or contracts (the manifest's modules), in
     float32."""
     from mposurgeon.artifact.manifest import read_manifest
@@ -217,41 +224,63 @@ def stage_peaks(
             out = dec
         m = measure(stage, inp, out, kwargs, cap_mb)
         if matrix is None and dec.exists():
-            matrix = _largest_matrix_f32_mb(dec)
-        shard = _largest_shard_mb(inp)
-        bound = shard + 3 * (matrix or 0.0) if stage != "copy" else shard  # copy: no matrices
+            matrix = largest_matrix_f32_mb(dec)
         name = stage + (f" --method {kwargs['method']}" if "method" in kwargs else "")
-        if m["capped"]:
-            value = f"killed past {cap_mb:.0f} MB resident after {m['seconds']:.0f} s"
-            ratio = None
-        else:
-            value = (
-                f"private {m['private_mb']:.0f} MB, resident {m['resident_mb']:.0f} MB, "
-                f"{m['seconds']:.1f} s"
-            )
-            ratio = m["private_mb"] / bound
-        yield (
-            {
-                "benchmark": f"peak memory of {name} at defaults, {label}",
-                "stage": name,
-                "threads": torch.get_num_threads(),
-                "value": value,
-                "baseline": f"largest input shard {shard:.0f} MB"
-                + (
-                    f" + 3 x {matrix:.0f} MB (largest matrix in float32) = {bound:.0f} MB"
-                    if bound > shard
-                    else ""
-                ),
-                "ratio": ratio,
-                "goal": 1.0 if stage != "copy" else None,
-                "private_mb": None if m["capped"] else round(m["private_mb"], 1),
-                "resident_mb": None if m["capped"] else round(m["resident_mb"], 1),
-                "seconds": round(m["seconds"], 2),
-            }
+        # copy handles no matrices: its bound is the shard alone
+        yield peak_row(
+            name,
+            m,
+            largest_shard_mb(inp),
+            None if stage == "copy" else matrix or 0.0,
+            label,
+            cap_mb,
         )
 
 
-def _total_mb(path: Path) -> float:
+def peak_row(
+    name: str,
+    m: dict[str, Any],
+    shard_mb: float,
+    matrix_mb: float | None,
+    label: str,
+    cap_mb: float | None = None,
+) -> dict[str, Any]:
+    """The row of stage `name` measured as `m` (`measure`'s result) against the bound: the
+    largest input shard `shard_mb` plus 3x the largest matrix in float32 `matrix_mb` (goal:
+    within it; no goal without a matrix, as for a copy)."""
+    bound = shard_mb + 3 * (matrix_mb or 0.0)
+    if m["capped"]:
+        value = f"killed past {cap_mb:.0f} MB resident after {m['seconds']:.0f} s"
+        ratio = None
+    else:
+        value = (
+            f"private {m['private_mb']:.0f} MB, resident {m['resident_mb']:.0f} MB, "
+            f"{m['seconds']:.1f} s"
+        )
+        if "cuda_peak_mb" in m:
+            value += f", GPU {m['cuda_peak_mb']:.0f} MB"
+        ratio = m["private_mb"] / bound
+    return {
+        "benchmark": f"peak memory of {name} at defaults, {label}",
+        "stage": name,
+        "threads": torch.get_num_threads(),
+        "value": value,
+        "baseline": f"largest input shard {shard_mb:.0f} MB"
+        + (
+            f" + 3 x {matrix_mb:.0f} MB (largest matrix in float32) = {bound:.0f} MB"
+            if bound > shard_mb
+            else ""
+        ),
+        "ratio": ratio,
+        "goal": 1.0 if matrix_mb is not None else None,
+        "private_mb": None if m["capped"] else round(m["private_mb"], 1),
+        "resident_mb": None if m["capped"] else round(m["resident_mb"], 1),
+        "seconds": round(m["seconds"], 2),
+    }
+
+
+def total_mb(path: Path) -> float:
+    """The tensor files of checkpoint or artifact `path` together, in MB."""
     from mposurgeon.artifact.tensors import tensor_files
 
     return sum(f.stat().st_size for f in tensor_files(path)) / 1e6
@@ -271,7 +300,7 @@ def llama_rows(
         for n in layers:
             src = llama_checkpoint(t / f"llama-{n}", n, shard)
             label = (
-                f"Llama-shaped, {n} layers ({_total_mb(src):.0f} MB bf16 in "
+                f"Llama-shaped, {n} layers ({total_mb(src):.0f} MB bf16 in "
                 f"{len(list(src.glob('*.safetensors')))} shards of <= {shard})"
             )
             for row in stage_peaks(src, t, label, cap_mb, stages):
@@ -279,7 +308,7 @@ def llama_rows(
                     peaks.setdefault(row["stage"], {})[n] = row["private_mb"]
                 yield row
             for path in t.iterdir():  # keep the disk use to one checkpoint's
-                _remove(path)
+                remove(path)
     for stage, by_layers in peaks.items():
         few, many = min(by_layers), max(by_layers)
         if few != many:
@@ -294,7 +323,8 @@ def llama_rows(
             }
 
 
-def _remove(path: Path) -> None:
+def remove(path: Path) -> None:
+    """Delete directory `path` and what it holds (nothing if it is gone)."""
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
@@ -322,8 +352,8 @@ def run() -> list[dict[str, Any]]:
                     "threads": torch.get_num_threads(),
                     "value": f"private {m['private_mb']:.0f} MB, "
                     f"resident {m['resident_mb']:.0f} MB",
-                    "baseline": f"the file {_largest_shard_mb(inp):.0f} MB",
-                    "ratio": m["private_mb"] / _largest_shard_mb(inp),
+                    "baseline": f"the file {largest_shard_mb(inp):.0f} MB",
+                    "ratio": m["private_mb"] / largest_shard_mb(inp),
                     "goal": None,
                 }
             )
