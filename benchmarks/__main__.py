@@ -22,6 +22,7 @@ from benchmarks import (
     bench_precision,
     bench_process,
     bench_pruning,
+    bench_scale,
     bench_scaling,
     bench_squeeze,
     bench_train,
@@ -37,6 +38,7 @@ SUITES = {
     "truncation": bench_truncation.run,
     "train": bench_train.run,
     "precision": bench_precision.run,
+    "scale": bench_scale.run,
 }
 #: Suites run only when named (`python -m benchmarks defaults`: about an hour on 2 cores);
 #: their rows are kept from the previous results.json otherwise.
