@@ -1,12 +1,13 @@
 """Truncation on MiniLM's 36 encoder matrices: error versus parameters, and the stage's time.
 
 Error curve: each matrix W (float64) is decomposed losslessly into a 5-core MPO, then cut to
-`ratio * out * in` parameters (bonds chosen by `mpo.allocation.allocate`, cut by SVD in canonical
-form) and compared with a truncated SVD of W of the same parameter count (rank
-floor(ratio * out * in / (out + in))). Reported: the mean relative Frobenius error per matrix
-type. Allocation: the global `--param-ratio` allocation against a uniform per-module split at
-the same total. Time: the `truncate --param-ratio 0.5` stage against plain SVDs of the matrices,
-and against the `decompose` stage that makes its input (both at default options; goal <= 1).
+`ratio * out * in` parameters (bonds chosen by `mpo.allocation.allocate`, cut as the stage cuts:
+`mpo.decomposition.recompress`) and compared with a truncated SVD of W of the same parameter
+count (rank floor(ratio * out * in / (out + in))). Reported: the mean relative Frobenius error
+per matrix type. Allocation: the global `--param-ratio` allocation against a uniform per-module
+split at the same total. Time: the `truncate --param-ratio 0.5` stage against plain SVDs of the
+matrices, and against the `decompose` stage that makes its input (both at default options;
+goal <= 1).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from benchmarks.common import best_time, minilm_dir, minilm_encoder_matrices
 from mposurgeon.mpo.allocation import BondProblem, allocate
 from mposurgeon.mpo.contract import to_matrix
-from mposurgeon.mpo.decomposition import decompose, truncate
+from mposurgeon.mpo.decomposition import decompose, recompress
 from mposurgeon.mpo.metrics import num_params, relative_error
 from mposurgeon.mpo.shapes import plan_shape
 
@@ -67,9 +68,9 @@ def _mpo_error(
     w: torch.Tensor, cores: list[torch.Tensor], problem: BondProblem, ratio: float
 ) -> float:
     (plan,) = allocate([problem], target_params=round(ratio * w.numel()))
-    cut = truncate(cores, max_bond=list(plan[1:-1]))
-    assert num_params(cut.cores) <= ratio * w.numel()
     shape = plan_shape(w.shape[0], w.shape[1], 5)
+    cut, _ = recompress(cores, shape, list(plan[1:-1]))  # as the truncate stage cuts
+    assert num_params(cut.cores) <= ratio * w.numel()
     return relative_error(w, to_matrix(cut.cores, shape))
 
 
