@@ -17,6 +17,7 @@ import torch
 from benchmarks import (
     bench_decompose,
     bench_defaults,
+    bench_inference,
     bench_memory,
     bench_mpoe,
     bench_precision,
@@ -47,6 +48,7 @@ OPTIONAL_SUITES = {
     "pruning": bench_pruning.run,
     "mpoe": bench_mpoe.run,
     "squeeze": bench_squeeze.run,
+    "inference": bench_inference.run,
 }
 
 
