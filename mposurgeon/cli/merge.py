@@ -43,6 +43,7 @@ def merge_command(
     base: opt.PeftBase = None,
     push_to_hub: opt.PushToHub = None,
     private: opt.Private = False,
+    device: opt.Device = "auto",
     *,
     flags: opt.StageFlags,
 ) -> None:
@@ -64,6 +65,7 @@ def merge_command(
     options = MergeOptions(
         dtype=dtype,
         verify=verify,
+        device=device,  # type: ignore[arg-type]
         base=base,
         push_to_hub=push_to_hub,
         private=private,

@@ -30,6 +30,7 @@ from mposurgeon.memory import bound_heap_growth, release_free_memory
 from mposurgeon.methods.config import ModuleRegex, WeightGroups
 from mposurgeon.methods.mpo.record import FixupRecord, MPORecord, SpectraRecord, core_key
 from mposurgeon.methods.mpo.state import FactorizedMatrix, factorize_weight, mpo_record
+from mposurgeon.models.device import Device, compute_device, on_cpu
 from mposurgeon.models.groups import Target, select_targets
 from mposurgeon.models.layers import (
     HALF_DTYPES,
@@ -53,8 +54,6 @@ from mposurgeon.stages.common import (
     tensor_shapes,
     verified_input,
 )
-from mposurgeon.stages.device import compute_device, on_cpu
-from mposurgeon.training.loop import Device
 
 DEFAULT_LAYERS = ["FFN_1", "FFN_2", "attention"]
 

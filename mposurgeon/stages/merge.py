@@ -5,7 +5,11 @@ The story: open and verify the artifact; stream its tensors into a new directory
 the tensors each module record owns (the cores `M.mpo.core.k` of an MPO module) by the dense
 weight its method computes, under the original name, shape, orientation (GPT-2 Conv1D is
 transposed back) and dtype (an MPO module's rounding fixup, if decompose stored one for these
-cores, then makes it bitwise the original); copy config and tokenizer. With
+cores, then makes it bitwise the original); copy config and tokenizer. Hashing runs beside
+the contractions, in threads (hashlib and torch let go of the GIL): the input's files are
+checked against their checksums while the tensors stream (a damaged input still fails before
+anything is published), each fixup's cores are fingerprinted while they are contracted, and
+each output shard is hashed once written. Each tensor is read once. With
 `verify`, run the factorized and the merged model on the same sample input before publishing:
 if they differ, nothing is written and the stage fails with exit code 3. Both run in float32
 (half-precision weights held exactly), the factorized one evaluating bitwise the weights a
@@ -29,9 +33,12 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from pydantic import Field
@@ -46,13 +53,15 @@ from mposurgeon.artifact.manifest import ModuleRecord
 from mposurgeon.artifact.store import VOCABULARY_FILES, atomic_directory, copy_model_files
 from mposurgeon.artifact.tensors import ShardedWriter, TensorReader, open_tensors
 from mposurgeon.errors import ArtifactError, UsageError, VerificationError
+from mposurgeon.memory import bound_heap_growth, release_free_memory
 from mposurgeon.methods.mpo.record import MPORecord
-from mposurgeon.methods.mpo.state import record_cores, record_fixup
+from mposurgeon.methods.mpo.state import record_fixup
 from mposurgeon.methods.mpoe.record import MPOERecord
 from mposurgeon.methods.mpoe.state import expert_weight
 from mposurgeon.methods.registry import get_method
 from mposurgeon.models.auto import model_class, quiet_transformers
-from mposurgeon.models.layers import HALF_DTYPES, MPOCores, MPOEmbedding
+from mposurgeon.models.device import Device, compute_device
+from mposurgeon.models.layers import HALF_DTYPES, MPOCores, MPOEmbedding, cores_fingerprint
 from mposurgeon.models.layout import ModelLayout
 from mposurgeon.models.moe_export import MoEExport, MoESpec, moe_export
 from mposurgeon.models.orientation import as_matrix
@@ -70,6 +79,8 @@ from mposurgeon.stages.common import (
     tensor_shapes,
     verified_input,
 )
+
+T = TypeVar("T")
 
 #: merge --verify tolerance for float32 and float64 outputs: (atol, rtol) on the model's main
 #: output. Half-precision outputs get a derived tolerance (`half_tolerance`).
@@ -99,6 +110,9 @@ class MergeOptions(StageOptions, PushOptions):
     verify: bool = Field(False, description="compare factorized and merged outputs (exit 3)")
     base: str | None = Field(
         None, description="a PEFT adapter's base model (default: its adapter_config.json's)"
+    )
+    device: Device = Field(
+        "auto", description="where each module is contracted: auto (a GPU when there is one)"
     )
 
 
@@ -145,6 +159,8 @@ def _merge(
             f"(no {peft_adapter.ADAPTER_CONFIG})",
             hint="leave --base out",
         )
+    bound_heap_growth()
+    compute_device(opts.device)  # a device this machine lacks: refused before any work
     inp = open_input(artifact, opts, defer_checksums=True)
     if inp.manifest is None:
         raise UsageError(
@@ -227,7 +243,9 @@ def _write_dense(
 ) -> int:
     """Stream every tensor to `writer`, writing each module's dense weight (a mixture of
     experts': its experts' and router's, as `moe` names them) where its first tensor was;
-    return the number of modules merged."""
+    return the number of modules merged. MPO and other modules are contracted on
+    `opts.device` (MPOE experts on the CPU)."""
+    device = compute_device(opts.device)
     keys = reader.keys()
     owner = {key: rec for rec in records.values() for key in rec.tensor_shapes()}
     # pruning masks (`prune`): every tensor written is zero where its mask says, and the
@@ -248,9 +266,11 @@ def _write_dense(
             if isinstance(rec, MPOERecord) and moe is not None:
                 tensors = expert_tensors(rec, reader, moe, opts.dtype)
             else:
-                tensors = dense_tensors(rec, reader, opts.dtype)
+                tensors = dense_tensors(rec, reader, opts.dtype, device=device)
             for name, tensor in tensors.items():
                 writer.add(name, _masked(name, tensor, masks, reader))
+            del tensors
+            release_free_memory()  # this module's temporaries
             merged += 1
         if progress:
             progress("merge", i + 1, len(keys))
@@ -280,20 +300,93 @@ def dense_weight(rec: ModuleRecord, reader: TensorReader, dtype: str = "auto") -
 
 
 def dense_tensors(
-    rec: ModuleRecord, reader: TensorReader, dtype: str = "auto"
+    rec: ModuleRecord,
+    reader: Mapping[str, torch.Tensor],
+    dtype: str = "auto",
+    *,
+    device: torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the merged checkpoint one transformed module gives (its dense weight,
     IA3's scaled bias) by name, as the original checkpoint stored them, in `dtype`. An MPO
     module's rounding fixup is applied when merging to its recorded dtype and made for its
-    cores as they are (a stage that wrote other cores may have left it: then it is stale)."""
+    cores as they are (a stage that wrote other cores may have left it: then it is stale).
+
+    Each of the module's tensors is read once (`_Held`), and the cores' fingerprint, which
+    tells whether the fixup is theirs, is hashed in a background thread while the main one
+    contracts them (hashlib lets go of the GIL). With a `device` other than the CPU, the
+    method reads the module's tensors there and its results come back to the CPU."""
     to = _dtype_of(rec, dtype)
-    tensors = get_method(rec.method).dense_tensors(rec, reader)
-    out = {name: t.to(to).contiguous() for name, t in tensors.items()}
+    held = _Held(reader)
+    fingerprint: Future[str] | None = None
+    fixup = None
     if isinstance(rec, MPORecord) and to == FLOAT_DTYPES[rec.dtype]:
-        fixup = record_fixup(rec, reader)
-        if fixup is not None and fixup.matches(record_cores(rec, reader)):
-            fixup.apply(as_matrix(out[rec.weight_key], rec.kind))  # bitwise the original
+        fixup = record_fixup(rec, held)
+        if fixup is not None:  # the cores as stored: the method refuses non-finite ones
+            fingerprint = _in_background(cores_fingerprint, [held[k] for k in rec.core_keys()])
+    on_device = held if device is None or device.type == "cpu" else _Moved(held, device)
+    tensors = get_method(rec.method).dense_tensors(rec, on_device)
+    out = {name: t.to(to).to("cpu").contiguous() for name, t in tensors.items()}
+    # `Fixup.matches`, its fingerprint hashed meanwhile
+    if fixup is not None and fingerprint is not None and fingerprint.result() == fixup.cores_sha256:
+        fixup.apply(as_matrix(out[rec.weight_key], rec.kind))  # bitwise the original
     return out
+
+
+class _Held(Mapping[str, torch.Tensor]):
+    """A read-only view of `tensors` (a reader or a dict) that reads each tensor once and
+    hands out the same tensor again: a module's tensors, read by the method and by merge."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._tensors = tensors
+        self._read: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._read:
+            self._read[key] = self._tensors[key]
+        return self._read[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+class _Moved(Mapping[str, torch.Tensor]):
+    """`tensors` as read on `device` (each moved there when read)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], device: torch.device) -> None:
+        self._tensors = tensors
+        self._device = device
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._tensors[key].to(self._device)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+def _in_background(fn: Callable[..., T], *args: object) -> Future[T]:
+    """`fn(*args)` run in a new daemon thread (hashing releases the GIL); its future."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as err:  # handed to whoever waits on the future
+            future.set_exception(err)
+
+    threading.Thread(target=run, name="mposurgeon-fingerprint", daemon=True).start()
+    return future
 
 
 def expert_tensors(

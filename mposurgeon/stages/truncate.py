@@ -38,6 +38,7 @@ from mposurgeon.errors import ArtifactError, UsageError
 from mposurgeon.memory import bound_heap_growth, release_free_memory
 from mposurgeon.methods.mpo.record import CORE_KEY, MPORecord, core_key
 from mposurgeon.methods.mpo.state import record_cores, record_spectra
+from mposurgeon.models.device import Device, compute_device, on_cpu
 from mposurgeon.mpo.allocation import BondProblem, allocate, cap_bonds, min_params
 from mposurgeon.mpo.decomposition import gram_spectra, recompress, truncation_error
 from mposurgeon.mpo.metrics import entanglement_entropy, num_params
@@ -52,8 +53,6 @@ from mposurgeon.stages.common import (
     tensor_shapes,
     verified_input,
 )
-from mposurgeon.stages.device import compute_device, on_cpu
-from mposurgeon.training.loop import Device
 
 TARGETS = ("max_bond", "rel_tol", "param_ratio")
 

@@ -57,6 +57,7 @@ from mposurgeon.artifact.tensors import ShardedWriter, open_tensors
 from mposurgeon.errors import ArtifactError, UsageError, VerificationError
 from mposurgeon.methods.base import Method
 from mposurgeon.models.auto import quiet_transformers
+from mposurgeon.models.device import Device
 from mposurgeon.progress import ProgressCallback
 from mposurgeon.training.params import unique_state_dict
 from mposurgeon.training.squeeze import Squeezer, frozen_copy
@@ -108,7 +109,6 @@ def reading_checkpoint(file: Path) -> Iterator[None]:
 
 
 Precision = Literal["fp32", "bf16", "fp16"]
-Device = Literal["auto", "cpu", "cuda"]
 #: --precision -> accelerate's mixed_precision.
 MIXED_PRECISION: dict[str, str] = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 

@@ -1,4 +1,5 @@
-"""The compute device of the streaming stages (decompose, truncate, merge): `--device`.
+"""The compute device a stage runs on: `--device` (decompose, truncate, merge; train and eval
+through accelerate).
 
 Each matrix is moved to the device for its SVD or contraction and its results back to the
 CPU before they are written, one module at a time, so the device holds a few matrices, never
@@ -7,11 +8,15 @@ the model. On a machine without CUDA, `auto` is the CPU and nothing changes.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
 from mposurgeon.errors import UsageError
-from mposurgeon.training.loop import Device
+
+#: `--device`: auto (a GPU when torch sees one), cpu or cuda.
+Device = Literal["auto", "cpu", "cuda"]
 
 
 def compute_device(option: Device) -> torch.device:
