@@ -454,10 +454,14 @@ def _faulty_dense_tensors(target: str) -> Callable[..., dict[str, torch.Tensor]]
     real = merge_stage.dense_tensors
 
     def dense_tensors(
-        rec: MPORecord, reader: TensorReader, dtype: str = "auto"
+        rec: MPORecord,
+        reader: TensorReader,
+        dtype: str = "auto",
+        *,
+        device: torch.device | None = None,
     ) -> dict[str, torch.Tensor]:
         if rec.name != target:
-            return real(rec, reader, dtype)
+            return real(rec, reader, dtype, device=device)
         cores = [c.float().clone() for c in record_cores(rec, reader)]
         norm = float(dense_weight(rec, cores).norm())
         central = cores[rec.central_index].view(-1)

@@ -29,6 +29,7 @@ RANKS = {
     "mpo": 1,
     "errors": 0,
     "progress": 0,
+    "memory": 0,  # giving freed heap memory back (glibc), for the streaming stages
     "_version": 0,
 }
 
