@@ -355,24 +355,15 @@ class _Held(Mapping[str, torch.Tensor]):
         return len(self._tensors)
 
 
-class _Moved(Mapping[str, torch.Tensor]):
-    """`tensors` as read on `device` (each moved there when read)."""
+class _Moved(_Held):
+    """`tensors` as read on `device`: each read once, moved there, and handed out again."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], device: torch.device) -> None:
-        self._tensors = tensors
+        super().__init__(tensors)
         self._device = device
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self._tensors[key].to(self._device)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._tensors
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
+        return super().__getitem__(key).to(self._device)
 
 
 def _in_background(fn: Callable[..., T], *args: object) -> Future[T]:
