@@ -371,7 +371,8 @@ def _decompose_one(
             spectra=on_cpu(factorized.spectra),
             matrix=factorized.matrix.to("cpu"),
         )
-    fingerprint = cores_fingerprint(factorized.cores)
+    lossless = factorized.predicted_error == 0.0  # only then are spectra or a fixup kept
+    fingerprint = cores_fingerprint(factorized.cores) if lossless else ""
     spectra = _recordable_spectra(factorized, fingerprint)
     fixup = None
     if weight.dtype in HALF_DTYPES:
