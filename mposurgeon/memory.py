@@ -7,7 +7,7 @@ streaming stages (decompose, truncate, merge) therefore call `bound_heap_growth`
 of 4 MB and more are then mapped on their own and given back when freed) and
 `release_free_memory` (glibc's `malloc_trim(0)`, which also returns free pages inside the
 heaps) after each module. Measured on a 3-layer Llama-shaped decompose (bf16, 300 MB shards):
-private peak 472 MB with neither, 424 MB with the trim, 354 MB with both
+private peak 472 MB with neither, 424 MB with the trim, 358 MB with both
 (`python -m benchmarks.bench_memory --layers 3 --stages decompose`). Both are process-wide
 glibc settings, harmless to other code, and no-ops where the C library is not glibc.
 """
