@@ -17,8 +17,9 @@ Errors recorded for a truncated module are relative to the input MPO's matrix (n
 original dense weight): `predicted_error` is sqrt(sum of discarded s^2) / ||W|| of the sweep
 that cut it (exact in exact arithmetic, however many bonds are cut: a dry run's plan, from the
 uncut spectra, only bounds it), `rel_error` ||W_in - W_out||_F / ||W_in||_F of the cores as
-stored (`mpo.decomposition.truncation_error`: the identity for float64 cores, else the cut
-cores contracted once and compared with W_in). `truncated_from` keeps the bonds before the cut.
+stored (`mpo.decomposition.truncation_error`: the cut cores contracted once and compared with
+W_in, in float64 where float32 round-off would show). `truncated_from` keeps the bonds before
+the cut.
 """
 
 from __future__ import annotations
