@@ -57,7 +57,7 @@ def truncate_command(
     *,
     flags: opt.StageFlags,
 ) -> None:
-    """Lower MPO bond dimensions without data (optimal SVD cuts in canonical form).
+    """Lower MPO bond dimensions without data (each module re-decomposed with smaller bonds).
 
     Example:
 
