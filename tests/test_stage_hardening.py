@@ -321,3 +321,28 @@ def test_inspect_plot_of_nan_cores(
     result = run_cli(capsys, "inspect", artifact, "--plot", tmp_path / "spectra.png")
     assert_one_line_error(result, 1, FFN + ".mpo.core.1")
     assert not (tmp_path / "spectra.png").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_record_cores_refuses_any_non_finite_entry(dtype: torch.dtype, bad: float) -> None:
+    """`record_cores`' one-pass check (min and max) sees a single NaN or infinity anywhere."""
+    from mposurgeon.errors import ArtifactError
+    from mposurgeon.methods.mpo.record import MPORecord
+    from mposurgeon.methods.mpo.state import record_cores
+
+    rec = MPORecord(
+        name="m", kind="linear", weight_key="m.weight", shape=[4, 6], dtype="float32",
+        out_dim=4, in_dim=6, out_modes=[2, 2], in_modes=[2, 3], out_padding=0, in_padding=0,
+        bonds=[1, 4, 1], central_index=0, params=40, dense_params=24,
+    )  # fmt: skip
+    cores = {k: torch.randn(s, generator=torch.Generator().manual_seed(0)).to(dtype)
+             for k, s in rec.tensor_shapes().items()}  # fmt: skip
+    assert len(record_cores(rec, cores)) == 2
+    for position in (0, 11):  # the first entry of a core, and one inside
+        broken = dict(cores)
+        key = rec.core_keys()[1]
+        broken[key] = cores[key].clone()
+        broken[key].view(-1)[position] = bad
+        with pytest.raises(ArtifactError, match="NaN or infinite"):
+            record_cores(rec, broken)

@@ -33,12 +33,11 @@ from __future__ import annotations
 
 import json
 import math
-import threading
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -79,8 +78,6 @@ from mposurgeon.stages.common import (
     tensor_shapes,
     verified_input,
 )
-
-T = TypeVar("T")
 
 #: merge --verify tolerance for float32 and float64 outputs: (atol, rtol) on the model's main
 #: output. Half-precision outputs get a derived tolerance (`half_tolerance`).
@@ -317,18 +314,19 @@ def dense_tensors(
     method reads the module's tensors there and its results come back to the CPU."""
     to = _dtype_of(rec, dtype)
     held = _Held(reader)
-    fingerprint: Future[str] | None = None
     fixup = None
     if isinstance(rec, MPORecord) and to == FLOAT_DTYPES[rec.dtype]:
         fixup = record_fixup(rec, held)
-        if fixup is not None:  # the cores as stored: the method refuses non-finite ones
-            fingerprint = _in_background(cores_fingerprint, [held[k] for k in rec.core_keys()])
     on_device = held if device is None or device.type == "cpu" else _Moved(held, device)
-    tensors = get_method(rec.method).dense_tensors(rec, on_device)
-    out = {name: t.to(to).to("cpu").contiguous() for name, t in tensors.items()}
-    # `Fixup.matches`, its fingerprint hashed meanwhile
-    if fixup is not None and fingerprint is not None and fingerprint.result() == fixup.cores_sha256:
-        fixup.apply(as_matrix(out[rec.weight_key], rec.kind))  # bitwise the original
+    with ThreadPoolExecutor(1, thread_name_prefix="mposurgeon-fingerprint") as pool:
+        fingerprint = None
+        if isinstance(rec, MPORecord) and fixup is not None:  # the cores as stored, hashed
+            fingerprint = pool.submit(cores_fingerprint, [held[k] for k in rec.core_keys()])
+        tensors = get_method(rec.method).dense_tensors(rec, on_device)
+        out = {name: t.to(to).to("cpu").contiguous() for name, t in tensors.items()}
+        # `Fixup.matches`, its fingerprint hashed meanwhile
+        if fixup and fingerprint and fingerprint.result() == fixup.cores_sha256:
+            fixup.apply(as_matrix(out[rec.weight_key], rec.kind))  # bitwise the original
     return out
 
 
@@ -364,20 +362,6 @@ class _Moved(_Held):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return super().__getitem__(key).to(self._device)
-
-
-def _in_background(fn: Callable[..., T], *args: object) -> Future[T]:
-    """`fn(*args)` run in a new daemon thread (hashing releases the GIL); its future."""
-    future: Future[T] = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn(*args))
-        except BaseException as err:  # handed to whoever waits on the future
-            future.set_exception(err)
-
-    threading.Thread(target=run, name="mposurgeon-fingerprint", daemon=True).start()
-    return future
 
 
 def expert_tensors(
