@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file
 
 import mposurgeon
@@ -31,7 +30,7 @@ from mposurgeon.artifact.tensors import TensorReader, tensor_files
 from mposurgeon.errors import ArtifactError
 from mposurgeon.methods.mpo.record import MPORecord
 from mposurgeon.stages import merge as merge_stage
-from tests.tiny_models import TINY_MODELS
+from tests.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -39,13 +38,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def bf16_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama with random weights, saved in bfloat16."""
-    _, config_name, kwargs = TINY_MODELS["llama"]
-    torch.manual_seed(0)
-    config = getattr(transformers, config_name)(**kwargs, dtype=torch.bfloat16)
-    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-    out = tmp_path_factory.mktemp("bf16-llama") / "m"
-    model.save_pretrained(out)
-    return out
+    return build_tiny_model(
+        "llama", tmp_path_factory.mktemp("bf16-llama") / "m", dtype=torch.bfloat16
+    )
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import save_file
 
 import mposurgeon
@@ -20,6 +19,7 @@ from mposurgeon.methods.mpo.state import record_spectra
 from mposurgeon.models.layers import cores_fingerprint
 from mposurgeon.mpo.decomposition import bond_spectra, gram_spectra
 from tests.cli_runner import assert_one_line_error, run_cli
+from tests.tiny_models import build_tiny_model
 
 
 def _tensors(artifact: Path) -> dict[str, torch.Tensor]:
@@ -72,9 +72,7 @@ def test_no_spectra_where_decompose_cut_or_rounded(
 ) -> None:
     model = tiny_model_dir("llama")
     if options.get("dtype") == "keep":  # bfloat16 weights into bfloat16 cores
-        half = transformers.AutoModelForCausalLM.from_pretrained(model).to(torch.bfloat16)
-        half.save_pretrained(tmp_path / "bf16")
-        model = tmp_path / "bf16"
+        model = build_tiny_model("llama", tmp_path / "bf16", dtype=torch.bfloat16)
     out = tmp_path / "dec"
     mposurgeon.decompose(model, output=out, **options)
     records = _mpo_records(out)

@@ -125,15 +125,18 @@ TINY_MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
 ARCHITECTURES: list[str] = list(TINY_MODELS)
 
 
-def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
-    """Build the tiny random model `arch`, save it to `out_dir` and return that path."""
+def build_tiny_model(arch: str, out_dir: Path, seed: int = 0, dtype: Any = None) -> Path:
+    """Build the tiny random model `arch`, save it to `out_dir` (in `dtype`, a torch dtype,
+    if given: e.g. bfloat16 weights) and return that path."""
     import torch
     import transformers
 
     model_cls_name, config_cls_name, kwargs = TINY_MODELS[arch]
-    config = getattr(transformers, config_cls_name)(**kwargs)
+    config = getattr(transformers, config_cls_name)(**kwargs, **({"dtype": dtype} if dtype else {}))
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls_name)(config).eval()
+    if dtype is not None:
+        model = model.to(dtype)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 
