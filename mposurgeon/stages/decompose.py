@@ -288,7 +288,7 @@ def _recordable_spectra(
     wide = factorized.cores[0].dtype in (torch.float32, torch.float64)
     if factorized.predicted_error != 0.0 or not wide or not factorized.spectra:
         return None
-    record = SpectraRecord(lengths=[len(s) for s in factorized.spectra], cores_sha256=fingerprint)
+    record = SpectraRecord(cores_sha256=fingerprint)  # full spectra: one value per bond dim
     return record, torch.cat([s.double() for s in factorized.spectra]).contiguous()
 
 

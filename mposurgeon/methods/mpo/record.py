@@ -13,9 +13,9 @@ ignored: merge and `load_model` check the fingerprint).
 
 A module that decompose cut nothing from (a lossless decompose into float32 or float64 cores)
 also stores its bond spectra (`spectra`): `M.mpo.spectra`, float64, the descending singular
-values of every inner bond's unfolding of the decomposed matrix, bond after bond (`lengths`),
-which `truncate` plans from instead of computing them again. Like the fixup, they hold for the
-cores whose fingerprint they record only.
+values of every inner bond's unfolding of the decomposed matrix, bond after bond (as many as
+the bond's dimension: nothing was cut), which `truncate` plans from instead of computing them
+again. Like the fixup, they hold for the cores whose fingerprint they record only.
 """
 
 from __future__ import annotations
@@ -116,12 +116,12 @@ class FixupRecord(BaseModel):
 
 
 class SpectraRecord(BaseModel):
-    """A module's recorded bond spectra: `lengths[b]` singular values at inner bond b + 1, one
-    float64 tensor in all, valid for the cores whose sha256 fingerprint is `cores_sha256`."""
+    """A module's recorded bond spectra: `bonds[b]` singular values at each inner bond b (its
+    full spectrum), one float64 tensor in all, valid for the cores whose sha256 fingerprint is
+    `cores_sha256`."""
 
     model_config = ConfigDict(extra="allow")
 
-    lengths: list[PositiveInt]
     cores_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
@@ -155,12 +155,12 @@ class MPORecord(FactorizedRecord):
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Each core's tensor name and the shape its bonds and modes give, cores first;
-        then the fixup's two tensors, (count,) each, and the spectra's, (sum of lengths,)."""
+        then the fixup's two tensors, (count,) each, and the spectra's, (sum of inner bonds,)."""
         shapes = dict(zip(self.core_keys(), self.core_shapes(), strict=True))
         if self.fixup is not None:
             shapes |= {key: (self.fixup.count,) for key in self.fixup_keys()}
         if self.spectra is not None:
-            shapes |= {key: (sum(self.spectra.lengths),) for key in self.spectra_keys()}
+            shapes |= {key: (sum(self.bonds[1:-1]),) for key in self.spectra_keys()}
         return shapes
 
     @classmethod
@@ -176,9 +176,5 @@ class MPORecord(FactorizedRecord):
         if self.fixup is not None and self.fixup.count > self.out_dim * self.in_dim:
             raise_problems(
                 [("fixup", f"{self.fixup.count} entries in a {self.out_dim}x{self.in_dim} matrix")]
-            )
-        if self.spectra is not None and len(self.spectra.lengths) != n - 1:
-            raise_problems(
-                [("spectra", f"{len(self.spectra.lengths)} spectra for {n - 1} inner bonds")]
             )
         return self
