@@ -15,15 +15,19 @@ milliseconds while the stage runs. Reported, as growth over that baseline:
   before is read through dirty pages), so they would charge the input's pages to the stage.
 
 The bound is the stage input's largest shard file plus 3x the largest decomposed matrix in
-float32 (the writer holds up to one output shard, sized like an input shard at `auto`, and a
-stage works on a few matrices at a time). It must hold, and the peaks be the same, for a
-checkpoint of 2 and of 6 layers with the same shard size: Llama-shaped (hidden 2048,
-intermediate 5632, vocab 32000, 32 heads, 4 key-value heads: TinyLlama-1.1B's shapes),
+float32 (issue 17's: a stage may hold a shard and works on a few matrices at a time; the
+writer writes each tensor as it comes, so in fact no shard is held). It must hold, and the
+peaks be the same, for a checkpoint of 2 and of 6 layers with the same shard size:
+Llama-shaped (hidden 2048, intermediate 5632, vocab 32000, 32 heads, 4 key-value heads:
+TinyLlama-1.1B's shapes),
 random bfloat16 weights, saved by transformers' `save_pretrained(max_shard_size=...)` in a
 temporary directory. `python -m benchmarks.bench_memory --layers 2 6 --shard 300MB` runs only
 this table (`--cap-gb` kills a stage that grows past that resident size: reported, not run on).
 
 The shipped MiniLM (one 90 MB file) is measured too, and merge time against plain copies.
+`copy` is a plain safetensors load and save of each shard; `contract` contracts every module
+of an artifact and writes nothing (merge's arithmetic alone). The child asks torch for huge
+pages before importing it, as the console script does (`mposurgeon/memory.py`).
 """
 
 from __future__ import annotations
@@ -60,11 +64,13 @@ CHILD = r"""
 import json, sys
 from pathlib import Path
 stage, src, out, kwargs = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), json.loads(sys.argv[4])
+from mposurgeon.memory import use_huge_pages_for_tensors
+use_huge_pages_for_tensors()  # before torch is imported, as the console script does
 import torch, transformers, safetensors.torch  # the same imports in every stage
 import mposurgeon
 import mposurgeon.stages.decompose, mposurgeon.stages.truncate, mposurgeon.stages.merge
 import mposurgeon.stages.select, mposurgeon.stages.inspect
-from mposurgeon.artifact.tensors import ShardedWriter, auto_shard_size, open_tensors, parse_size
+from mposurgeon.artifact.tensors import open_tensors, tensor_files
 from mposurgeon.stages.common import model_layout
 model_layout(src)  # the modeling import and the layout: not streaming memory
 if kwargs.get("device") == "cuda":  # the CUDA context: not streaming memory either
@@ -75,12 +81,18 @@ except OSError:
     pass
 print("ready", flush=True)
 sys.stdin.readline()  # the parent has its baseline
-if stage == "copy":  # a plain shard-by-shard copy at the same shard size: the floor
+if stage == "copy":  # a plain safetensors load and save of each shard: the floor
     out.mkdir(parents=True)
-    size = parse_size(kwargs.get("max_shard_size", 0) or auto_shard_size(src))
-    with open_tensors(src) as reader, ShardedWriter(out, size) as writer:
-        for key in reader.keys():
-            writer.add(key, reader.get(key))
+    for file in tensor_files(src):
+        safetensors.torch.save_file(
+            safetensors.torch.load_file(file), out / file.name, metadata={"format": "pt"}
+        )
+elif stage == "contract":  # merge's arithmetic alone: every module contracted, nothing written
+    from mposurgeon.artifact.manifest import read_manifest
+    from mposurgeon.methods.registry import get_method
+    with open_tensors(src) as reader:
+        for rec in read_manifest(src).modules.values():
+            get_method(rec.method).to_dense(rec, reader)
 elif stage == "inspect":
     mposurgeon.inspect(src)
 else:

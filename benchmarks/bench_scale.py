@@ -10,8 +10,11 @@ a fresh child process (`bench_memory.measure`) and is reported:
   largest decomposed matrix in float32 (goal: within it), for decompose, truncate
   (`param_ratio=0.5`), merge, select (magnitude and entropy) and inspect;
 - truncate's time against decompose's (goal: at most 1.0x) and merge's against a
-  shard-by-shard safetensors copy of the same artifact, the decomposition (goal: 1.5x), both
-  whole process (the imports excepted: every child has them before the clock starts);
+  shard-by-shard safetensors load and save of the same artifact (goal: 1.5x), both whole
+  process (the imports excepted: every child has them before the clock starts), for merge of
+  the decomposition and of its truncation (the pipeline's merge); beside them, the
+  decomposition's contraction alone (every module's cores contracted, nothing read back or
+  written): merge's arithmetic floor against the same copy;
 - each stage's private peak at 22 layers against 8 (goal: the same, within 1.1x).
 
 With a GPU (`torch.cuda.is_available()`) decompose, truncate and merge run again with
@@ -53,14 +56,19 @@ DECOMPOSE = "decompose"
 TRUNCATE = "truncate --param-ratio 0.5"
 MERGE = "merge"
 COPY = "copy of the decomposition"
+CONTRACT = "contraction alone of the decomposition"
+MERGE_TRUNCATED = "merge of the truncated artifact"
+COPY_TRUNCATED = "copy of the truncated artifact"
+#: What each input name of `Step.reads` is: the checkpoint, its decomposition, its truncation.
+INPUTS = ("src", "dec", "trunc")
 
 
 @dataclass(frozen=True)
 class Step:
     """One stage run: its row `name`, `measure`'s `stage`, the input it `reads` ("src": the
-    checkpoint, "dec": its decomposition at defaults) and its keyword arguments. `matrices`:
-    whether the stage handles decomposed matrices (its bound has 3x the largest; a copy's
-    does not)."""
+    checkpoint, "dec": its decomposition at defaults, "trunc": that truncated to half its
+    parameters) and its keyword arguments. `matrices`: whether the stage handles decomposed
+    matrices (its bound has 3x the largest; a copy's does not)."""
 
     name: str
     stage: str
@@ -80,7 +88,11 @@ def steps(device: str | None) -> list[Step]:
         Step(COPY, "copy", "dec", {}, matrices=False),
         Step(MERGE, "merge", "dec", dict(dev)),
         Step(TRUNCATE, "truncate", "dec", {"param_ratio": 0.5, **dev}),
+        Step(COPY_TRUNCATED, "copy", "trunc", {}, matrices=False),
+        Step(MERGE_TRUNCATED, "merge", "trunc", dict(dev)),
     ]
+    if device is None or device == "cpu":
+        plan.insert(3, Step(CONTRACT, "contract", "dec", {}))
     if device == "cuda":
         return plan
     return plan + [
@@ -94,40 +106,46 @@ def run_steps(
     src: Path, work: Path, plan: Sequence[Step], label: str, cap_mb: float | None
 ) -> Iterator[tuple[Step, dict[str, Any], dict[str, Any]]]:
     """Each step of `plan` on checkpoint `src`, outputs under `work` (each deleted once
-    measured, the decomposition last): the step, `measure`'s result and its peak row."""
-    dec = work / "dec"
+    measured, the decomposition and its truncation last): the step, `measure`'s result and its
+    peak row."""
+    inputs = {"src": src, "dec": work / "dec", "trunc": work / "trunc"}
+    kept = {"decompose": inputs["dec"], "truncate": inputs["trunc"]}  # what later steps read
     matrix_mb: float | None = None
     for step in plan:
-        if step.reads == "dec" and not (dec / "mposurgeon.json").is_file():
-            continue  # decompose was killed (cap_mb): nothing to read
-        inp = src if step.reads == "src" else dec
-        out = dec if step.stage == "decompose" else work / "out"
+        inp = inputs[step.reads]
+        if step.reads != "src" and not (inp / "mposurgeon.json").is_file():
+            continue  # the stage that makes it was killed (cap_mb): nothing to read
+        out = kept.get(step.stage, work / "out")
         m = measure(step.stage, inp, out, step.kwargs, cap_mb)
-        if step.stage == "decompose" and (dec / "mposurgeon.json").is_file():
-            matrix_mb = largest_matrix_f32_mb(dec)
+        if step.stage == "decompose" and (out / "mposurgeon.json").is_file():
+            matrix_mb = largest_matrix_f32_mb(out)
         bound_matrix = (matrix_mb or 0.0) if step.matrices else None
         row = peak_row(step.name, m, largest_shard_mb(inp), bound_matrix, label, cap_mb)
-        if out != dec:
+        if out not in kept.values():
             remove(out)
         yield step, m, row
-    remove(dec)
+    for out in kept.values():
+        remove(out)
 
 
 def _seconds(m: dict[str, Any] | None) -> str:
     """A measured time, or why there is none."""
     if m is None:
-        return "not run (decompose killed)"
+        return "not run (the stage making its input was killed)"
     if m["capped"]:
         return f"killed after {m['seconds']:.0f} s"
     return f"{m['seconds']:.1f} s"
 
 
 def time_rows(found: dict[str, dict[str, Any]], label: str) -> list[dict[str, Any]]:
-    """Truncate against decompose (goal 1.0x) and merge against the copy of its input (goal
-    1.5x), from one checkpoint's measurements by step name (`measure`'s results)."""
+    """Truncate against decompose (goal 1.0x), each merge against a copy of its input (goal
+    1.5x) and the contraction alone against that copy (merge's floor: no goal), from one
+    checkpoint's measurements by step name (`measure`'s results)."""
     pairs = [
         (TRUNCATE, DECOMPOSE, "decompose", 1.0),
         (MERGE, COPY, "shard-by-shard safetensors copy of the decomposition", 1.5),
+        (CONTRACT, COPY, "shard-by-shard safetensors copy of the decomposition", None),
+        (MERGE_TRUNCATED, COPY_TRUNCATED, "shard-by-shard safetensors copy of it", 1.5),
     ]
     rows = []
     for name, base, base_label, goal in pairs:
@@ -156,16 +174,16 @@ def _peak(m: dict[str, Any]) -> str:
 def same_peak_rows(
     by_layers: dict[int, dict[str, dict[str, Any]]], variant: str
 ) -> list[dict[str, Any]]:
-    """Per stage (the copy, a baseline, left out), the private peak on the most layers
-    against the fewest (goal: the same, within 1.1x), from measurements by number of layers,
-    then step name."""
+    """Per stage (the copies and the contraction, baselines, left out), the private peak on
+    the most layers against the fewest (goal: the same, within 1.1x), from measurements by
+    number of layers, then step name."""
     if len(by_layers) < 2:
         return []
     few, many = min(by_layers), max(by_layers)
     rows = []
     for name, small in by_layers[few].items():
         large = by_layers[many].get(name)
-        if large is None or name == COPY:  # the copy is a baseline, not a stage
+        if large is None or name in (COPY, COPY_TRUNCATED, CONTRACT):  # baselines
             continue
         ok = not small["capped"] and not large["capped"]
         rows.append(

@@ -10,6 +10,13 @@ heaps) after each module. Measured on a 3-layer Llama-shaped decompose (bf16, 30
 private peak 472 MB with neither, 424 MB with the trim, 358 MB with both
 (`python -m benchmarks.bench_memory --layers 3 --stages decompose`). Both are process-wide
 glibc settings, harmless to other code, and no-ops where the C library is not glibc.
+
+Each of those freshly mapped blocks is then faulted in page by page: the console script
+(`cli/entry.py`) calls `use_huge_pages_for_tensors` before torch is imported, so that PyTorch
+backs tensors of 2 MB and more with transparent huge pages (512x fewer faults). Measured on an
+8-layer Llama-shaped decompose (bf16, 500 MB shards, 2 cores): 64 s with 47 s of system time
+without, 50 s with 30 s with it (`time mposurgeon decompose ...` with and without
+`THP_MEM_ALLOC_ENABLE=0`).
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
+import sys
 from collections.abc import Callable
 
 #: mallopt's parameter number of the mmap threshold (glibc malloc.h)
@@ -24,6 +33,22 @@ _M_MMAP_THRESHOLD = -3
 #: Blocks from this size on are mapped on their own (glibc's default starts at 128 KiB and
 #: grows to 32 MiB); below it, the heaps' reuse is worth keeping.
 MMAP_THRESHOLD = 4 << 20
+
+
+#: PyTorch reads this environment variable once, at its first CPU allocation: "1" aligns CPU
+#: tensors of 2 MB and more to 2 MB and advises the kernel to back them with transparent huge
+#: pages (where the kernel's THP mode is `madvise` or `always`).
+TORCH_HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"
+
+
+def use_huge_pages_for_tensors() -> bool:
+    """Ask PyTorch to back large CPU tensors with transparent huge pages, unless the user set
+    `TORCH_HUGE_PAGES` themselves. Only possible before torch is imported: returns whether it
+    still was (the variable is then set in this process's environment)."""
+    if "torch" in sys.modules:
+        return False
+    os.environ.setdefault(TORCH_HUGE_PAGES, "1")
+    return True
 
 
 @functools.cache

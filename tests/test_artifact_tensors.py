@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -299,3 +300,67 @@ def test_writer_failure_stops_hashing(tmp_path: Path) -> None:
             writer.add(f"t{i}", torch.zeros(300))
         raise RuntimeError("boom")
     assert writer._pool is None and writer._cancel.is_set()
+
+
+def _head(path: Path) -> tuple[int, bytes]:
+    """A safetensors file's header length and header bytes."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return length, f.read(length)
+
+
+def test_streamed_shard_keeps_every_tensor_aligned(tmp_path: Path) -> None:
+    """Tensors are written as they come; those whose size is not a multiple of 8 bytes go
+    last, widest first, so every tensor starts 8-byte aligned, as safetensors lays them out."""
+    gen = torch.Generator().manual_seed(0)
+    ref = {
+        "odd_bf16": torch.randn(3, generator=gen).to(torch.bfloat16),  # 6 bytes
+        "f32": torch.randn(5, 4, generator=gen),
+        "odd_u8": torch.arange(5, dtype=torch.uint8),
+        "odd_f32": torch.randn(3, generator=gen),  # 12 bytes
+        "f64": torch.randn(3, generator=gen, dtype=torch.float64),
+        "mask": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "ids": torch.arange(6, dtype=torch.int64),
+    }
+    [file] = _write(tmp_path, ref, 10**6)
+    length, header = _head(file)
+    assert (8 + length) % 8 == 0 and header.startswith(b"{")
+    entries = json.loads(header)
+    assert entries.pop("__metadata__") == {"format": "pt"}
+    spans = sorted(tuple(e["data_offsets"]) for e in entries.values())
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in pairwise(spans))  # no holes
+    assert file.stat().st_size == 8 + length + spans[-1][1]
+    for key, entry in entries.items():
+        start, end = entry["data_offsets"]
+        width = ref[key].element_size()
+        assert start % min(8, width) == 0, key
+        assert end - start == ref[key].numel() * width
+    # the unaligned ones come last, widest element first
+    order = sorted(entries, key=lambda k: entries[k]["data_offsets"])
+    assert order[-5:] == ["odd_f32", "scalar", "odd_bf16", "odd_u8", "mask"]
+    loaded = load_file(file)
+    _assert_same(list(loaded), loaded.__getitem__, ref)
+
+
+def test_header_larger_than_its_reservation_rewrites_the_shard(tmp_path: Path) -> None:
+    """A 100 kB shard reserves 4 KiB for its header; 120 tensors with long names need more:
+    the shard is written again, header first, with no reserved gap left and no stray file."""
+    gen = torch.Generator().manual_seed(0)
+    ref = {f"model.layers.{i}.a.rather.long.tensor.name.weight": torch.randn(4, generator=gen)
+           for i in range(120)}  # fmt: skip
+    [file] = _write(tmp_path, ref, 100_000)
+    length, _ = _head(file)
+    assert length + 8 > 4096
+    assert file.stat().st_size == 8 + length + 120 * 16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    loaded = load_file(file)
+    _assert_same(list(loaded), loaded.__getitem__, ref)
+
+
+def test_writer_refuses_the_metadata_key_and_unstorable_dtypes(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="__metadata__"), ShardedWriter(tmp_path, 100) as writer:
+        writer.add("__metadata__", torch.zeros(2))
+    with pytest.raises(ValueError, match="complex128"), ShardedWriter(tmp_path, 100) as writer:
+        writer.add("z", torch.zeros(2, dtype=torch.complex128))

@@ -9,9 +9,12 @@ import pytest
 from benchmarks.__main__ import markdown
 from benchmarks.bench_memory import peak_row
 from benchmarks.bench_scale import (
+    CONTRACT,
     COPY,
+    COPY_TRUNCATED,
     DECOMPOSE,
     MERGE,
+    MERGE_TRUNCATED,
     TRUNCATE,
     same_peak_rows,
     steps,
@@ -27,26 +30,38 @@ def _m(seconds: float, private_mb: float = 100.0, capped: bool = False) -> dict[
     return m
 
 
-def test_time_rows_compare_truncate_to_decompose_and_merge_to_the_copy() -> None:
-    found = {DECOMPOSE: _m(10.0), TRUNCATE: _m(12.0), MERGE: _m(3.0), COPY: _m(2.0)}
-    truncate, merge = time_rows(found, "8 layers")
+def test_time_rows_compare_truncate_to_decompose_and_merges_to_copies() -> None:
+    found = {
+        DECOMPOSE: _m(10.0),
+        TRUNCATE: _m(12.0),
+        MERGE: _m(3.0),
+        COPY: _m(2.0),
+        CONTRACT: _m(1.0),
+        MERGE_TRUNCATED: _m(4.0),
+        COPY_TRUNCATED: _m(1.6),
+    }
+    truncate, merge, contract, merge_truncated = time_rows(found, "8 layers")
     assert truncate["ratio"] == pytest.approx(1.2) and truncate["goal"] == 1.0
     assert truncate["value"] == "12.0 s" and truncate["baseline"] == "decompose 10.0 s"
     assert merge["ratio"] == pytest.approx(1.5) and merge["goal"] == 1.5
     assert "copy of the decomposition 2.0 s" in merge["baseline"]
-    assert all("8 layers" in row["benchmark"] for row in (truncate, merge))
+    assert contract["ratio"] == pytest.approx(0.5) and contract["goal"] is None  # the floor
+    assert contract["stage"] == CONTRACT and "copy of the decomposition" in contract["baseline"]
+    assert merge_truncated["ratio"] == pytest.approx(2.5) and merge_truncated["goal"] == 1.5
+    assert merge_truncated["baseline"] == "shard-by-shard safetensors copy of it 1.6 s"
+    assert all("8 layers" in row["benchmark"] for row in (truncate, merge, merge_truncated))
 
 
 def test_time_rows_without_a_ratio_when_a_stage_was_killed() -> None:
     found = {DECOMPOSE: _m(30.0, capped=True)}  # nothing read its output
-    truncate, merge = time_rows(found, "22 layers")
-    assert truncate["ratio"] is None and merge["ratio"] is None
-    assert truncate["value"] == "not run (decompose killed)"
-    assert truncate["baseline"] == "decompose killed after 30 s"
+    rows = time_rows(found, "22 layers")
+    assert len(rows) == 4 and all(row["ratio"] is None for row in rows)
+    assert rows[0]["value"] == "not run (the stage making its input was killed)"
+    assert rows[0]["baseline"] == "decompose killed after 30 s"
     found = {DECOMPOSE: _m(10.0), TRUNCATE: _m(50.0, capped=True), MERGE: _m(1.0), COPY: _m(1.0)}
-    truncate, merge = time_rows(found, "22 layers")
+    truncate, merge, _, merge_truncated = time_rows(found, "22 layers")
     assert truncate["ratio"] is None and truncate["value"] == "killed after 50 s"
-    assert merge["ratio"] == pytest.approx(1.0)
+    assert merge["ratio"] == pytest.approx(1.0) and merge_truncated["ratio"] is None
 
 
 def test_same_peak_rows_compare_the_most_layers_to_the_fewest() -> None:
@@ -56,16 +71,18 @@ def test_same_peak_rows_compare_the_most_layers_to_the_fewest() -> None:
             MERGE: _m(1.0, 500.0),
             TRUNCATE: _m(1.0, 700.0),
             COPY: _m(1.0, 20.0),
+            CONTRACT: _m(1.0, 90.0),
         },
         22: {
             DECOMPOSE: _m(1.0, 660.0),
             MERGE: _m(1.0, 1500.0, capped=True),
             COPY: _m(1.0, 30.0),
+            CONTRACT: _m(1.0, 95.0),
         },
         15: {DECOMPOSE: _m(1.0, 1.0)},  # neither the fewest nor the most: not compared
     }
     rows = {row["stage"]: row for row in same_peak_rows(by_layers, "cpu")}
-    assert set(rows) == {DECOMPOSE, MERGE}  # no truncate at 22 layers; copy: a baseline
+    assert set(rows) == {DECOMPOSE, MERGE}  # no truncate at 22 layers; copy, contraction: baselines
     assert rows[DECOMPOSE]["ratio"] == pytest.approx(1.1) and rows[DECOMPOSE]["goal"] == 1.1
     assert "22 vs 15 layers" not in rows[DECOMPOSE]["benchmark"]
     assert "22 vs 8 layers, cpu" in rows[DECOMPOSE]["benchmark"]
@@ -92,13 +109,17 @@ def test_steps_pass_the_device_to_decompose_truncate_and_merge_only() -> None:
     assert {step.stage for step in defaults} == {
         "decompose",
         "copy",
+        "contract",
         "merge",
         "truncate",
         "select",
         "inspect",
     }
+    names = [step.name for step in defaults]  # the truncation is read after truncate made it
+    assert names.index(TRUNCATE) < names.index(MERGE_TRUNCATED)
+    assert names.index(TRUNCATE) < names.index(COPY_TRUNCATED)
     cuda = {step.name: step for step in steps("cuda")}
-    assert set(cuda) == {DECOMPOSE, COPY, MERGE, TRUNCATE}
+    assert set(cuda) == {DECOMPOSE, COPY, MERGE, TRUNCATE, COPY_TRUNCATED, MERGE_TRUNCATED}
     assert cuda[TRUNCATE].kwargs == {"param_ratio": 0.5, "device": "cuda"}
     assert "device" not in cuda[COPY].kwargs and not cuda[COPY].matrices
     cpu = {step.name: step.kwargs.get("device") for step in steps("cpu")}

@@ -1,14 +1,23 @@
 """The streaming stages' glibc settings: the mmap threshold is fixed and free heap pages are
-given back (measured with /proc/self/smaps_rollup, on Linux with glibc only)."""
+given back (measured with /proc/self/smaps_rollup, on Linux with glibc only); the console
+script asks torch for huge pages before importing it."""
 
 from __future__ import annotations
 
 import ctypes
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from mposurgeon.memory import _libc, bound_heap_growth, release_free_memory
+from mposurgeon.memory import (
+    TORCH_HUGE_PAGES,
+    _libc,
+    bound_heap_growth,
+    release_free_memory,
+)
 
 GLIBC = _libc() is not None and hasattr(_libc(), "malloc_trim")
 
@@ -45,3 +54,43 @@ def test_release_and_bound_are_safe_to_call_twice() -> None:
     bound_heap_growth()
     release_free_memory()
     release_free_memory()
+
+
+def _huge_pages_child(env: dict[str, str]) -> list[str]:
+    """In a fresh interpreter: `use_huge_pages_for_tensors()`'s answer and the variable torch
+    then reads, as printed."""
+    script = (
+        "import os\n"
+        "from mposurgeon.memory import TORCH_HUGE_PAGES, use_huge_pages_for_tensors\n"
+        "print(use_huge_pages_for_tensors(), os.environ.get(TORCH_HUGE_PAGES))\n"
+        "import torch\n"
+        "print(use_huge_pages_for_tensors())\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    return proc.stdout.split("\n")[:2]
+
+
+def test_huge_pages_are_asked_for_before_torch_is_imported_only() -> None:
+    env = {k: v for k, v in os.environ.items() if k != TORCH_HUGE_PAGES}
+    assert _huge_pages_child(env) == ["True 1", "False"]  # after the import: too late
+    assert _huge_pages_child(env | {TORCH_HUGE_PAGES: "0"}) == ["True 0", "False"]  # the user's
+
+
+def test_console_script_asks_for_huge_pages_before_importing_torch() -> None:
+    env = {k: v for k, v in os.environ.items() if k != TORCH_HUGE_PAGES}
+    script = (
+        "import os, sys\n"
+        "sys.argv = ['mposurgeon', '--version']\n"
+        "from mposurgeon.cli.entry import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(os.environ.get('THP_MEM_ALLOC_ENABLE'))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    assert proc.stdout.strip().splitlines()[-1] == "1"

@@ -1,15 +1,16 @@
-"""Memory bounded by a shard at default options (issue 17, item 2).
+"""Memory bounded at default options (issue 17, item 2).
 
 At `max_shard_size="auto"` (the default) a stage's output follows its input's sharding: no
 output shard is larger than the input's largest shard (plus one tensor), and the tensors are
-bitwise those an explicit large `max_shard_size` gives. `ShardedWriter` holds at most one
-shard: it is instrumented by wrapping the `save_file` it writes each shard with, never timed.
+bitwise those an explicit large `max_shard_size` gives. `ShardedWriter` holds no tensor: each
+is written to its shard's file as it is added (checked with weak references, never timed).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -56,14 +57,17 @@ def sharded_llama(tiny_model_dir: Callable[[str], Path], tmp_path_factory) -> Pa
 
 @pytest.fixture
 def shard_spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[Spy]:
-    """Every shard `ShardedWriter` writes, as {name: bytes}, in order."""
+    """Every shard `ShardedWriter` finishes, as {name: bytes}, in order."""
     written: Spy = []
+    real = tensors_module._ShardFile.finish
 
-    def spy(tensors: dict[str, torch.Tensor], filename: str, metadata: dict | None = None) -> None:
-        written.append({k: t.numel() * t.element_size() for k, t in tensors.items()})
-        save_file(tensors, filename, metadata=metadata)
+    def spy(shard: tensors_module._ShardFile) -> None:
+        real(shard)
+        written.append(
+            {k: e["data_offsets"][1] - e["data_offsets"][0] for k, e in shard._entries.items()}
+        )
 
-    monkeypatch.setattr(tensors_module, "save_file", spy)
+    monkeypatch.setattr(tensors_module._ShardFile, "finish", spy)
     yield written
 
 
@@ -87,8 +91,9 @@ def _tensor_bytes(directory: Path) -> dict[str, tuple[torch.dtype, tuple[int, ..
 
 
 def _check_follows_input(source: Path, out: Path, reference: Path, spy: Spy) -> None:
-    """`out` (written at defaults from `source`) is sharded like `source`, every buffer the
-    writer held fit one input shard, and its tensors and module records are `reference`'s."""
+    """`out` (written at defaults from `source`) is sharded like `source`, the tensors of
+    every shard the writer finished fit one input shard (or are one tensor), and its tensors
+    and module records are `reference`'s."""
     limit = _largest_file(source)
     files = tensor_files(out)
     assert len(files) > 1, "a sharded input gives a sharded output"
@@ -203,17 +208,19 @@ def test_bad_max_shard_size_is_a_usage_error(given: str) -> None:
         StageOptions(max_shard_size=given)
 
 
-def test_writer_never_buffers_more_than_a_shard(tmp_path: Path, shard_spy: Spy) -> None:
+def test_writer_holds_no_tensor_and_cuts_shards_at_the_limit(
+    tmp_path: Path, shard_spy: Spy
+) -> None:
     gen = torch.Generator().manual_seed(0)
-    sizes = torch.randint(1, 600, (80,), generator=gen).tolist()
+    sizes = (torch.randint(1, 300, (80,), generator=gen) * 2).tolist()  # 8-byte multiples
     limit = 4_000  # bytes
     with ShardedWriter(tmp_path, limit) as writer:
         for i, n in enumerate(sizes):
-            writer.add(f"t{i}", torch.randn(n, generator=gen))
-            # written shard by shard as tensors arrive: never more than a shard waits
-            assert (
-                sum(sum(shard.values()) for shard in shard_spy) >= 4 * sum(sizes[: i + 1]) - limit
-            )
+            tensor = torch.randn(n, generator=gen)
+            alive = weakref.ref(tensor)
+            writer.add(f"t{i}", tensor)
+            del tensor
+            assert alive() is None, "written as added: the writer keeps no tensor"
         writer.add("big", torch.randn(3 * limit // 4, generator=gen).repeat(2))  # over the limit
     assert all(sum(shard.values()) <= limit for shard in shard_spy if "big" not in shard)
     assert {"big": 6 * limit} in shard_spy  # a tensor over the limit is a shard of its own

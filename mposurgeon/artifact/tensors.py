@@ -2,26 +2,27 @@
 
 `TensorReader` opens a checkpoint without loading its tensors: shapes and dtypes come from the
 safetensors headers, and each `get` reads one tensor from a memory map. `ShardedWriter` writes
-tensors one by one into shards of bounded size, named and indexed as `save_pretrained` does.
+tensors one by one, straight to disk, into shards of bounded size, named and indexed as
+`save_pretrained` does.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import pickle
 import re
+import shutil
+import struct
 import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from mposurgeon.artifact.store import sha256_file, write_error
 from mposurgeon.errors import ArtifactError, UsageError
@@ -368,11 +369,9 @@ def tensor_files(path: Path) -> list[Path]:
 
 
 #: The output shard size (bytes) `auto` gives for a one-file input, and the most it gives for
-#: any. A stage's private memory grows with its output shard size (`ShardedWriter` holds one
-#: shard) and its time does not: merge of a 6-layer TinyLlama-shaped artifact (791 MB out) held
-#: 478 / 561 / 725 MB private at 250 MB / 500 MB / 1 GB shards, in the same time (31-53 s on a
-#: loaded 2-core machine, no trend). 500 MB keeps models up to ~100M float32 parameters one
-#: file and cuts a 14 GB one-file 7B checkpoint (transformers 5 saves 50 GB shards) into 28.
+#: any. `ShardedWriter` writes each tensor as it comes, so the size costs no memory; it is a
+#: file size: 500 MB keeps models up to ~100M float32 parameters one file and cuts a 14 GB
+#: one-file 7B checkpoint (transformers 5 saves 50 GB shards) into 28.
 AUTO_SHARD_SIZE = 500 * 10**6
 
 
@@ -381,8 +380,6 @@ def auto_shard_size(path: Path) -> int:
 
     A sharded input gives its largest shard file's size, at most `AUTO_SHARD_SIZE`; a one-file
     input gives `AUTO_SHARD_SIZE`, so a small model stays one file and a large one is cut.
-    `ShardedWriter` buffers up to one shard, so this bounds a stage's private memory for its
-    output by one input shard (and 500 MB), whatever the model's size.
     """
     files = tensor_files(path)
     if len(files) == 1:
@@ -397,15 +394,15 @@ def auto_shard_size(path: Path) -> int:
 class ShardedWriter:
     """Write tensors into `model.safetensors`, or shards plus an index once they exceed a size.
 
-    Tensors are buffered until the next one would push the shard past `max_shard_size` bytes;
-    the buffer is then written to a temporary file, so memory holds at most one shard (tensors
-    read from a checkpoint stay backed by its memory map; computed ones are private memory). A
-    tensor larger than the limit gets a shard of its own. `max_shard_size="auto"` means
-    `AUTO_SHARD_SIZE`; a stage passes `StageOptions.shard_size(input)` to follow its
-    input's sharding instead. Each written shard is hashed (sha256) and
-    flushed to disk in two background threads while the next one is built. `close()` waits for
-    those, gives the shards their final names (`model-00001-of-00003.safetensors`, ...) and
-    writes `model.safetensors.index.json`; `checksums()` then lists the shards' digests.
+    Each tensor is written to its shard's temporary file as it is added (`_ShardFile`), so the
+    writer holds no tensor: a stage's private memory does not grow with the shard size. A shard
+    is closed when the next tensor would push its tensor bytes past `max_shard_size`; a tensor
+    larger than the limit gets a shard of its own. `max_shard_size="auto"` means
+    `AUTO_SHARD_SIZE`; a stage passes `StageOptions.shard_size(input)` to follow its input's
+    sharding instead. Each closed shard is hashed (sha256) and flushed to disk in two
+    background threads while the next one is written. `close()` waits for those, gives the
+    shards their final names (`model-00001-of-00003.safetensors`, ...) and writes
+    `model.safetensors.index.json`; `checksums()` then lists the shards' digests.
     """
 
     def __init__(
@@ -419,11 +416,9 @@ class ShardedWriter:
         self.directory = Path(directory)
         self.max_shard_size = max_shard_size
         self.prefix = prefix
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []  # temp file, keys it holds
+        self._shard: _ShardFile | None = None  # the one being written
+        self._shards: list[tuple[Path, list[str]]] = []  # closed temp files, keys they hold
         self._seen: set[str] = set()
-        self._buffer_storages: set[int] = set()  # data pointers of the buffered tensors
         self._total_size = 0
         self._closed = False
         self._written: list[Path] = []
@@ -434,56 +429,44 @@ class ShardedWriter:
         self._cancel = threading.Event()
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        """Queue `tensor` under `key`; may write a full shard to disk first."""
+        """Write `tensor` under `key` into the current shard, closing it first if full."""
         if self._closed:
             raise ValueError("ShardedWriter is closed")
-        if key in self._seen:
+        if key in self._seen or key == _METADATA_KEY:
             raise ValueError(f"duplicate tensor name {key!r}")
         tensor = tensor.detach().to("cpu")
-        if not tensor.is_contiguous():
-            tensor = tensor.contiguous()
-        storage = tensor.untyped_storage()
         size = tensor.numel() * tensor.element_size()
-        shares = tensor.storage_offset() != 0 or storage.nbytes() != size
-        if self._buffer and self._buffer_bytes + size > self.max_shard_size:
-            self._flush()
-        if shares or storage.data_ptr() in self._buffer_storages:
-            tensor = tensor.clone()  # safetensors refuses tensors that share memory
-        self._buffer_storages.add(tensor.untyped_storage().data_ptr())
+        if self._shard is not None and self._shard.tensor_bytes + size > self.max_shard_size:
+            self._close_shard()
+        if self._shard is None:
+            index = len(self._shards) + 1
+            tmp = self.directory / f".{self.prefix}-tmp-{index:05d}.safetensors"
+            self._shard = _ShardFile(tmp, _header_reserve(self.max_shard_size))
+        self._shard.add(key, tensor)
         self._seen.add(key)
-        self._buffer[key] = tensor
-        self._buffer_bytes += size
         self._total_size += size
 
-    def _flush(self) -> None:
-        index = len(self._shards) + 1
-        tmp = self.directory / f".{self.prefix}-tmp-{index:05d}.safetensors"
-        try:
-            save_file(self._buffer, str(tmp), metadata={"format": "pt"})
-        except SafetensorError as err:  # it wraps the OS error: "... (os error 28)"
-            match = _OS_ERROR_RE.search(str(err))
-            raise write_error(tmp, int(match[1]) if match else 0) from err
-        except OSError as err:
-            raise write_error(tmp, err) from err
-        try:  # safetensors creates the file 0600; a shard is as readable as any file written
-            os.chmod(tmp, _file_mode())
-        except OSError as err:
-            raise write_error(tmp, err) from err
+    def _close_shard(self) -> None:
+        """Finish the current shard (an empty one if none was started) and queue its hashing
+        and flush to disk."""
+        if self._shard is None:
+            index = len(self._shards) + 1
+            tmp = self.directory / f".{self.prefix}-tmp-{index:05d}.safetensors"
+            self._shard = _ShardFile(tmp, _header_reserve(self.max_shard_size))
+        shard, self._shard = self._shard, None
+        shard.finish()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mposurgeon-shard")
-        self._syncs.append(self._pool.submit(_fsync_file, tmp))
-        self._digests.append(self._pool.submit(sha256_file, tmp, self._cancel))
-        self._shards.append((tmp, list(self._buffer)))
-        self._buffer = {}
-        self._buffer_storages = set()
-        self._buffer_bytes = 0
+        self._syncs.append(self._pool.submit(_fsync_file, shard.path))
+        self._digests.append(self._pool.submit(sha256_file, shard.path, self._cancel))
+        self._shards.append((shard.path, shard.keys()))
 
     def close(self) -> list[Path]:
         """Write the last shard, name the shards and write the index; return the files written."""
         if self._closed:
             return list(self._written)
-        if self._buffer or not self._shards:
-            self._flush()
+        if self._shard is not None or not self._shards:
+            self._close_shard()
         self._closed = True
         try:
             digests = [d.result() for d in self._digests]
@@ -530,7 +513,9 @@ class ShardedWriter:
         if exc_type is None:
             self.close()
         else:  # the directory's owner (atomic_directory) removes the partial files
-            self._buffer = {}
+            if self._shard is not None:
+                self._shard.abandon()
+                self._shard = None
             self._closed = True
             self._cancel.set()
             self._shutdown()
@@ -547,8 +532,121 @@ class ShardedWriter:
             self._pool = None
 
 
-#: How safetensors states the OS error under its SafetensorError.
-_OS_ERROR_RE = re.compile(r"os error (\d+)")
+#: The header key safetensors keeps for the file's metadata (no tensor may have it).
+_METADATA_KEY = "__metadata__"
+#: torch dtypes -> safetensors header dtype names.
+_DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+#: Tensors are laid out at multiples of this many bytes from the data section's start (which
+#: is itself aligned so), as safetensors' own writer lays them out.
+_ALIGNMENT = 8
+
+
+def _header_reserve(max_shard_size: int) -> int:
+    """Bytes reserved at the head of a shard for its header: 1/512 of the shard size, between
+    4 KiB (~35 tensor entries of ~110 bytes) and 1 MiB (~9,000), a multiple of 8."""
+    return min(max(max_shard_size // 512, 4096), 1 << 20) // _ALIGNMENT * _ALIGNMENT
+
+
+class _ShardFile:
+    """One safetensors file written tensor by tensor, holding no tensor in memory.
+
+    The data section starts at `reserve` bytes; each tensor whose size is a multiple of 8 bytes
+    is written there as it is added. The few others (a bfloat16 vector of odd length) are held
+    and written last, widest element first, so that every tensor starts 8-byte aligned, as
+    safetensors lays them out. `finish` writes the header (the metadata {"format": "pt"}) into
+    the reserved head, padded with spaces as the format allows; a header larger than the
+    reservation (thousands of tensors in one shard) has the file rewritten once, header first.
+    """
+
+    def __init__(self, path: Path, reserve: int) -> None:
+        self.path = path
+        self.reserve = reserve
+        self.tensor_bytes = 0  # bytes of the tensors added
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._held: list[tuple[str, torch.Tensor]] = []  # sizes not a multiple of 8: written last
+        self._offset = 0  # the data section's end so far
+        try:
+            self._file: BinaryIO | None = open(path, "wb")  # noqa: SIM115 (closed by finish)
+            self._file.seek(reserve)
+        except OSError as err:
+            raise write_error(path, err) from err
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        """Write `tensor` (on the CPU) under `key`, or hold it for the end if unaligned."""
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"safetensors cannot store {key!r}: dtype {tensor.dtype}")
+        size = tensor.numel() * tensor.element_size()
+        self.tensor_bytes += size
+        if size % _ALIGNMENT:
+            self._held.append((key, tensor.clone()))  # a copy: a view keeps no storage alive
+            self._entries[key] = {}  # placed by finish, in the order keys were added
+        else:
+            self._write(key, tensor)
+
+    def _write(self, key: str, tensor: torch.Tensor) -> None:
+        assert self._file is not None
+        size = tensor.numel() * tensor.element_size()
+        self._entries[key] = {
+            "dtype": _DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self._offset, self._offset + size],
+        }
+        if size:
+            flat = tensor.contiguous().reshape(-1).view(torch.uint8)
+            try:
+                self._file.write(flat.numpy())
+            except OSError as err:
+                raise write_error(self.path, err) from err
+        self._offset += size
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def finish(self) -> None:
+        """Write the held tensors and the header; close the file."""
+        for key, tensor in sorted(self._held, key=lambda kt: -kt[1].element_size()):
+            self._write(key, tensor)
+        self._held = []
+        header = json.dumps(
+            {_METADATA_KEY: {"format": "pt"}} | self._entries, separators=(",", ":")
+        ).encode()
+        assert self._file is not None
+        try:
+            if 8 + len(header) <= self.reserve:
+                self._file.seek(0)
+                self._file.write(_header_bytes(header, self.reserve - 8))
+                self._file.close()
+            else:
+                self._file.close()
+                self._rewrite(header)
+        except OSError as err:
+            raise write_error(self.path, err) from err
+        finally:
+            self._file.close()
+            self._file = None
+
+    def _rewrite(self, header: bytes) -> None:
+        """Write the file again with `header` first and the data section after it."""
+        length = -(-(8 + len(header)) // _ALIGNMENT) * _ALIGNMENT - 8
+        fresh = self.path.with_name(self.path.name + ".rewrite")
+        with open(self.path, "rb") as src, open(fresh, "wb") as dst:
+            dst.write(_header_bytes(header, length))
+            src.seek(self.reserve)
+            shutil.copyfileobj(src, dst, 16 << 20)
+        os.replace(fresh, self.path)
+
+    def abandon(self) -> None:
+        """Close the file unfinished (its directory's owner removes it)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._held = []
+
+
+def _header_bytes(header: bytes, length: int) -> bytes:
+    """The file's head: `header`'s length (`length`, little-endian u64) and `header` padded
+    with spaces to `length` bytes."""
+    return struct.pack("<Q", length) + header + b" " * (length - len(header))
 
 
 def _replace(src: Path, dst: Path) -> None:
@@ -556,20 +654,6 @@ def _replace(src: Path, dst: Path) -> None:
         os.replace(src, dst)
     except OSError as err:
         raise write_error(dst, err) from err
-
-
-@functools.cache
-def _file_mode() -> int:
-    """The mode `open()` gives a new file: 0o666 less the process's umask."""
-    try:  # Linux states it; os.umask can only read it by setting it
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def _fsync_file(path: Path) -> None:

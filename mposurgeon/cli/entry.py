@@ -57,7 +57,11 @@ def main() -> NoReturn:
 
     While the CLI imports, SIGINT only records that it came (raising KeyboardInterrupt inside
     the import machinery can surface as "Exception ignored in ..." with a traceback that no
-    handler catches); once the import is done, a recorded Ctrl-C exits as one."""
+    handler catches); once the import is done, a recorded Ctrl-C exits as one. Before torch
+    is imported, large tensors are asked to use huge pages (`memory.py`)."""
+    from mposurgeon.memory import use_huge_pages_for_tensors
+
+    use_huge_pages_for_tensors()  # before torch is imported
     try:
         received: list[int] = []
         previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
