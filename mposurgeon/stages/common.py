@@ -101,8 +101,7 @@ class StageOptions(InputOptions):
 
     def shard_size(self, source: Path) -> int:
         """Bytes per output shard for a stage reading `source`: `max_shard_size`, or for
-        `auto` the input's sharding (`auto_shard_size`), so the writer's buffer, the stage's
-        private memory for its output, stays within one input shard."""
+        `auto` the input's sharding (`auto_shard_size`)."""
         if self.max_shard_size == "auto":
             return auto_shard_size(source)
         return self.max_shard_size
