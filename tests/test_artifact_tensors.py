@@ -364,3 +364,24 @@ def test_writer_refuses_the_metadata_key_and_unstorable_dtypes(tmp_path: Path) -
         writer.add("__metadata__", torch.zeros(2))
     with pytest.raises(ValueError, match="complex128"), ShardedWriter(tmp_path, 100) as writer:
         writer.add("z", torch.zeros(2, dtype=torch.complex128))
+
+
+def test_full_shard_keeps_its_padded_header_and_a_small_file_is_compact(tmp_path: Path) -> None:
+    """A 2 MB shard limit reserves 4 KiB for the header. 1.6 MB of tensors: the header is
+    written into the reservation in place (padding under 1/256 of the data). One small tensor:
+    the file is rewritten without the padding."""
+    gen = torch.Generator().manual_seed(0)
+    big = {f"w{i}": torch.randn(100_000, generator=gen) for i in range(4)}  # 1.6 MB
+    (tmp_path / "big").mkdir()
+    [file] = _write(tmp_path / "big", big, 2 * 10**6)
+    length, header = _head(file)
+    assert 8 + length == 4096 and header.endswith(b" " * 100)  # padded in place
+    assert file.stat().st_size == 4096 + 1_600_000
+    loaded = load_file(file)
+    _assert_same(list(loaded), loaded.__getitem__, big)
+    small = {"w": torch.randn(10, generator=gen)}
+    (tmp_path / "small").mkdir()
+    [file] = _write(tmp_path / "small", small, 2 * 10**6)
+    length, header = _head(file)
+    assert file.stat().st_size == 8 + length + 40 and length < 100 and (8 + length) % 8 == 0
+    assert torch.equal(load_file(file)["w"], small["w"])

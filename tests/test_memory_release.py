@@ -56,30 +56,29 @@ def test_release_and_bound_are_safe_to_call_twice() -> None:
     release_free_memory()
 
 
-def _huge_pages_child(env: dict[str, str]) -> list[str]:
-    """In a fresh interpreter: `use_huge_pages_for_tensors()`'s answer and the variable torch
-    then reads, as printed."""
+def _python_lines(script: str, **env: str) -> list[str]:
+    """The lines `script` prints in a fresh interpreter, with `TORCH_HUGE_PAGES` unset unless
+    given in `env`."""
+    base = {k: v for k, v in os.environ.items() if k != TORCH_HUGE_PAGES}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=base | env, capture_output=True, text=True, check=True
+    )
+    return proc.stdout.splitlines()
+
+
+def test_huge_pages_are_asked_for_before_torch_is_imported_only() -> None:
     script = (
         "import os\n"
         "from mposurgeon.memory import TORCH_HUGE_PAGES, use_huge_pages_for_tensors\n"
         "print(use_huge_pages_for_tensors(), os.environ.get(TORCH_HUGE_PAGES))\n"
         "import torch\n"
-        "print(use_huge_pages_for_tensors())\n"
+        "print(use_huge_pages_for_tensors())\n"  # after the import: too late
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
-    )
-    return proc.stdout.split("\n")[:2]
-
-
-def test_huge_pages_are_asked_for_before_torch_is_imported_only() -> None:
-    env = {k: v for k, v in os.environ.items() if k != TORCH_HUGE_PAGES}
-    assert _huge_pages_child(env) == ["True 1", "False"]  # after the import: too late
-    assert _huge_pages_child(env | {TORCH_HUGE_PAGES: "0"}) == ["True 0", "False"]  # the user's
+    assert _python_lines(script) == ["True 1", "False"]
+    assert _python_lines(script, **{TORCH_HUGE_PAGES: "0"}) == ["True 0", "False"]  # the user's
 
 
 def test_console_script_asks_for_huge_pages_before_importing_torch() -> None:
-    env = {k: v for k, v in os.environ.items() if k != TORCH_HUGE_PAGES}
     script = (
         "import os, sys\n"
         "sys.argv = ['mposurgeon', '--version']\n"
@@ -88,9 +87,6 @@ def test_console_script_asks_for_huge_pages_before_importing_torch() -> None:
         "    main()\n"
         "except SystemExit:\n"
         "    pass\n"
-        "print(os.environ.get('THP_MEM_ALLOC_ENABLE'))\n"
+        f"print(os.environ.get('{TORCH_HUGE_PAGES}'))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
-    )
-    assert proc.stdout.strip().splitlines()[-1] == "1"
+    assert _python_lines(script)[-1] == "1"

@@ -536,6 +536,8 @@ class ShardedWriter:
 _METADATA_KEY = "__metadata__"
 #: torch dtypes -> safetensors header dtype names.
 _DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+#: A shard's header padding is at most 1/this of its tensor bytes (else the file is rewritten).
+_MOST_PADDING = 256
 #: Tensors are laid out at multiples of this many bytes from the data section's start (which
 #: is itself aligned so), as safetensors' own writer lays them out.
 _ALIGNMENT = 8
@@ -554,8 +556,10 @@ class _ShardFile:
     is written there as it is added. The few others (a bfloat16 vector of odd length) are held
     and written last, widest element first, so that every tensor starts 8-byte aligned, as
     safetensors lays them out. `finish` writes the header (the metadata {"format": "pt"}) into
-    the reserved head, padded with spaces as the format allows; a header larger than the
-    reservation (thousands of tensors in one shard) has the file rewritten once, header first.
+    the reserved head, padded with spaces as the format allows. A header larger than the
+    reservation (thousands of tensors in one shard), or padding more than 1/`_MOST_PADDING` of
+    the data (a small model's only file, a last shard), has the file rewritten once, header
+    first, without padding: cheap for such files.
     """
 
     def __init__(self, path: Path, reserve: int) -> None:
@@ -611,8 +615,9 @@ class _ShardFile:
             {_METADATA_KEY: {"format": "pt"}} | self._entries, separators=(",", ":")
         ).encode()
         assert self._file is not None
+        padding = self.reserve - 8 - len(header)
         try:
-            if 8 + len(header) <= self.reserve:
+            if 0 <= padding * _MOST_PADDING <= self._offset:
                 self._file.seek(0)
                 self._file.write(_header_bytes(header, self.reserve - 8))
                 self._file.close()
