@@ -3,16 +3,19 @@
 Each stage runs in a fresh child process, at default options (`max_shard_size` `auto`). The
 child imports what every stage imports and builds the model's layout (the modeling import is
 not streaming memory), resets its resident high-water mark (/proc/self/clear_refs), then waits
-for the parent, which takes the baseline and samples /proc/<child>/smaps_rollup every few
-milliseconds while the stage runs. Reported, as growth over that baseline:
+for the parent, which takes the baseline and samples /proc/<child>/status every few
+milliseconds while the stage runs (its counters cost microseconds to read; sampling
+smaps_rollup, which walks the child's page tables under its memory-map lock, made an 8-layer
+decompose take 54 s instead of 30 s). Reported, as growth over that baseline:
 
 - resident peak: `VmHWM` of /proc/<child>/status, read by the child at the end: every page
   the stage touched, the memory-mapped input shard's included (the kernel may drop those);
-- private peak: the sampled peak of `Anonymous` (smaps_rollup): the stage's own allocations
-  (and copied-on-write pages), which nothing but freeing gives back. smaps' `Private_Clean`
-  and `Private_Dirty` are not used: they count the page-cache pages of an input file that only
-  this process maps, and such pages are dirty until written back (a checkpoint written seconds
-  before is read through dirty pages), so they would charge the input's pages to the stage.
+- private peak: the sampled peak of `RssAnon` (the same count as smaps_rollup's
+  `Anonymous`): the stage's own allocations (and copied-on-write pages), which nothing but
+  freeing gives back. smaps' `Private_Clean` and `Private_Dirty` are not used: they count the
+  page-cache pages of an input file that only this process maps, and such pages are dirty
+  until written back (a checkpoint written seconds before is read through dirty pages), so
+  they would charge the input's pages to the stage.
 
 The bound is the stage input's largest shard file plus 3x the largest decomposed matrix in
 float32 (issue 17's: a stage may hold a shard and works on a few matrices at a time; the
@@ -108,7 +111,7 @@ print(json.dumps(peaks), flush=True)
 
 
 def _kb(path: Path, fields: Sequence[str]) -> dict[str, int]:
-    """The `fields` (kB) of a /proc status or smaps_rollup file; {} once the process is gone."""
+    """The `fields` (kB) of a /proc status file; {} once the process is gone."""
     try:
         text = path.read_text()
     except OSError:
@@ -144,19 +147,19 @@ def measure(
         proc.wait()
         drain.join()
         raise RuntimeError(f"{stage} child failed: {errors[0][-2000:]}")
-    status, rollup = Path(f"/proc/{proc.pid}/status"), Path(f"/proc/{proc.pid}/smaps_rollup")
-    base = _kb(status, ["VmRSS"]) | _kb(rollup, ["Anonymous"])
+    status = Path(f"/proc/{proc.pid}/status")
+    base = _kb(status, ["VmRSS", "RssAnon"])
     result: list[str] = []
     reader = threading.Thread(target=lambda: result.append(proc.stdout.read()), daemon=True)
     start = time.perf_counter()
     proc.stdin.write("go\n")
     proc.stdin.flush()
     reader.start()
-    private_peak, capped = base["Anonymous"], False
+    private_peak, capped = base["RssAnon"], False
     while proc.poll() is None:
-        now = _kb(rollup, ["Anonymous", "Rss"])
-        private_peak = max(private_peak, now.get("Anonymous", 0))
-        if cap_mb is not None and now.get("Rss", 0) / 1024 > cap_mb:
+        now = _kb(status, ["RssAnon", "VmRSS"])
+        private_peak = max(private_peak, now.get("RssAnon", 0))
+        if cap_mb is not None and now.get("VmRSS", 0) / 1024 > cap_mb:
             proc.kill()  # our own child, past the memory this run may take
             capped = True
         time.sleep(0.003)
@@ -172,7 +175,7 @@ def measure(
         "capped": False,
         "seconds": seconds,
         "resident_mb": (peaks["vmhwm_kb"] - base["VmRSS"]) / 1024,
-        "private_mb": (private_peak - base["Anonymous"]) / 1024,
+        "private_mb": (private_peak - base["RssAnon"]) / 1024,
     } | ({"cuda_peak_mb": peaks["cuda_peak_mb"]} if "cuda_peak_mb" in peaks else {})
 
 
