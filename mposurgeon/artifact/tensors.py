@@ -438,22 +438,23 @@ class ShardedWriter:
         size = tensor.numel() * tensor.element_size()
         if self._shard is not None and self._shard.tensor_bytes + size > self.max_shard_size:
             self._close_shard()
+        self._current_shard().add(key, tensor)
+        self._seen.add(key)
+        self._total_size += size
+
+    def _current_shard(self) -> _ShardFile:
+        """The shard being written; a new temporary file if none is."""
         if self._shard is None:
             index = len(self._shards) + 1
             tmp = self.directory / f".{self.prefix}-tmp-{index:05d}.safetensors"
             self._shard = _ShardFile(tmp, _header_reserve(self.max_shard_size))
-        self._shard.add(key, tensor)
-        self._seen.add(key)
-        self._total_size += size
+        return self._shard
 
     def _close_shard(self) -> None:
         """Finish the current shard (an empty one if none was started) and queue its hashing
         and flush to disk."""
-        if self._shard is None:
-            index = len(self._shards) + 1
-            tmp = self.directory / f".{self.prefix}-tmp-{index:05d}.safetensors"
-            self._shard = _ShardFile(tmp, _header_reserve(self.max_shard_size))
-        shard, self._shard = self._shard, None
+        shard = self._current_shard()
+        self._shard = None
         shard.finish()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mposurgeon-shard")
@@ -616,13 +617,13 @@ class _ShardFile:
         ).encode()
         assert self._file is not None
         padding = self.reserve - 8 - len(header)
+        in_place = 0 <= padding * _MOST_PADDING <= self._offset
         try:
-            if 0 <= padding * _MOST_PADDING <= self._offset:
+            if in_place:
                 self._file.seek(0)
                 self._file.write(_header_bytes(header, self.reserve - 8))
-                self._file.close()
-            else:
-                self._file.close()
+            self._file.close()
+            if not in_place:
                 self._rewrite(header)
         except OSError as err:
             raise write_error(self.path, err) from err
