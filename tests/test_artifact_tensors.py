@@ -368,7 +368,7 @@ def test_writer_refuses_the_metadata_key_and_unstorable_dtypes(tmp_path: Path) -
 
 def test_full_shard_keeps_its_padded_header_and_a_small_file_is_compact(tmp_path: Path) -> None:
     """A 2 MB shard limit reserves 4 KiB for the header. 1.6 MB of tensors: the header is
-    written into the reservation in place (padding under 1/256 of the data). One small tensor:
+    written into the reservation in place (padding under 1/64 of the data). One small tensor:
     the file is rewritten without the padding."""
     gen = torch.Generator().manual_seed(0)
     big = {f"w{i}": torch.randn(100_000, generator=gen) for i in range(4)}  # 1.6 MB
