@@ -437,8 +437,9 @@ def check_output_dir(out: Path, *, inputs: Sequence[Path], overwrite: bool) -> N
 def sha256_file(path: Path, cancel: threading.Event | None = None) -> str:
     """Hex sha256 of a file, read in 8 MiB chunks; raises `HashCancelled` once `cancel` is set."""
     digest = hashlib.sha256()
-    buffer = memoryview(bytearray(_HASH_CHUNK))
     with open(path, "rb", buffering=0) as f:
+        # a small file's own size: a fresh 8 MiB buffer costs more than hashing a vocab file
+        buffer = memoryview(bytearray(min(_HASH_CHUNK, os.fstat(f.fileno()).st_size + 1)))
         while size := f.readinto(buffer):
             if cancel is not None and cancel.is_set():
                 raise HashCancelled(f"hashing {path} was cancelled")
