@@ -168,3 +168,13 @@ def test_copy_model_files(tmp_path: Path) -> None:
     assert sorted(p.name for p in dst.iterdir()) == sorted(copied)
     assert not (dst / "generation_config.json").is_symlink()
     assert (dst / "generation_config.json").read_text() == "linked config"
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, (8 << 20) - 1, 8 << 20, (8 << 20) + 3, 20 << 20])
+def test_sha256_file_is_hashlib_s_for_every_size(tmp_path: Path, size: int) -> None:
+    """Files up to the 8 MiB chunk are read with a buffer of their size, larger ones in
+    chunks: the digest is the same either way."""
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
