@@ -200,3 +200,21 @@ def test_a_damaged_core_fails_with_nothing_published(
         mposurgeon.merge(damaged, output=out)
     assert not out.exists()
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_tensors_for_another_device_are_read_and_moved_once() -> None:
+    """`_Moved` (merge on a GPU) hands out the same moved tensor for every read of a key; the
+    "meta" device stands in for CUDA here (a move there makes a new tensor each time)."""
+    from mposurgeon.stages.merge import _Moved
+
+    reads: Counter[str] = Counter()
+
+    class Counting(dict):
+        def __getitem__(self, key: str) -> torch.Tensor:
+            reads[key] += 1
+            return super().__getitem__(key)
+
+    moved = _Moved(Counting(a=torch.ones(2)), torch.device("meta"))
+    first = moved["a"]
+    assert first.device.type == "meta" and moved["a"] is first
+    assert reads == {"a": 1}

@@ -435,7 +435,8 @@ def check_output_dir(out: Path, *, inputs: Sequence[Path], overwrite: bool) -> N
 
 
 def sha256_file(path: Path, cancel: threading.Event | None = None) -> str:
-    """Hex sha256 of a file, read in 8 MiB chunks; raises `HashCancelled` once `cancel` is set."""
+    """Hex sha256 of a file, read in chunks of up to 8 MiB (a smaller file in one read);
+    raises `HashCancelled` once `cancel` is set."""
     digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         # a small file's own size: a fresh 8 MiB buffer costs more than hashing a vocab file

@@ -354,14 +354,17 @@ class _Held(Mapping[str, torch.Tensor]):
 
 
 class _Moved(_Held):
-    """`tensors` as read on `device`: each read once, moved there, and handed out again."""
+    """`tensors` as read on `device`: each read once, moved there once, and handed out again."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], device: torch.device) -> None:
         super().__init__(tensors)
         self._device = device
+        self._moved: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return super().__getitem__(key).to(self._device)
+        if key not in self._moved:
+            self._moved[key] = super().__getitem__(key).to(self._device)
+        return self._moved[key]
 
 
 def expert_tensors(
