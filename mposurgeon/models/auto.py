@@ -7,8 +7,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import transformers
-
 from mposurgeon.errors import UsageError
 
 #: task name -> transformers auto class (None: the class named in config.architectures).
@@ -24,6 +22,8 @@ TASKS: dict[str, str | None] = {
 
 def model_class(config: Any, task: str = "auto") -> Any:
     """The transformers class for `task`, or the checkpoint's own architecture for "auto"."""
+    import transformers  # here, not at import: it takes most of a second
+
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r}", hint=f"choose one of: {', '.join(TASKS)}")
     name = TASKS[task]

@@ -23,14 +23,14 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import transformers
-from transformers import PretrainedConfig
+from typing import TYPE_CHECKING, Any
 
 from mposurgeon.errors import UsageError
 from mposurgeon.models.groups import select_targets
 from mposurgeon.models.layout import ModelLayout
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 #: Switch Transformers' `expert_capacity`: tokens an expert takes per sequence, never reached.
 NEVER_DROP = 2**31 - 1
@@ -244,6 +244,8 @@ def _check_every_layer(
 
 def _architecture(family: MoEFamily, config: PretrainedConfig) -> str:
     """The MoE class for the dense model's head: LlamaForCausalLM -> MixtralForCausalLM."""
+    import transformers
+
     source = family.sources[config.model_type]
     archs = list(getattr(config, "architectures", None) or [f"{source}Model"])
     dense = archs[0]
@@ -263,6 +265,8 @@ def _target_config(
     """The MoE class's config: every field of the dense `config` the MoE config has too
     (sizes, norms, rope, vocabulary, labels, special tokens...), then `overrides`. The dense
     model's own fields are dropped: the `_options` functions checked them."""
+    import transformers
+
     target_class = getattr(transformers, f"{family.prefix}Config")
     own = set(type(config)().to_dict()) - set(target_class().to_dict())
     carried = {k: v for k, v in config.to_dict().items() if k not in own and k not in _NOT_CARRIED}

@@ -42,8 +42,6 @@ from typing import Literal
 import torch
 from pydantic import Field
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer
-from transformers.pytorch_utils import Conv1D
 
 from mposurgeon.artifact.config import read_config, set_artifact_mark
 from mposurgeon.artifact.hub import PushOptions, check_can_push, push_folder
@@ -413,6 +411,8 @@ def verify_merge(artifact: Path, merged: Path, unrounded: int = 0) -> OutputComp
     so for MPO modules rounding alone leaves no difference; `unrounded` counts the modules
     whose merged weights it cannot round alike (other methods' adapters, experts), each
     allowed its rounding in the tolerance (`half_tolerance`)."""
+    from transformers import AutoConfig
+
     dense, dtype = _merged_model(merged)
     # merge checks the checksums itself
     factorized = load_model(artifact, verify=False, forward_mode="reconstruct")
@@ -499,6 +499,8 @@ def _hold_half_in_float32(model: nn.Module) -> None:
 def _merged_model(merged: Path) -> tuple[nn.Module, torch.dtype]:
     """The merged checkpoint as `from_pretrained` loads it, held in its comparison dtype
     (`_work_dtype`), and the dtype it was loaded in."""
+    from transformers import AutoConfig
+
     config = AutoConfig.from_pretrained(merged)
     with quiet_transformers():
         dense = model_class(config).from_pretrained(merged).eval()
@@ -510,6 +512,8 @@ def _merged_model(merged: Path) -> tuple[nn.Module, torch.dtype]:
 def _products(model: nn.Module) -> tuple[int, int]:
     """The number of matrix products (linear layers) of a dense model, and their largest
     inner dimension."""
+    from transformers.pytorch_utils import Conv1D
+
     dims = [m.in_features for m in model.modules() if isinstance(m, nn.Linear)]
     dims += [int(m.weight.shape[0]) for m in model.modules() if isinstance(m, Conv1D)]
     return len(dims), max(dims, default=1)
@@ -553,6 +557,8 @@ def verify_tokenizer(directory: Path) -> object | None:
     """The checkpoint's tokenizer if it ships one, else None (random ids are used)."""
     if not any((directory / n).exists() for n in VOCABULARY_FILES):
         return None
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError):

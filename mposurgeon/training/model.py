@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer
 
 from mposurgeon.artifact.config import read_config
 from mposurgeon.artifact.load import load_model
@@ -58,6 +57,8 @@ def load_tokenizer(path: Path, *, is_artifact: bool = False) -> Any:
         raise UsageError(
             f"{path} has no tokenizer files (none of {', '.join(VOCABULARY_FILES)})", hint=hint
         )
+    from transformers import AutoTokenizer
+
     try:
         with quiet_transformers():
             return AutoTokenizer.from_pretrained(path)
