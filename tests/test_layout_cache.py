@@ -13,6 +13,7 @@ import pytest
 
 import mposurgeon.models.layout as layout_module
 from mposurgeon.artifact.cache import cache_dir, read_record, record_key, write_record
+from mposurgeon.artifact.config import ARTIFACT_MARK
 from mposurgeon.models.groups import select_targets
 from mposurgeon.stages.common import model_layout
 from mposurgeon.stages.decompose import decompose
@@ -97,6 +98,31 @@ def test_changed_config_is_a_new_key(cache: Path, tiny_model_dir: TinyDir, tmp_p
     two_layers, one_layer = model_layout(original), model_layout(copy)
     assert len(_records(cache)) == 2
     assert len(one_layer.modules) < len(two_layers.modules)
+
+
+def test_artifact_shares_its_base_checkpoints_layout(
+    cache: Path, tiny_model_dir: TinyDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An artifact's config.json differs from its base's by the artifact mark only: the layout
+    the decompose cached serves the merge of its output (no modeling import there either),
+    whichever spelling of the attention key the base used."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir("bert"), base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(config | {"_attn_implementation": "eager"}))
+    out = tmp_path / "dec"
+    decompose(base, output=out, layers=["FFN_1"])
+    assert ARTIFACT_MARK in (out / "config.json").read_text()
+    (record,) = _records(cache)
+    monkeypatch.setattr(layout_module, "build_meta_model", _refuse_meta_model)
+    assert model_layout(out) == model_layout(base)
+    assert _records(cache) == [record]
+    config["num_hidden_layers"] = 1  # anything else in the config is another model
+    (out / "config.json").write_text(json.dumps(config | {"attn_implementation": ARTIFACT_MARK}))
+    with pytest.raises(AssertionError, match="from the cache"):
+        model_layout(out)
 
 
 def test_damaged_record_is_rebuilt(cache: Path, tiny_model_dir: TinyDir) -> None:

@@ -12,6 +12,8 @@ import json
 import math
 import shutil
 import struct
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -218,3 +220,26 @@ def test_tensors_for_another_device_are_read_and_moved_once() -> None:
     first = moved["a"]
     assert first.device.type == "meta" and moved["a"] is first
     assert reads == {"a": 1}
+
+
+def test_merge_process_does_not_import_transformers(
+    bf16_llama: Path, dec: Path, tmp_path: Path
+) -> None:
+    """Importing transformers takes most of a second: a merge of MPO modules needs none of it
+    (only `--verify`, a PEFT adapter or an expert export do), so its process leaves it out."""
+    script = (
+        "import sys\n"
+        "from mposurgeon.cli.app import main\n"
+        "try:\n    main(['merge', sys.argv[1], '-o', sys.argv[2], '-q'])\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('transformers' in sys.modules)\n"
+    )
+    out = tmp_path / "merged"
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(dec), str(out)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"
+    merged, original = _weights(out), _weights(bf16_llama)
+    assert merged.keys() == original.keys()
+    assert all(torch.equal(merged[k], original[k]) for k in original)

@@ -95,6 +95,22 @@ def without_mark(config: PretrainedConfig) -> PretrainedConfig:
     return config
 
 
+def unmarked_config(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A config.json object as its base checkpoint's: `ARTIFACT_MARK` replaced by the attention
+    implementation it kept, under `attn_implementation` (the spelling `set_artifact_mark`
+    puts back). Two configs that build the same model this way give equal objects."""
+    unmarked = dict(data)
+    if unmarked.get(_MARK_KEYS[0]) == ARTIFACT_MARK:
+        kept = unmarked.pop(MARK_KEPT, None)
+    else:
+        kept = next((unmarked[k] for k in _MARK_KEYS if unmarked.get(k) is not None), None)
+    for key in _MARK_KEYS:
+        unmarked.pop(key, None)
+    if kept is not None:
+        unmarked[_MARK_KEYS[0]] = kept
+    return unmarked
+
+
 def set_artifact_mark(directory: Path, marked: bool) -> None:
     """Mark `directory/config.json` as an artifact's (`marked`) or as a plain checkpoint's
     (the mark removed, the base's attention implementation put back); no config.json, or one

@@ -6,6 +6,7 @@ modifies its input. Nothing here knows about the terminal: progress goes through
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from mposurgeon._version import __version__
 from mposurgeon.artifact.cache import read_record, record_key, write_record
-from mposurgeon.artifact.config import set_artifact_mark
+from mposurgeon.artifact.config import set_artifact_mark, unmarked_config
 from mposurgeon.artifact.manifest import (
     MANIFEST_NAME,
     BackgroundChecksums,
@@ -201,6 +202,19 @@ FLOAT_DTYPES: dict[str, torch.dtype] = {
 TensorShapes = Mapping[str, Sequence[int]]
 
 
+def _layout_key(config_file: Path) -> str | None:
+    """The cache key of the layout of the model `config_file` describes; None for a config
+    that cannot be read as a JSON object (`read_config` reports what is wrong with it)."""
+    try:
+        data = json.loads(config_file.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    config = json.dumps(unmarked_config(data), sort_keys=True)
+    return record_key(str(LAYOUT_FORMAT), __version__, metadata.version("transformers"), config)
+
+
 def tensor_shapes(inp: StageInput) -> dict[str, tuple[int, ...]]:
     """Every tensor of the input's files with its shape, read from the headers. A header that
     cannot be read in an artifact whose checksums are still to be checked is reported as the
@@ -219,21 +233,13 @@ def model_layout(path: Path, shapes: TensorShapes | None = None) -> ModelLayout:
     are checked by `check_mpo_records`). Stages always pass `shapes`.
 
     Reading it off a meta model means importing the `transformers` modeling stack (seconds),
-    so the layout is cached, keyed by the config file's bytes and the versions of transformers,
-    mposurgeon and the layout format: the same config gives the same model class. A config
-    that disagrees with the weights (layer counts, sizes) is refused, cached or not, and one
-    that describes a far larger model is refused while it is being built.
+    so the layout is cached, keyed by the config (`unmarked_config`: an artifact shares its
+    base checkpoint's entry, so the first merge of a fresh decomposition finds it) and the
+    versions of transformers, mposurgeon and the layout format: the same config gives the same
+    model class. A config that disagrees with the weights (layer counts, sizes) is refused,
+    cached or not, and one that describes a far larger model is refused while it is being built.
     """
-    config_file = path / "config.json"
-    try:
-        key = record_key(
-            str(LAYOUT_FORMAT),
-            __version__,
-            metadata.version("transformers"),
-            config_file.read_bytes(),
-        )
-    except OSError:
-        key = None  # no readable config: read_config reports it
+    key = _layout_key(path / "config.json")
     layout = None
     if key is not None and (record := read_record("layouts", key)) is not None:
         with suppress(ValueError):  # a record from elsewhere or damaged: rebuilt below
