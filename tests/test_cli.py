@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import typer
 
 from mposurgeon.artifact.manifest import read_manifest
+from mposurgeon.cli.app import build_app
+from mposurgeon.cli.entry import COMMANDS
 from tests.cli_runner import assert_one_line_error, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,6 +147,25 @@ def test_help_has_examples_and_does_not_import_torch() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("NO-TORCH")
     assert proc.stdout.count("Example") >= 9  # the app's and one per command
+
+
+def test_a_command_runs_without_the_other_commands_modules() -> None:
+    """`main` builds the app with the command it runs alone (`build_app`): the other command
+    modules are not imported, and the command's help and usage read as in the full app."""
+    code = (
+        "import sys\n"
+        "from mposurgeon.cli.app import main\n"
+        "try:\n    main(['merge', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "others = ('train', 'decompose', 'run', 'export_peft', 'eval', 'select')\n"
+        "print([m for m in others if 'mposurgeon.cli.' + m in sys.modules])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage: mposurgeon merge [OPTIONS]" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    full = typer.main.get_command(build_app()).commands  # type: ignore[attr-defined]
+    alone = typer.main.get_command(build_app("merge")).commands  # type: ignore[attr-defined]
+    assert set(full) == set(COMMANDS) and list(alone) == ["merge"]
 
 
 # --- bad input: one line, right exit code, nothing lost ---------------------------------------

@@ -132,9 +132,9 @@ def _walk(data: Any, key: str = "") -> Iterator[tuple[str, Any]]:
 def test_every_command_is_covered(outputs: dict[str, dict[str, Any]]) -> None:
     import typer
 
-    from mposurgeon.cli.app import app
+    from mposurgeon.cli.app import build_app
 
-    registered = set(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    registered = set(typer.main.get_command(build_app()).commands)  # type: ignore[attr-defined]
     assert registered == set(COMMANDS) == set(SCHEMAS)
     assert {o["command"] for o in outputs.values()} == set(COMMANDS)
 

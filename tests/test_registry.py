@@ -13,7 +13,7 @@ import typer
 import mposurgeon
 import mposurgeon.mpo
 from mposurgeon.cli import options as opt
-from mposurgeon.cli.app import app
+from mposurgeon.cli.app import build_app
 from mposurgeon.errors import UsageError
 from mposurgeon.stages.common import InputOptions, StageOptions
 from mposurgeon.stages.recipe import options_class
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_cli_commands_are_the_stages_then_run() -> None:
-    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    commands = typer.main.get_command(build_app()).commands  # type: ignore[attr-defined]
     assert list(commands) == [*(s.name for s in STAGES), "run", "export-peft"]
 
 

@@ -3,8 +3,9 @@
 Exit codes: 0 ok, 1 error, 2 usage error, 3 verification failure, 4 model not found,
 130 interrupted. Errors are one line on stderr; `--debug` (anywhere on the command line) or
 MPOSURGEON_DEBUG=1 shows the full traceback. The commands are those of the stages in
-`mposurgeon.stages.registry.STAGES`, then `run`. Nothing here imports torch: each command imports
-its stage when it runs, so `mposurgeon --help` stays fast.
+`mposurgeon.stages.registry.STAGES`, then `run` and `export-peft`. Nothing here imports torch:
+each command imports its stage when it runs, so `mposurgeon --help` stays fast, and a run of one
+command imports no other command's module (`build_app`).
 """
 
 from __future__ import annotations
@@ -24,32 +25,39 @@ from mposurgeon._version import __version__
 from mposurgeon.artifact.store import os_fault_error
 from mposurgeon.cli.entry import INTERRUPTED, command_name, failure
 from mposurgeon.cli.render import json_written, print_error, print_json, reset_json
-from mposurgeon.cli.run import run_command
 from mposurgeon.errors import MposurgeonError
 from mposurgeon.stages.registry import STAGES
 
-app = typer.Typer(
-    name="mposurgeon",
-    help="Surgery on Hugging Face transformer checkpoints with Matrix Product Operators.\n\n"
-    "Example: mposurgeon decompose bert-base --layers FFN_1,attention\n\n"
-    "Add --debug anywhere for a full traceback on errors.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+
+def build_app(command: str | None = None) -> typer.Typer:
+    """The Typer app with every command, or with `command` alone (what `main` runs a known
+    command with: importing and converting the other command modules costs a tenth of a
+    second of every run). The root callback keeps it a group either way."""
+    app = typer.Typer(
+        name="mposurgeon",
+        help="Surgery on Hugging Face transformer checkpoints with Matrix Product Operators.\n\n"
+        "Example: mposurgeon decompose bert-base --layers FFN_1,attention\n\n"
+        "Add --debug anywhere for a full traceback on errors.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    app.callback()(_root)
+    for name, module, function in _commands():
+        if command is None or name == command:
+            app.command(name)(getattr(import_module(module), function))
+    return app
 
 
-def _add_commands() -> None:
-    """One command per stage, its CLI module's `<name>_command`, in the stages' order; then
-    run, and export-peft (which writes a PEFT adapter, not an artifact a recipe chains)."""
-    for stage in STAGES:
-        app.command(stage.name)(getattr(import_module(stage.command_module), stage.command))
-    app.command("run")(run_command)
-    app.command("export-peft")(import_module("mposurgeon.cli.export_peft").export_peft_command)
-
-
-_add_commands()
+def _commands() -> list[tuple[str, str, str]]:
+    """(command, CLI module, function) of each command: one per stage, its CLI module's
+    `<name>_command`, in the stages' order; then run, and export-peft (which writes a PEFT
+    adapter, not an artifact a recipe chains)."""
+    commands = [(stage.name, stage.command_module, stage.command) for stage in STAGES]
+    commands.append(("run", "mposurgeon.cli.run", "run_command"))
+    commands.append(("export-peft", "mposurgeon.cli.export_peft", "export_peft_command"))
+    return commands
 
 
 def _version(value: bool) -> None:
@@ -58,7 +66,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def _root(
     version: Annotated[
         bool,
@@ -161,7 +168,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
 def _run(args: list[str], debug: bool, json_out: bool, command: str | None) -> None:
     """Run the command line `args` (of `command`, None if no known one); every failure ends
     in `_fail` (one line, the JSON object, the code)."""
-    group = typer.main.get_command(app)
+    group = typer.main.get_command(build_app(command))
     try:
         # Commands return None; an int is the code of an Exit that Typer caught (130 for Ctrl-C).
         code = group.main(args=args, prog_name="mposurgeon", standalone_mode=False)
