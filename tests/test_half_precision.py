@@ -140,6 +140,21 @@ def llama_dec(half_model: Callable[[str], Path], tmp_path_factory: pytest.TempPa
 
 
 @pytest.fixture(scope="module")
+def planted_dec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bfloat16 Llama with zeros and tiny entries planted in one matrix (whose float32
+    contraction rounds some of them wrong, on any machine: a zero comes back as +-1e-11),
+    decomposed with default options: an artifact with a fixup that changes a weight."""
+    source = _save_half("llama", torch.bfloat16, tmp_path_factory.mktemp("planted") / "m")
+    tensors = _tensors(source)
+    key = "model.layers.0.mlp.gate_proj.weight"
+    tensors[key] = _plant_edge_values(tensors[key])
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    out = source.parent / "dec"
+    mposurgeon.decompose(source, output=out)
+    return out
+
+
+@pytest.fixture(scope="module")
 def llama_merged(llama_dec: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("llama-merged") / "merged"
     mposurgeon.merge(llama_dec, output=out)
@@ -254,6 +269,29 @@ def test_a_fixup_holds_for_other_contractions() -> None:
     assert fixup.matches([c.clone() for c in factorized.cores])
 
 
+def test_a_fixup_over_its_limit_keeps_the_misses_and_the_nearest() -> None:
+    """An outlier sets the margin of every entry, so that most small entries count as near a
+    boundary: over the limit, the fixup keeps every entry this contraction rounds wrong (the
+    rounding is then exact) and fills the rest of the limit with those nearest a boundary;
+    with more wrong than the limit, there is none."""
+    generator = torch.Generator().manual_seed(0)
+    weight = _plant_edge_values((0.02 * torch.randn(32, 128, generator=generator)).half())
+    factorized = factorize_weight(weight, "linear", plan_shape(32, 128, 5), dtype=torch.float32)
+    near = rounding_fixup(factorized.matrix, weight, limit=weight.numel())
+    assert near is not None
+    missed = factorized.matrix.half().view(torch.int16) != weight.view(torch.int16)
+    misses = set(missed.reshape(-1).nonzero().squeeze(1).tolist())
+    limit = (len(misses) + near.numel()) // 2
+    assert len(misses) < limit < near.numel()  # the margin took in many correct entries
+    index = rounding_fixup(factorized.matrix, weight, limit=limit)
+    assert index is not None and index.numel() == limit
+    assert torch.equal(index, index.unique())  # ascending, no repeats
+    assert misses <= set(index.tolist()) <= set(near.tolist())
+    kept = Fixup(index, weight.reshape(-1)[index], cores_fingerprint(factorized.cores))
+    assert _bitwise(kept.apply(factorized.matrix.half()), weight)
+    assert rounding_fixup(factorized.matrix, weight, limit=len(misses) - 1) is None
+
+
 def test_lossy_decompose_records_the_error_merge_gives(
     half_model: Callable[[str], Path], tmp_path: Path
 ) -> None:
@@ -340,13 +378,13 @@ def test_load_model_of_decomposed_half_embeddings(
     assert torch.equal(model_output(exact, batch), model_output(dense, batch))
 
 
-def test_a_live_fixup_holds_until_the_cores_change(llama_dec: Path) -> None:
+def test_a_live_fixup_holds_until_the_cores_change(planted_dec: Path) -> None:
     """An MPO layer keeps its fixup while its cores are the decomposed ones (moved or copied
     included), passes gradients to the cores as if unrounded, and drops the fixup once a core
     changes: the weight is then the new cores' contraction rounded once."""
-    stored = _tensors(llama_dec)
-    rec = _repaired(llama_dec)
-    model = load_model(llama_dec, forward_mode="reconstruct")
+    stored = _tensors(planted_dec)
+    rec = _repaired(planted_dec)
+    model = load_model(planted_dec, forward_mode="reconstruct")
     layer = _mpo_layers(model)[rec.name]
     assert layer.mpo.fixup is not None
     assert not _bitwise(layer.weight.to(torch.bfloat16), _rounded_contraction(rec, stored))
@@ -597,11 +635,11 @@ def test_inspect_counts_no_fixup_entry_as_a_parameter(llama_dec: Path) -> None:
     )
 
 
-def test_merge_ignores_a_fixup_made_for_other_cores(llama_dec: Path) -> None:
+def test_merge_ignores_a_fixup_made_for_other_cores(planted_dec: Path) -> None:
     """merge applies a module's fixup only to the cores it was made for: with a core changed
     under it (a stage that kept the record), the weight is the cores' own contraction."""
-    tensors = _tensors(llama_dec)
-    rec = _repaired(llama_dec)
+    tensors = _tensors(planted_dec)
+    rec = _repaired(planted_dec)
     exact = merge_stage.dense_tensors(rec, tensors)[rec.weight_key]
     changed = dict(tensors)
     first = rec.core_keys()[0]

@@ -30,6 +30,7 @@ with the pruned entries set to zero, and forward always reconstructs.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -137,12 +138,18 @@ def rounding_fixup(matrix: Tensor, original: Tensor, limit: int) -> Tensor | Non
     that rounding it once to `original`'s dtype (half precision, same shape) may not give
     bitwise: those it does not, and those within `FIXUP_SLACK` times the largest
     |matrix - original| of a rounding boundary (zeros always: their sign). Returns their
-    flat row-major indices (int64, (count,); empty: rounding alone is exact), or None when
-    there are more than `limit`.
+    flat row-major indices (int64, (count,), ascending; empty: rounding alone is exact); when
+    there are more than `limit`, those it rounds wrong and the ones nearest a boundary, `limit`
+    in all; None when it rounds more than `limit` wrong.
 
     Two passes over blocks of rows: the largest error and how many entries round wrong, then
     the entries rounded wrong or small enough to be near a boundary (|x| <= 8 / eps *
-    (largest + margin): only there can half a rounding gap be that small), checked exactly."""
+    (largest + margin): only there can half a rounding gap be that small), checked exactly.
+    An outlier (one entry far above the rest, whose error sets the margin of them all) can make
+    most small entries near; the ones kept are then those this contraction rounds wrong (merge
+    gives them back bitwise) and, of the rest, those nearest a boundary (their distance to it,
+    less their error, smallest first), so that other contractions of the cores are covered
+    where they are likeliest to round otherwise."""
     dtype = original.dtype
     bits = _BITS[original.element_size()]
     magnitude_bits = (1 << (8 * original.element_size() - 1)) - 1  # all but the sign
@@ -157,7 +164,8 @@ def rounding_fixup(matrix: Tensor, original: Tensor, limit: int) -> Tensor | Non
     # candidates by their bits (ordered as the non-negative floats are), the bound rounded up
     small = min(8 / torch.finfo(dtype).eps * (largest + margin), torch.finfo(dtype).max)
     below = int(torch.tensor(small).to(dtype).view(bits)) + 1
-    found: list[Tensor] = []
+    found: list[Tensor] = []  # flat indices
+    risks: list[Tensor] = []  # of each: its distance to a boundary less its error; -inf: wrong
     count = 0
     for (start, m, x), miss in zip(_row_blocks(matrix, original), missed, strict=True):
         xb = x.view(bits)
@@ -168,13 +176,30 @@ def rounding_fixup(matrix: Tensor, original: Tensor, limit: int) -> Tensor | Non
         up = (magnitude + 1).to(bits).view(dtype).double()
         down = (magnitude - 1).clamp(min=0).to(bits).view(dtype).double()
         half_gap = torch.minimum(up - xc.abs(), xc.abs() - down) / 2  # 0 for zeros
-        near = half_gap - (mc - xc).abs() <= margin
-        near |= mc.to(dtype).view(bits) != xb[candidates]  # the missed ones
-        count += int(near.count_nonzero())
-        if count > limit:
-            return None
+        risk = half_gap - (mc - xc).abs()
+        wrong_here = mc.to(dtype).view(bits) != xb[candidates]
+        near = (risk <= margin) | wrong_here
         found.append(candidates[near] + start)
-    return torch.cat(found) if found else torch.zeros(0, dtype=torch.int64)
+        risks.append(risk[near].masked_fill_(wrong_here[near], -math.inf))
+        count += found[-1].numel()
+        if count > 2 * max(limit, 1):  # keep the riskiest `limit`: bounded memory
+            found, risks = _riskiest(found, risks, limit)
+            count = found[0].numel()
+    if not found:
+        return torch.zeros(0, dtype=torch.int64)
+    if count > limit:
+        found, risks = _riskiest(found, risks, limit)
+    return torch.cat(found).sort().values
+
+
+def _riskiest(
+    found: list[Tensor], risks: list[Tensor], limit: int
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The `limit` entries of `found` (lists of index blocks) with the lowest risk, as one
+    block each."""
+    index, risk = torch.cat(found), torch.cat(risks)
+    keep = torch.topk(risk, min(limit, risk.numel()), largest=False).indices
+    return [index[keep]], [risk[keep]]
 
 
 def rounded_error(matrix: Tensor, original: Tensor) -> float:

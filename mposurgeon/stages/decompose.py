@@ -60,7 +60,9 @@ DEFAULT_LAYERS = ["FFN_1", "FFN_2", "attention"]
 #: The largest share of a half-precision matrix's entries a rounding fixup may hold (10
 #: bytes each, int64 index and value). A lossless decompose into float32 cores needs ~2.5e-3
 #: of a Llama-sized matrix's (0.6% of the cores' bytes), up to ~10% of a tiny matrix with
-#: outliers; truncated cores, or half-precision ones (`--dtype keep`), get none.
+#: outliers, and more than this of some (`rounding_fixup` then keeps the entries rounded
+#: wrong and the nearest a boundary); truncated cores, or half-precision ones
+#: (`--dtype keep`), get none.
 MAX_FIXUP_FRACTION = 0.25
 
 
@@ -298,7 +300,8 @@ def _as_merged(
     """A half-precision matrix's factorization with the errors of the weight merge writes
     (the cores' contraction rounded once to `original`'s dtype), and the rounding fixup that
     makes that weight bitwise `original`: for a lossless decompose (nothing cut) into wider
-    cores, when it holds at most `MAX_FIXUP_FRACTION` of the entries; the error is then 0.0.
+    cores, when at most `MAX_FIXUP_FRACTION` of the entries round wrong (the fixup holds at
+    most that share); the error is then 0.0.
 
     `original` is the (out_dim, in_dim) matrix, `fingerprint` the cores'. Without a fixup,
     `rel_error` is the merged weight's error, and `predicted_error` (from the discarded singular
