@@ -133,36 +133,38 @@ def test_hub_alias_resolves_in_offline_cache(bert: Path, tmp_path: Path, capsys,
     assert manifest.base.revision == commit
 
 
-def test_help_has_examples_and_does_not_import_torch() -> None:
+def _help_in_a_fresh_process(commands: list[str], then: str) -> str:
+    """stdout of a new interpreter that runs `mposurgeon --help` (with "" in `commands`) and
+    `mposurgeon C --help` for each other C, each exiting 0, then the statement `then`."""
     code = (
         "import sys\n"
         "from mposurgeon.cli.app import main\n"
-        "commands = ['decompose', 'truncate', 'select', 'train', 'eval', 'merge', 'inspect',"
-        " 'run']\n"
-        "for args in [['--help']] + [[c, '--help'] for c in commands]:\n"
-        "    try:\n        main(args)\n    except SystemExit as e:\n        assert e.code == 0\n"
-        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
+        f"for command in {commands!r}:\n"
+        "    try:\n        main([command, '--help'] if command else ['--help'])\n"
+        "    except SystemExit as e:\n        assert e.code == 0\n"
+        f"{then}\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().endswith("NO-TORCH")
-    assert proc.stdout.count("Example") >= 9  # the app's and one per command
+    return proc.stdout
+
+
+def test_help_has_examples_and_does_not_import_torch() -> None:
+    commands = ["", "decompose", "truncate", "select", "train", "eval", "merge", "inspect", "run"]
+    then = "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    out = _help_in_a_fresh_process(commands, then)
+    assert out.strip().endswith("NO-TORCH")
+    assert out.count("Example") >= 9  # the app's and one per command
 
 
 def test_a_command_runs_without_the_other_commands_modules() -> None:
     """`main` builds the app with the command it runs alone (`build_app`): the other command
     modules are not imported, and the command's help and usage read as in the full app."""
-    code = (
-        "import sys\n"
-        "from mposurgeon.cli.app import main\n"
-        "try:\n    main(['merge', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
-        "others = ('train', 'decompose', 'run', 'export_peft', 'eval', 'select')\n"
-        "print([m for m in others if 'mposurgeon.cli.' + m in sys.modules])\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr
-    assert "Usage: mposurgeon merge [OPTIONS]" in proc.stdout
-    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    others = ("train", "decompose", "run", "export_peft", "eval", "select")
+    then = f"print([m for m in {others!r} if 'mposurgeon.cli.' + m in sys.modules])"
+    out = _help_in_a_fresh_process(["merge"], then)
+    assert "Usage: mposurgeon merge [OPTIONS]" in out
+    assert out.strip().splitlines()[-1] == "[]"
     full = typer.main.get_command(build_app()).commands  # type: ignore[attr-defined]
     alone = typer.main.get_command(build_app("merge")).commands  # type: ignore[attr-defined]
     assert set(full) == set(COMMANDS) and list(alone) == ["merge"]
