@@ -226,7 +226,8 @@ def test_merge_process_does_not_import_transformers(
     bf16_llama: Path, dec: Path, tmp_path: Path
 ) -> None:
     """Importing transformers takes most of a second: a merge of MPO modules needs none of it
-    (only `--verify`, a PEFT adapter or an expert export do), so its process leaves it out."""
+    (only `--verify`, a PEFT adapter or an expert export do), so its process leaves it out.
+    The layout comes from the cache the fixture's decompose filled (the tests' cache)."""
     script = (
         "import sys\n"
         "from mposurgeon.cli.app import main\n"
