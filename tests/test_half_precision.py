@@ -144,11 +144,7 @@ def planted_dec(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bfloat16 Llama with zeros and tiny entries planted in one matrix (whose float32
     contraction rounds some of them wrong, on any machine: a zero comes back as +-1e-11),
     decomposed with default options: an artifact with a fixup that changes a weight."""
-    source = _save_half("llama", torch.bfloat16, tmp_path_factory.mktemp("planted") / "m")
-    tensors = _tensors(source)
-    key = "model.layers.0.mlp.gate_proj.weight"
-    tensors[key] = _plant_edge_values(tensors[key])
-    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    source, _ = _save_planted("llama", torch.bfloat16, tmp_path_factory.mktemp("planted") / "m")
     out = source.parent / "dec"
     mposurgeon.decompose(source, output=out)
     return out
@@ -214,6 +210,24 @@ def _plant_edge_values(weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+#: The matrix `_save_planted` plants edge values in, by architecture.
+PLANTED = {
+    "llama": "model.layers.0.mlp.gate_proj.weight",
+    "gpt2": "transformer.h.0.mlp.c_fc.weight",
+}
+
+
+def _save_planted(arch: str, dtype: torch.dtype, out: Path) -> tuple[Path, str]:
+    """`_save_half(arch, dtype, out)` with `_plant_edge_values` in its `PLANTED` matrix; the
+    checkpoint's path and that matrix's name."""
+    source = _save_half(arch, dtype, out)
+    tensors = _tensors(source)
+    key = PLANTED[arch]
+    tensors[key] = _plant_edge_values(tensors[key])
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    return source, key
+
+
 @pytest.mark.parametrize(("arch", "dtype"), [("llama", torch.bfloat16), ("gpt2", torch.float16)])
 def test_zeros_and_subnormals_merge_back_bitwise(
     arch: str, dtype: torch.dtype, tmp_path: Path
@@ -221,16 +235,9 @@ def test_zeros_and_subnormals_merge_back_bitwise(
     """Exact zeros (the contraction gives ~1e-17, and a sign), negative zeros, subnormal and
     tiny entries, far below the matrix's largest: bitwise after decompose + merge, bfloat16
     Linear and float16 Conv1D (stored transposed) alike; the fixup holds every zero."""
-    source = _save_half(arch, dtype, tmp_path / "m")
+    source, key = _save_planted(arch, dtype, tmp_path / "m")
     tensors = _tensors(source)
-    planted = {
-        "llama": "model.layers.0.mlp.gate_proj.weight",
-        "gpt2": "transformer.h.0.mlp.c_fc.weight",
-    }
-    key = planted[arch]
-    tensors[key] = _plant_edge_values(tensors[key])
     zeros = int((tensors[key] == 0).sum())
-    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
     result = mposurgeon.decompose(source, output=tmp_path / "dec")
     records = {m.record.weight_key: m.record for m in result.modules if m.record is not None}
     assert all(rec.rel_error == 0.0 for rec in records.values())

@@ -318,12 +318,16 @@ def dense_tensors(
     on_device = held if device is None or device.type == "cpu" else _Moved(held, device)
     with ThreadPoolExecutor(1, thread_name_prefix="mposurgeon-fingerprint") as pool:
         fingerprint = None
-        if isinstance(rec, MPORecord) and fixup is not None:  # the cores as stored, hashed
+        if isinstance(rec, MPORecord) and fixup is not None:  # the cores as stored
             fingerprint = pool.submit(cores_fingerprint, [held[k] for k in rec.core_keys()])
         tensors = get_method(rec.method).dense_tensors(rec, on_device)
         out = {name: t.to(to).to("cpu").contiguous() for name, t in tensors.items()}
         # `Fixup.matches`, its fingerprint hashed meanwhile
-        if fixup and fingerprint and fingerprint.result() == fixup.cores_sha256:
+        if (
+            fixup is not None
+            and fingerprint is not None
+            and fingerprint.result() == fixup.cores_sha256
+        ):
             fixup.apply(as_matrix(out[rec.weight_key], rec.kind))  # bitwise the original
     return out
 
